@@ -1,0 +1,234 @@
+//! The `ledger` command line. Every option can also come from the
+//! environment variable named in `ledger --help`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use tokio::sync::watch;
+
+use crate::database::{ClusterAccess, Database, DatabaseConfig};
+use crate::embedded::{ClusterSettings, EmbeddedPostgres};
+use crate::http::admin::AdminKey;
+use crate::http::AppState;
+use crate::projection_runner::{self, ProjectionRunner};
+use crate::startup::{shutdown_signal, Application};
+use crate::telemetry::LogFormat;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ledger",
+    version,
+    about = "An event-sourced billing ledger with a Lago-compatible API",
+    long_about = "An event-sourced billing ledger with a Lago-compatible API.\n\n\
+        Without DATABASE_URL the ledger runs on an embedded PostgreSQL cluster that it \
+        initialises and starts in its data directory (PostgreSQL's server binaries must \
+        be installed; Debian: apt-get install postgresql)."
+)]
+pub struct Cli {
+    /// PostgreSQL to use; without it the embedded cluster in --data-dir is used.
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// The ledger's data directory (holds the embedded cluster).
+    #[arg(
+        long,
+        env = "LEDGER_DATA_DIR",
+        global = true,
+        default_value = "ledger-data"
+    )]
+    pub data_dir: PathBuf,
+
+    /// Connections in the database pool.
+    #[arg(long, env = "LEDGER_DB_POOL_SIZE", global = true, default_value_t = 10)]
+    pub db_pool_size: u32,
+
+    /// Log format (level from RUST_LOG, default info).
+    #[arg(
+        long,
+        env = "LEDGER_LOG_FORMAT",
+        global = true,
+        value_enum,
+        default_value = "human"
+    )]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the HTTP API and keep the projections up to date.
+    Serve {
+        /// Address to listen on.
+        #[arg(long, env = "LEDGER_LISTEN", default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// The operator key for /admin/v1 (without it the admin API refuses every request).
+        #[arg(long, env = "LEDGER_ADMIN_KEY", hide_env_values = true)]
+        admin_key: Option<String>,
+    },
+    /// Apply the database migrations and exit.
+    Migrate,
+    /// Inspect or rebuild the projections.
+    Projections {
+        #[command(subcommand)]
+        command: ProjectionsCommand,
+    },
+    /// Start the ledger, record a few facts through its API and print what it knows.
+    Demo,
+    /// Start a throwaway embedded cluster in --data-dir, run COMMAND with
+    /// DATABASE_URL pointing at it, then stop it (used by the test suite).
+    WithPostgres {
+        /// Turn off fsync: for throwaway clusters only.
+        #[arg(long)]
+        durability_off: bool,
+        /// The command and its arguments.
+        #[arg(trailing_var_arg = true, required = true)]
+        command: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProjectionsCommand {
+    /// Each projection's checkpoint and lag.
+    Status,
+    /// Empty a projection and replay the whole log into it.
+    Rebuild {
+        /// The projection's name (see `ledger projections status`).
+        name: String,
+    },
+}
+
+impl Cli {
+    fn database_config(&self) -> DatabaseConfig {
+        DatabaseConfig {
+            url: self.database_url.clone(),
+            data_dir: self.data_dir.clone(),
+            max_connections: self.db_pool_size,
+        }
+    }
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let config = cli.database_config();
+    match cli.command {
+        Command::Serve { listen, admin_key } => {
+            serve(&config, listen, admin_key).await?;
+        }
+        Command::Migrate => {
+            let database = Database::open(&config, ClusterAccess::ShareIfRunning).await?;
+            println!("migrations applied");
+            database.close().await;
+        }
+        Command::Projections { command } => {
+            let database = Database::open(&config, ClusterAccess::ShareIfRunning).await?;
+            let result = projections(&database, command).await;
+            database.close().await;
+            result?;
+        }
+        Command::Demo => crate::demo::run(&config).await?,
+        Command::WithPostgres {
+            durability_off,
+            command,
+        } => return with_postgres(&config, durability_off, command).await,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn serve(
+    config: &DatabaseConfig,
+    listen: SocketAddr,
+    admin_key: Option<String>,
+) -> anyhow::Result<()> {
+    let database = Database::open(config, ClusterAccess::Own).await?;
+    if admin_key.is_none() {
+        tracing::warn!("no LEDGER_ADMIN_KEY configured: the admin API refuses every request");
+    }
+    let state = AppState::new(
+        database.pool.clone(),
+        admin_key.as_deref().map(AdminKey::new),
+    );
+    let runner = ProjectionRunner::for_all(database.pool.clone())
+        .await
+        .context("cannot register the projections")?;
+    let (stop_runner, runner_stopped) = watch::channel(false);
+    let runner = tokio::spawn(runner.run(runner_stopped));
+    let app = Application::build(state, listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    tracing::info!(address = %app.local_addr()?, "ledger is serving");
+    let served = app.run_until_stopped(shutdown_signal()).await;
+    let _ = stop_runner.send(true);
+    let _ = runner.await;
+    database.close().await;
+    served.context("the HTTP server failed")
+}
+
+async fn projections(database: &Database, command: ProjectionsCommand) -> anyhow::Result<()> {
+    let runner = ProjectionRunner::for_all(database.pool.clone()).await?;
+    match command {
+        ProjectionsCommand::Status => {
+            println!(
+                "{:<24} {:>14} {:>14} {:>10}  updated at",
+                "projection", "checkpoint", "applied", "lag"
+            );
+            for status in projection_runner::status(&database.pool).await? {
+                println!(
+                    "{:<24} {:>14} {:>14} {:>10}  {}",
+                    status.name,
+                    status.last_position,
+                    status.events_applied,
+                    status.lag,
+                    status.updated_at.to_rfc3339()
+                );
+            }
+        }
+        ProjectionsCommand::Rebuild { name } => {
+            let Some(projection) = runner.projections().find(|p| p.name() == name) else {
+                let known: Vec<&str> = runner.projections().map(|p| p.name()).collect();
+                bail!("no projection named '{name}' (known: {})", known.join(", "));
+            };
+            let started = std::time::Instant::now();
+            projection_runner::reset(&database.pool, projection).await?;
+            let mut applied = 0;
+            while let projection_runner::BatchOutcome::Applied(count) =
+                runner.run_batch(projection).await?
+            {
+                applied += count;
+            }
+            println!(
+                "rebuilt {name}: {applied} events replayed in {:.2?}",
+                started.elapsed()
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn with_postgres(
+    config: &DatabaseConfig,
+    durability_off: bool,
+    command: Vec<String>,
+) -> anyhow::Result<ExitCode> {
+    let settings = ClusterSettings {
+        max_connections: 300,
+        durability_off,
+    };
+    let mut cluster = EmbeddedPostgres::open(&config.data_dir, settings).await?;
+    cluster.start().await?;
+    let (program, args) = command.split_first().context("no command given")?;
+    let status = tokio::process::Command::new(program)
+        .args(args)
+        .env("DATABASE_URL", cluster.database_url())
+        .status()
+        .await
+        .with_context(|| format!("cannot run {program}"));
+    cluster.stop().await?;
+    let status = status?;
+    Ok(ExitCode::from(
+        status.code().unwrap_or(1).clamp(0, 255) as u8
+    ))
+}

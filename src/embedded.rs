@@ -1,0 +1,502 @@
+//! The embedded default database: a private PostgreSQL cluster that the
+//! ledger initialises and runs itself inside its data directory, so a
+//! newcomer needs no database set-up.
+//!
+//! Layout of the data directory:
+//! - `ledger.lock` — held (flock) by the one ledger that owns the directory;
+//! - `postgres/` — the cluster (initdb), owned by the user the server runs as;
+//! - `postgres-run/` — the server's Unix socket (mode 0700: only that user
+//!   and root can connect, so `trust` authentication stays private) and log.
+//!
+//! PostgreSQL refuses to run as root. When the ledger runs as root, the
+//! cluster runs as the unprivileged system user [`CLUSTER_USER`], created on
+//! first use. The server is started with `pg_ctl` and stopped when the ledger
+//! exits; a server left behind by a ledger that crashed is stopped and
+//! restarted on the next start.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::os::unix::fs::{chown, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use nix::fcntl::{Flock, FlockArg};
+use nix::unistd::{Gid, Uid, User};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, Connection};
+
+/// The unprivileged system user the cluster runs as when the ledger is root.
+pub const CLUSTER_USER: &str = "ledgerpg";
+/// The database role and database the ledger uses inside the cluster.
+const ROLE_AND_DATABASE: &str = "ledger";
+const PORT: u16 = 5432;
+
+/// Why the embedded cluster could not be used. Each message says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum EmbeddedError {
+    #[error(
+        "PostgreSQL server binaries (initdb, pg_ctl) were not found on PATH or under \
+         /usr/lib/postgresql/*/bin. Install them (Debian: `apt-get install postgresql`) \
+         or set DATABASE_URL to use an existing PostgreSQL server."
+    )]
+    BinariesNotFound,
+    #[error(
+        "another ledger (pid {pid}) is already using the data directory {dir}; stop it, \
+         or give this one its own --data-dir"
+    )]
+    DirectoryInUse { dir: PathBuf, pid: String },
+    #[error("the data directory {dir} cannot be used: {reason}")]
+    DataDirectory { dir: PathBuf, reason: String },
+    #[error(
+        "running as root, and PostgreSQL refuses to run as root: the unprivileged user \
+         '{CLUSTER_USER}' it would run as could not be created ({reason}). Create it \
+         (`useradd --system {CLUSTER_USER}`), run the ledger as a normal user, or set DATABASE_URL."
+    )]
+    ClusterUser { reason: String },
+    #[error("{command} failed: {detail}")]
+    Command { command: String, detail: String },
+    #[error("the embedded PostgreSQL server started but cannot be reached: {0}")]
+    Connect(#[from] sqlx::Error),
+}
+
+/// Tuning for the cluster the ledger starts.
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    /// `max_connections` of the server.
+    pub max_connections: u32,
+    /// Turn off fsync and friends: for throwaway test clusters only.
+    pub durability_off: bool,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        Self {
+            max_connections: 100,
+            durability_off: false,
+        }
+    }
+}
+
+/// Who runs the cluster's processes.
+#[derive(Debug, Clone)]
+struct ClusterOwner {
+    uid: Uid,
+    gid: Gid,
+}
+
+/// An embedded cluster owned by this process (the data directory is locked
+/// until it is dropped). Dropping it stops the server.
+#[derive(Debug)]
+pub struct EmbeddedPostgres {
+    data_dir: PathBuf,
+    cluster_dir: PathBuf,
+    run_dir: PathBuf,
+    bin_dir: PathBuf,
+    owner: Option<ClusterOwner>,
+    settings: ClusterSettings,
+    running: bool,
+    _lock: Flock<File>,
+}
+
+impl EmbeddedPostgres {
+    /// Take the data directory (refusing one another ledger holds), find the
+    /// PostgreSQL binaries and initialise the cluster if it does not exist.
+    pub async fn open(data_dir: &Path, settings: ClusterSettings) -> Result<Self, EmbeddedError> {
+        let dir_error = |reason: String| EmbeddedError::DataDirectory {
+            dir: data_dir.to_path_buf(),
+            reason,
+        };
+        fs::create_dir_all(data_dir).map_err(|e| dir_error(e.to_string()))?;
+        let data_dir = data_dir
+            .canonicalize()
+            .map_err(|e| dir_error(e.to_string()))?;
+        let lock = lock_data_dir(&data_dir)?;
+        let bin_dir = find_postgres_binaries()?;
+        let owner = if Uid::effective().is_root() {
+            Some(ensure_cluster_user()?)
+        } else {
+            None
+        };
+        let cluster = Self {
+            cluster_dir: data_dir.join("postgres"),
+            run_dir: data_dir.join("postgres-run"),
+            data_dir,
+            bin_dir,
+            owner,
+            settings,
+            running: false,
+            _lock: lock,
+        };
+        cluster.prepare_directories()?;
+        if !cluster.cluster_dir.join("PG_VERSION").exists() {
+            cluster.initdb().await?;
+        }
+        Ok(cluster)
+    }
+
+    /// The ledger's data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Start the server (stopping one a crashed ledger left running) and
+    /// make sure the ledger's database exists.
+    pub async fn start(&mut self) -> Result<(), EmbeddedError> {
+        if self.cluster_dir.join("postmaster.pid").exists() && self.server_running().await {
+            tracing::warn!("stopping a PostgreSQL server left running by an earlier ledger");
+            self.pg_ctl_stop().await?;
+        }
+        let socket_dir = self.run_dir.display().to_string();
+        let mut server_options = format!(
+            "-c listen_addresses='' -c port={PORT} -c unix_socket_directories='{socket_dir}' \
+             -c max_connections={}",
+            self.settings.max_connections
+        );
+        if self.settings.durability_off {
+            server_options
+                .push_str(" -c fsync=off -c synchronous_commit=off -c full_page_writes=off");
+        }
+        let log_file = self.run_dir.join("postgres.log");
+        self.run(
+            "pg_ctl",
+            &[
+                "start".as_ref(),
+                "--wait".as_ref(),
+                "--timeout=60".as_ref(),
+                "--silent".as_ref(),
+                "-D".as_ref(),
+                self.cluster_dir.as_os_str(),
+                "-l".as_ref(),
+                log_file.as_os_str(),
+                "-o".as_ref(),
+                server_options.as_ref(),
+            ],
+        )
+        .await
+        .map_err(|error| self.with_server_log(error))?;
+        self.running = true;
+        self.ensure_database().await?;
+        Ok(())
+    }
+
+    /// Stop the server (fast shutdown: running transactions are rolled back).
+    pub async fn stop(&mut self) -> Result<(), EmbeddedError> {
+        if self.running {
+            self.pg_ctl_stop().await?;
+            self.running = false;
+        }
+        Ok(())
+    }
+
+    /// How to connect to the ledger's database in this cluster.
+    pub fn connect_options(&self) -> PgConnectOptions {
+        cluster_connect_options(&self.run_dir, ROLE_AND_DATABASE)
+    }
+
+    /// The same, as a URL for other programs (e.g. the test suite).
+    pub fn database_url(&self) -> String {
+        format!(
+            "postgres://{ROLE_AND_DATABASE}@localhost/{ROLE_AND_DATABASE}?host={}&port={PORT}",
+            percent_encode_path(&self.run_dir)
+        )
+    }
+
+    fn prepare_directories(&self) -> Result<(), EmbeddedError> {
+        let dir_error = |reason: String| EmbeddedError::DataDirectory {
+            dir: self.data_dir.clone(),
+            reason,
+        };
+        for dir in [&self.cluster_dir, &self.run_dir] {
+            fs::create_dir_all(dir).map_err(|e| dir_error(e.to_string()))?;
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+                .map_err(|e| dir_error(e.to_string()))?;
+        }
+        if let Some(owner) = &self.owner {
+            // The cluster user must be able to reach its directories.
+            let mode = fs::metadata(&self.data_dir)
+                .map_err(|e| dir_error(e.to_string()))?
+                .permissions()
+                .mode();
+            fs::set_permissions(&self.data_dir, fs::Permissions::from_mode(mode | 0o711))
+                .map_err(|e| dir_error(e.to_string()))?;
+            for dir in [&self.cluster_dir, &self.run_dir] {
+                chown(dir, Some(owner.uid.as_raw()), Some(owner.gid.as_raw()))
+                    .map_err(|e| dir_error(format!("chown {}: {e}", dir.display())))?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn initdb(&self) -> Result<(), EmbeddedError> {
+        match &self.owner {
+            Some(_) => tracing::info!(
+                data_dir = %self.cluster_dir.display(),
+                "running as root: initialising the embedded PostgreSQL cluster as the \
+                 unprivileged system user '{CLUSTER_USER}'"
+            ),
+            None => tracing::info!(
+                data_dir = %self.cluster_dir.display(),
+                "initialising the embedded PostgreSQL cluster"
+            ),
+        }
+        self.run(
+            "initdb",
+            &[
+                "-D".as_ref(),
+                self.cluster_dir.as_os_str(),
+                "--username".as_ref(),
+                ROLE_AND_DATABASE.as_ref(),
+                "--auth=trust".as_ref(),
+                "--encoding=UTF8".as_ref(),
+                "--no-locale".as_ref(),
+                "--no-instructions".as_ref(),
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn ensure_database(&self) -> Result<(), EmbeddedError> {
+        let mut conn = cluster_connect_options(&self.run_dir, "postgres")
+            .connect()
+            .await?;
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+                .bind(ROLE_AND_DATABASE)
+                .fetch_one(&mut conn)
+                .await?;
+        if !exists {
+            sqlx::query(&format!("CREATE DATABASE {ROLE_AND_DATABASE}"))
+                .execute(&mut conn)
+                .await?;
+        }
+        conn.close().await?;
+        Ok(())
+    }
+
+    async fn server_running(&self) -> bool {
+        self.command("pg_ctl")
+            .arg("status")
+            .arg("-D")
+            .arg(&self.cluster_dir)
+            .output()
+            .await
+            .is_ok_and(|output| output.status.success())
+    }
+
+    async fn pg_ctl_stop(&self) -> Result<(), EmbeddedError> {
+        self.run(
+            "pg_ctl",
+            &[
+                "stop".as_ref(),
+                "--wait".as_ref(),
+                "--silent".as_ref(),
+                "-m".as_ref(),
+                "fast".as_ref(),
+                "-D".as_ref(),
+                self.cluster_dir.as_os_str(),
+            ],
+        )
+        .await
+        .map(|_| ())
+    }
+
+    fn command(&self, program: &str) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(self.bin_dir.join(program));
+        command.current_dir(&self.cluster_dir).kill_on_drop(true);
+        if let Some(owner) = &self.owner {
+            command.uid(owner.uid.as_raw()).gid(owner.gid.as_raw());
+        }
+        command
+    }
+
+    async fn run(&self, program: &str, args: &[&std::ffi::OsStr]) -> Result<Output, EmbeddedError> {
+        let output = self
+            .command(program)
+            .args(args)
+            .output()
+            .await
+            .map_err(|e| EmbeddedError::Command {
+                command: program.to_string(),
+                detail: e.to_string(),
+            })?;
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let stdout = String::from_utf8_lossy(&output.stdout);
+            return Err(EmbeddedError::Command {
+                command: program.to_string(),
+                detail: format!("{} {}", stderr.trim(), stdout.trim())
+                    .trim()
+                    .to_string(),
+            });
+        }
+        Ok(output)
+    }
+
+    /// Attach the tail of the server log to a start failure: that is where
+    /// PostgreSQL says why.
+    fn with_server_log(&self, error: EmbeddedError) -> EmbeddedError {
+        let log = fs::read_to_string(self.run_dir.join("postgres.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(5).collect();
+        match error {
+            EmbeddedError::Command { command, detail } if !tail.is_empty() => {
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                EmbeddedError::Command {
+                    command,
+                    detail: format!("{detail}; server log: {}", tail.join(" | ")),
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+impl Drop for EmbeddedPostgres {
+    fn drop(&mut self) {
+        if self.running {
+            let mut command = std::process::Command::new(self.bin_dir.join("pg_ctl"));
+            command
+                .args(["stop", "--wait", "--silent", "-m", "fast", "-D"])
+                .arg(&self.cluster_dir)
+                .current_dir(&self.cluster_dir);
+            if let Some(owner) = &self.owner {
+                use std::os::unix::process::CommandExt;
+                command.uid(owner.uid.as_raw()).gid(owner.gid.as_raw());
+            }
+            if let Err(error) = command.output() {
+                tracing::error!(%error, "could not stop the embedded PostgreSQL server");
+            }
+        }
+    }
+}
+
+/// Connection options for a database of a cluster listening on `run_dir`.
+fn cluster_connect_options(run_dir: &Path, database: &str) -> PgConnectOptions {
+    PgConnectOptions::new()
+        .socket(run_dir)
+        .port(PORT)
+        .username(ROLE_AND_DATABASE)
+        .database(database)
+}
+
+/// Connection options for the cluster of a data directory another ledger
+/// owns and runs (so CLI commands can work beside `ledger serve`), if its
+/// server is up.
+pub fn running_cluster_options(data_dir: &Path) -> Option<PgConnectOptions> {
+    let run_dir = data_dir.join("postgres-run");
+    run_dir
+        .join(format!(".s.PGSQL.{PORT}"))
+        .exists()
+        .then(|| cluster_connect_options(&run_dir, ROLE_AND_DATABASE))
+}
+
+fn lock_data_dir(data_dir: &Path) -> Result<Flock<File>, EmbeddedError> {
+    let path = data_dir.join("ledger.lock");
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| EmbeddedError::DataDirectory {
+            dir: data_dir.to_path_buf(),
+            reason: format!("{}: {e}", path.display()),
+        })?;
+    let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => lock,
+        Err((mut file, _)) => {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            return Err(EmbeddedError::DirectoryInUse {
+                dir: data_dir.to_path_buf(),
+                pid: pid.trim().to_string(),
+            });
+        }
+    };
+    // Record who holds it, for the message a second ledger prints.
+    let _ = lock.set_len(0);
+    let _ = lock.rewind();
+    let _ = write!(lock, "{}", std::process::id());
+    let _ = lock.flush();
+    Ok(lock)
+}
+
+/// Where `initdb` and `pg_ctl` live: on PATH, else the newest
+/// /usr/lib/postgresql/N/bin (Debian does not put them on PATH).
+fn find_postgres_binaries() -> Result<PathBuf, EmbeddedError> {
+    let has_both = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
+    if let Some(path) = std::env::var_os("PATH") {
+        if let Some(dir) = std::env::split_paths(&path).find(|dir| has_both(dir)) {
+            return Ok(dir);
+        }
+    }
+    let mut versions: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let version = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            let bin = entry.path().join("bin");
+            has_both(&bin).then_some((version, bin))
+        })
+        .collect();
+    versions.sort();
+    versions
+        .pop()
+        .map(|(_, bin)| bin)
+        .ok_or(EmbeddedError::BinariesNotFound)
+}
+
+fn ensure_cluster_user() -> Result<ClusterOwner, EmbeddedError> {
+    let lookup = || {
+        User::from_name(CLUSTER_USER).map_err(|e| EmbeddedError::ClusterUser {
+            reason: e.to_string(),
+        })
+    };
+    let user = match lookup()? {
+        Some(user) => user,
+        None => {
+            let output = std::process::Command::new("useradd")
+                .args([
+                    "--system",
+                    "--user-group",
+                    "--no-create-home",
+                    "--home-dir",
+                    "/nonexistent",
+                    "--shell",
+                    "/usr/sbin/nologin",
+                    CLUSTER_USER,
+                ])
+                .output()
+                .map_err(|e| EmbeddedError::ClusterUser {
+                    reason: format!("useradd: {e}"),
+                })?;
+            // Another process may have created it meanwhile: look again.
+            match lookup()? {
+                Some(user) => user,
+                None => {
+                    return Err(EmbeddedError::ClusterUser {
+                        reason: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+                    })
+                }
+            }
+        }
+    };
+    Ok(ClusterOwner {
+        uid: user.uid,
+        gid: user.gid,
+    })
+}
+
+fn percent_encode_path(path: &Path) -> String {
+    path.display()
+        .to_string()
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'/' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}

@@ -1,0 +1,122 @@
+//! Wiring of the write model: cqrs-es aggregates committed to the event log
+//! through postgres-es, with every command's metadata recorded beside its
+//! events (who, in which request, when).
+
+use std::collections::HashMap;
+use std::fmt;
+
+use aggregates::Service;
+use chrono::{DateTime, SecondsFormat, Utc};
+use cqrs_es::persist::PersistedEventStore;
+use cqrs_es::{Aggregate, AggregateError, CqrsFramework};
+use postgres_es::PostgresEventRepository;
+use sqlx::PgPool;
+
+/// The command side of one aggregate type.
+pub type CommandHandler<A> = CqrsFramework<A, PersistedEventStore<PostgresEventRepository, A>>;
+
+/// Who asked for a change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Actor {
+    /// An operator, through the admin API or the CLI.
+    Operator,
+    /// A service, through its API key.
+    Service(String),
+}
+
+impl fmt::Display for Actor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Actor::Operator => f.write_str("operator"),
+            Actor::Service(code) => write!(f, "service:{code}"),
+        }
+    }
+}
+
+/// What every command carries into the metadata of the events it records.
+#[derive(Debug, Clone)]
+pub struct CommandMetadata {
+    pub actor: Actor,
+    pub request_id: String,
+    pub recorded_at: DateTime<Utc>,
+    pub client_ip: Option<String>,
+}
+
+impl CommandMetadata {
+    /// Metadata for a command an operator runs from the CLI.
+    pub fn cli() -> Self {
+        Self {
+            actor: Actor::Operator,
+            request_id: format!("cli-{}", uuid::Uuid::new_v4()),
+            recorded_at: Utc::now(),
+            client_ip: None,
+        }
+    }
+
+    fn into_map(self) -> HashMap<String, String> {
+        let mut map = HashMap::from([
+            ("actor".to_string(), self.actor.to_string()),
+            ("request_id".to_string(), self.request_id),
+            (
+                "recorded_at".to_string(),
+                self.recorded_at
+                    .to_rfc3339_opts(SecondsFormat::Micros, true),
+            ),
+        ]);
+        if let Some(ip) = self.client_ip {
+            map.insert("client_ip".to_string(), ip);
+        }
+        map
+    }
+}
+
+/// The command handlers of every aggregate, sharing one pool.
+pub struct CommandBus {
+    pub services: CommandHandler<Service>,
+}
+
+impl CommandBus {
+    pub fn new(pool: &PgPool) -> Self {
+        Self {
+            services: command_handler(pool),
+        }
+    }
+}
+
+fn command_handler<A>(pool: &PgPool) -> CommandHandler<A>
+where
+    A: Aggregate<Services = ()>,
+{
+    let repository = PostgresEventRepository::new(pool.clone());
+    CqrsFramework::new(PersistedEventStore::new_event_store(repository), vec![], ())
+}
+
+/// How many times a command is retried after losing an optimistic-
+/// concurrency race before the conflict is reported (409).
+const CONFLICT_RETRIES: usize = 3;
+
+/// Run a command, retrying when another writer committed to the same
+/// aggregate first: the retry re-reads the aggregate, so it decides on the
+/// state that won (e.g. a second registration of one code becomes a
+/// refusal, not a duplicate).
+pub async fn execute<A>(
+    handler: &CommandHandler<A>,
+    aggregate_id: &str,
+    command: A::Command,
+    metadata: CommandMetadata,
+) -> Result<(), AggregateError<A::Error>>
+where
+    A: Aggregate,
+    A::Command: Clone,
+{
+    let mut attempt = 0;
+    loop {
+        let result = handler
+            .execute_with_metadata(aggregate_id, command.clone(), metadata.clone().into_map())
+            .await;
+        match result {
+            Err(AggregateError::AggregateConflict) if attempt < CONFLICT_RETRIES => attempt += 1,
+            other => return other,
+        }
+    }
+}

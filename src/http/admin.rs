@@ -1,0 +1,211 @@
+//! The operator API (`/admin/v1`), authenticated by the operator key.
+//!
+//! The key is configured (`LEDGER_ADMIN_KEY`) and only its SHA-256 digest is
+//! kept in memory; a presented key is hashed and compared in constant time.
+//! Without a configured key every admin request is refused.
+
+use aggregates::service::ServiceStatus;
+use aggregates::{Service, ServiceCommand};
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use cqrs_es::persist::PersistedEventStore;
+use cqrs_es::EventStore;
+use postgres_es::PostgresEventRepository;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::error::{ApiError, ApiResult};
+use super::extract::{LagoJson, LagoQuery, RequestContext};
+use super::pagination::PageRequest;
+use super::AppState;
+use crate::event_store::{self, Actor};
+
+/// The operator key, as its SHA-256 digest.
+#[derive(Clone)]
+pub struct AdminKey([u8; 32]);
+
+impl AdminKey {
+    pub fn new(key: &str) -> Self {
+        Self(Sha256::digest(key.as_bytes()).into())
+    }
+
+    fn matches(&self, presented: &str) -> bool {
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        self.0.ct_eq(&digest).into()
+    }
+}
+
+impl std::fmt::Debug for AdminKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminKey(..)")
+    }
+}
+
+/// Proof that the request carries the operator key.
+pub struct Operator;
+
+impl FromRequestParts<AppState> for Operator {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let presented = parts
+            .headers
+            .get(AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .ok_or(ApiError::Unauthorized)?;
+        match &state.admin_key {
+            Some(key) if key.matches(presented.trim()) => Ok(Operator),
+            _ => Err(ApiError::Unauthorized),
+        }
+    }
+}
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/services", post(register_service).get(list_services))
+        .route("/services/{code}", get(get_service))
+        .route("/services/{code}/deactivate", post(deactivate_service))
+        .route("/services/{code}/reactivate", post(reactivate_service))
+}
+
+#[derive(Debug, Deserialize)]
+struct RegisterServiceBody {
+    service: RegisterService,
+}
+
+#[derive(Debug, Deserialize)]
+struct RegisterService {
+    code: String,
+    name: String,
+}
+
+/// A service as the admin API shows it (read from `service_directory`).
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct ServiceView {
+    pub code: String,
+    pub name: String,
+    pub status: String,
+    pub registered_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[tracing::instrument(skip_all, fields(code = %body.service.code))]
+async fn register_service(
+    _: Operator,
+    State(state): State<AppState>,
+    context: RequestContext,
+    LagoJson(body): LagoJson<RegisterServiceBody>,
+) -> ApiResult<Json<Value>> {
+    let RegisterService { code, name } = body.service;
+    aggregates::service::validate_service_code(&code)
+        .map_err(|refusal| ApiError::invalid(refusal.field(), refusal.error_code()))?;
+    event_store::execute(
+        &state.commands.services,
+        &code,
+        ServiceCommand::Register {
+            code: code.clone(),
+            name,
+        },
+        context.metadata(Actor::Operator),
+    )
+    .await?;
+    service_response(&state, &code).await
+}
+
+#[tracing::instrument(skip_all, fields(code = %code))]
+async fn deactivate_service(
+    _: Operator,
+    State(state): State<AppState>,
+    context: RequestContext,
+    Path(code): Path<String>,
+) -> ApiResult<Json<Value>> {
+    change_status(&state, context, code, ServiceCommand::Deactivate).await
+}
+
+#[tracing::instrument(skip_all, fields(code = %code))]
+async fn reactivate_service(
+    _: Operator,
+    State(state): State<AppState>,
+    context: RequestContext,
+    Path(code): Path<String>,
+) -> ApiResult<Json<Value>> {
+    change_status(&state, context, code, ServiceCommand::Reactivate).await
+}
+
+async fn change_status(
+    state: &AppState,
+    context: RequestContext,
+    code: String,
+    command: ServiceCommand,
+) -> ApiResult<Json<Value>> {
+    event_store::execute(
+        &state.commands.services,
+        &code,
+        command,
+        context.metadata(Actor::Operator),
+    )
+    .await?;
+    service_response(state, &code).await
+}
+
+/// The service as the write model now knows it: read from its own events,
+/// so the answer includes the change just made even before the directory
+/// projection has caught up.
+async fn service_response(state: &AppState, code: &str) -> ApiResult<Json<Value>> {
+    let store: PersistedEventStore<PostgresEventRepository, Service> =
+        PersistedEventStore::new_event_store(PostgresEventRepository::new(state.pool.clone()));
+    let context = store.load_aggregate(code).await.map_err(ApiError::from)?;
+    let service = context.aggregate;
+    if service.status() == ServiceStatus::Unregistered {
+        return Err(ApiError::NotFound("service"));
+    }
+    Ok(Json(json!({"service": {
+        "code": service.code(),
+        "name": service.name(),
+        "status": service.status().as_str(),
+    }})))
+}
+
+async fn get_service(
+    _: Operator,
+    State(state): State<AppState>,
+    Path(code): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let service: Option<ServiceView> = sqlx::query_as(
+        "SELECT code, name, status, registered_at, updated_at FROM service_directory WHERE code = $1",
+    )
+    .bind(&code)
+    .fetch_optional(&state.pool)
+    .await?;
+    let service = service.ok_or(ApiError::NotFound("service"))?;
+    Ok(Json(json!({ "service": service })))
+}
+
+async fn list_services(
+    _: Operator,
+    State(state): State<AppState>,
+    LagoQuery(page): LagoQuery<PageRequest>,
+) -> ApiResult<Json<Value>> {
+    let page = page.validate()?;
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM service_directory")
+        .fetch_one(&state.pool)
+        .await?;
+    let services: Vec<ServiceView> = sqlx::query_as(
+        "SELECT code, name, status, registered_at, updated_at FROM service_directory \
+         ORDER BY code LIMIT $1 OFFSET $2",
+    )
+    .bind(page.per_page)
+    .bind(page.offset())
+    .fetch_all(&state.pool)
+    .await?;
+    Ok(Json(
+        json!({ "services": services, "meta": page.meta(total) }),
+    ))
+}

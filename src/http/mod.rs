@@ -1,0 +1,81 @@
+//! The HTTP API: `/health` and `/ready`, the operator API under `/admin/v1`
+//! and (as the catalog issues land) the Lago-compatible API under `/api/v1`.
+//!
+//! Every request runs in a tracing span carrying its request id (taken from
+//! `x-request-id` or generated, and echoed back).
+
+pub mod admin;
+pub mod error;
+pub mod extract;
+pub mod health;
+pub mod pagination;
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{HeaderName, Request};
+use axum::Router;
+use sqlx::PgPool;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::event_store::CommandBus;
+use error::ApiError;
+
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState(Arc<AppStateInner>);
+
+pub struct AppStateInner {
+    pub pool: PgPool,
+    pub commands: CommandBus,
+    pub admin_key: Option<admin::AdminKey>,
+}
+
+impl AppState {
+    pub fn new(pool: PgPool, admin_key: Option<admin::AdminKey>) -> Self {
+        let commands = CommandBus::new(&pool);
+        Self(Arc::new(AppStateInner {
+            pool,
+            commands,
+            admin_key,
+        }))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = AppStateInner;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+/// The whole API with its middleware.
+pub fn router(state: AppState) -> Router {
+    let request_id = HeaderName::from_static(REQUEST_ID_HEADER);
+    Router::new()
+        .merge(health::router())
+        .nest("/admin/v1", admin::router())
+        .fallback(|| async { ApiError::NotFound("route") })
+        .method_not_allowed_fallback(|| async { ApiError::InvalidStatus })
+        .with_state(state)
+        .layer(PropagateRequestIdLayer::new(request_id.clone()))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|request: &Request<Body>| {
+                let request_id = request
+                    .headers()
+                    .get(REQUEST_ID_HEADER)
+                    .and_then(|value| value.to_str().ok())
+                    .unwrap_or("-");
+                tracing::info_span!(
+                    "request",
+                    method = %request.method(),
+                    path = %request.uri().path(),
+                    request_id = %request_id,
+                )
+            }),
+        )
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+}

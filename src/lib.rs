@@ -1,0 +1,16 @@
+//! The ledger service: configuration and CLI, the HTTP API, the event-store
+//! wiring, the projection runner and the embedded default database.
+//!
+//! The billing rules live in the `aggregates` crate and the read models in
+//! `projections`; this crate is the I/O around them.
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod database;
+pub mod demo;
+pub mod embedded;
+pub mod event_store;
+pub mod http;
+pub mod projection_runner;
+pub mod startup;
+pub mod telemetry;

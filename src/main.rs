@@ -1,0 +1,23 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use ledger::cli::Cli;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    ledger::telemetry::init(cli.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(ledger::cli::run(cli)) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

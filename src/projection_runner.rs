@@ -1,0 +1,228 @@
+//! Runs the projections: each reads the log in order after its checkpoint
+//! and folds the events into its tables, tables and checkpoint written in one
+//! transaction.
+//!
+//! Several ledger processes may run side by side on one database: a batch
+//! locks its projection's checkpoint row with `FOR UPDATE SKIP LOCKED`, so
+//! only one process advances a projection at a time and none applies an
+//! event twice. The runner sleeps until PostgreSQL notifies that events were
+//! appended, or a second passes (events held back by the visibility horizon
+//! become readable without a notification of their own).
+
+use std::time::Duration;
+
+use projections::log::{self, LogCursor};
+use projections::{Projection, ProjectionError};
+use serde::Serialize;
+use sqlx::postgres::PgListener;
+use sqlx::PgPool;
+use tokio::sync::watch;
+
+/// Events folded per transaction.
+const BATCH_SIZE: i64 = 1000;
+/// The channel the `events_appended` trigger notifies.
+const APPENDED_CHANNEL: &str = "ledger_events_appended";
+/// The longest a runner waits without a notification.
+const POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What one batch did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchOutcome {
+    /// Applied this many events.
+    Applied(usize),
+    /// Nothing readable after the checkpoint.
+    CaughtUp,
+    /// Another process holds the projection right now.
+    Busy,
+}
+
+/// A projection's progress, as `ledger projections status` and `/ready` show it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ProjectionStatus {
+    pub name: String,
+    pub last_position: i64,
+    pub events_applied: i64,
+    /// Committed events after the checkpoint.
+    pub lag: i64,
+    pub updated_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// Applies the log to a set of projections.
+pub struct ProjectionRunner {
+    pool: PgPool,
+    projections: Vec<Box<dyn Projection>>,
+}
+
+impl ProjectionRunner {
+    /// A runner for the given projections; their checkpoint rows are created
+    /// when missing.
+    pub async fn new(
+        pool: PgPool,
+        projections: Vec<Box<dyn Projection>>,
+    ) -> Result<Self, sqlx::Error> {
+        for projection in &projections {
+            register(&pool, projection.name()).await?;
+        }
+        Ok(Self { pool, projections })
+    }
+
+    /// A runner for every projection of the ledger.
+    pub async fn for_all(pool: PgPool) -> Result<Self, sqlx::Error> {
+        Self::new(pool, projections::all()).await
+    }
+
+    /// The projections this runner serves.
+    pub fn projections(&self) -> impl Iterator<Item = &dyn Projection> {
+        self.projections.iter().map(|p| p.as_ref())
+    }
+
+    /// Apply the next batch of events to one projection.
+    pub async fn run_batch(
+        &self,
+        projection: &dyn Projection,
+    ) -> Result<BatchOutcome, ProjectionError> {
+        let mut tx = self.pool.begin().await?;
+        let checkpoint: Option<(i64, i64)> = sqlx::query_as(
+            "SELECT last_transaction_id::text::bigint, last_position FROM projection_checkpoints \
+             WHERE projection = $1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(projection.name())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((transaction_id, position)) = checkpoint else {
+            return Ok(BatchOutcome::Busy);
+        };
+        let cursor = LogCursor {
+            transaction_id,
+            position,
+        };
+        let events = log::read_after(&mut tx, cursor, BATCH_SIZE).await?;
+        let Some(last) = events.last().map(|event| event.cursor()) else {
+            return Ok(BatchOutcome::CaughtUp);
+        };
+        for event in &events {
+            projection.apply(&mut tx, event).await?;
+        }
+        sqlx::query(
+            "UPDATE projection_checkpoints SET last_transaction_id = $2::text::xid8, \
+             last_position = $3, events_applied = events_applied + $4, updated_at = now() \
+             WHERE projection = $1",
+        )
+        .bind(projection.name())
+        .bind(last.transaction_id.to_string())
+        .bind(last.position)
+        .bind(events.len() as i64)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(BatchOutcome::Applied(events.len()))
+    }
+
+    /// Apply batches to every projection until none has anything readable
+    /// (or another process holds it). Returns the events applied.
+    pub async fn catch_up(&self) -> Result<usize, ProjectionError> {
+        let mut applied = 0;
+        for projection in &self.projections {
+            while let BatchOutcome::Applied(count) = self.run_batch(projection.as_ref()).await? {
+                applied += count;
+            }
+        }
+        Ok(applied)
+    }
+
+    /// Keep every projection caught up until `shutdown` turns true.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut listener = None;
+        while !*shutdown.borrow() {
+            if let Err(error) = self.catch_up().await {
+                tracing::error!(%error, "projection runner failed; retrying");
+            }
+            if listener.is_none() {
+                listener = listen(&self.pool).await;
+            }
+            let notified = async {
+                match listener.as_mut() {
+                    Some(l) => l.recv().await.map(|_| ()),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                result = notified => {
+                    if let Err(error) = result {
+                        tracing::warn!(%error, "lost the event notification channel; polling");
+                        listener = None;
+                    }
+                }
+                _ = tokio::time::sleep(POLL_INTERVAL) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+}
+
+async fn listen(pool: &PgPool) -> Option<PgListener> {
+    let mut listener = PgListener::connect_with(pool).await.ok()?;
+    listener.listen(APPENDED_CHANNEL).await.ok()?;
+    Some(listener)
+}
+
+async fn register(pool: &PgPool, name: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO projection_checkpoints (projection) VALUES ($1) ON CONFLICT DO NOTHING",
+    )
+    .bind(name)
+    .execute(pool)
+    .await
+    .map(|_| ())
+}
+
+/// Every projection's checkpoint and lag.
+pub async fn status(pool: &PgPool) -> Result<Vec<ProjectionStatus>, sqlx::Error> {
+    let rows: Vec<(String, i64, i64, i64, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+        "SELECT projection, last_transaction_id::text::bigint, last_position, events_applied, updated_at \
+         FROM projection_checkpoints ORDER BY projection",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut conn = pool.acquire().await?;
+    let mut statuses = Vec::with_capacity(rows.len());
+    for (name, transaction_id, last_position, events_applied, updated_at) in rows {
+        let cursor = LogCursor {
+            transaction_id,
+            position: last_position,
+        };
+        statuses.push(ProjectionStatus {
+            name,
+            last_position,
+            events_applied,
+            lag: log::count_after(&mut conn, cursor).await?,
+            updated_at,
+        });
+    }
+    Ok(statuses)
+}
+
+/// Empty a projection's tables and reset its checkpoint, in one transaction
+/// (waiting for a runner that holds it to finish its batch). The next
+/// `catch_up` replays the log from the start.
+pub async fn reset(pool: &PgPool, projection: &dyn Projection) -> Result<(), sqlx::Error> {
+    register(pool, projection.name()).await?;
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT 1 FROM projection_checkpoints WHERE projection = $1 FOR UPDATE")
+        .bind(projection.name())
+        .execute(&mut *tx)
+        .await?;
+    for table in projection.tables() {
+        sqlx::query(&format!("TRUNCATE {table}"))
+            .execute(&mut *tx)
+            .await?;
+    }
+    sqlx::query(
+        "UPDATE projection_checkpoints SET last_transaction_id = '0', last_position = 0, \
+         events_applied = 0, updated_at = now() WHERE projection = $1",
+    )
+    .bind(projection.name())
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await
+}
