@@ -182,7 +182,10 @@ async fn projections(database: &Database, command: ProjectionsCommand) -> anyhow
                     status.last_position,
                     status.events_applied,
                     status.lag,
-                    status.updated_at.to_rfc3339()
+                    status
+                        .updated_at
+                        .map(|at| at.to_rfc3339())
+                        .unwrap_or_else(|| "never".into())
                 );
             }
         }
@@ -193,12 +196,7 @@ async fn projections(database: &Database, command: ProjectionsCommand) -> anyhow
             };
             let started = std::time::Instant::now();
             projection_runner::reset(&database.pool, projection).await?;
-            let mut applied = 0;
-            while let projection_runner::BatchOutcome::Applied(count) =
-                runner.run_batch(projection).await?
-            {
-                applied += count;
-            }
+            let applied = runner.catch_up_one(projection).await?;
             println!(
                 "rebuilt {name}: {applied} events replayed in {:.2?}",
                 started.elapsed()

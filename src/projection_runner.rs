@@ -24,14 +24,20 @@ const BATCH_SIZE: i64 = 1000;
 const APPENDED_CHANNEL: &str = "ledger_events_appended";
 /// The longest a runner waits without a notification.
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// How soon to look again when events are held back by the horizon.
+const HELD_BACK_RETRY: Duration = Duration::from_millis(20);
 
 /// What one batch did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BatchOutcome {
     /// Applied this many events.
     Applied(usize),
-    /// Nothing readable after the checkpoint.
+    /// Nothing after the checkpoint: the projection is current.
     CaughtUp,
+    /// Committed events lie after the checkpoint, but an older transaction
+    /// still running (in any database of the cluster) keeps them below the
+    /// visibility horizon for now.
+    HeldBack,
     /// Another process holds the projection right now.
     Busy,
 }
@@ -44,7 +50,8 @@ pub struct ProjectionStatus {
     pub events_applied: i64,
     /// Committed events after the checkpoint.
     pub lag: i64,
-    pub updated_at: chrono::DateTime<chrono::Utc>,
+    /// When the checkpoint last moved (none before the first run).
+    pub updated_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// Applies the log to a set of projections.
@@ -98,7 +105,10 @@ impl ProjectionRunner {
         };
         let events = log::read_after(&mut tx, cursor, BATCH_SIZE).await?;
         let Some(last) = events.last().map(|event| event.cursor()) else {
-            return Ok(BatchOutcome::CaughtUp);
+            return Ok(match log::count_after(&mut tx, cursor).await? {
+                0 => BatchOutcome::CaughtUp,
+                _ => BatchOutcome::HeldBack,
+            });
         };
         for event in &events {
             projection.apply(&mut tx, event).await?;
@@ -119,24 +129,65 @@ impl ProjectionRunner {
     }
 
     /// Apply batches to every projection until none has anything readable
-    /// (or another process holds it). Returns the events applied.
+    /// (or another process holds it). Returns the events applied and whether
+    /// any projection is held back by the visibility horizon.
+    pub async fn apply_readable(&self) -> Result<(usize, bool), ProjectionError> {
+        let mut applied = 0;
+        let mut held_back = false;
+        for projection in &self.projections {
+            loop {
+                match self.run_batch(projection.as_ref()).await? {
+                    BatchOutcome::Applied(count) => applied += count,
+                    BatchOutcome::HeldBack => {
+                        held_back = true;
+                        break;
+                    }
+                    BatchOutcome::CaughtUp | BatchOutcome::Busy => break,
+                }
+            }
+        }
+        Ok((applied, held_back))
+    }
+
+    /// Apply every event committed so far to every projection, waiting out
+    /// transactions that hold events back (the CLI's rebuild, tests). Stops
+    /// early for a projection another process is advancing. Returns the
+    /// events this runner applied.
     pub async fn catch_up(&self) -> Result<usize, ProjectionError> {
         let mut applied = 0;
         for projection in &self.projections {
-            while let BatchOutcome::Applied(count) = self.run_batch(projection.as_ref()).await? {
-                applied += count;
-            }
+            applied += self.catch_up_one(projection.as_ref()).await?;
         }
         Ok(applied)
+    }
+
+    /// [`Self::catch_up`] for one projection.
+    pub async fn catch_up_one(
+        &self,
+        projection: &dyn Projection,
+    ) -> Result<usize, ProjectionError> {
+        let mut applied = 0;
+        loop {
+            match self.run_batch(projection).await? {
+                BatchOutcome::Applied(count) => applied += count,
+                BatchOutcome::HeldBack => tokio::time::sleep(HELD_BACK_RETRY).await,
+                BatchOutcome::CaughtUp | BatchOutcome::Busy => return Ok(applied),
+            }
+        }
     }
 
     /// Keep every projection caught up until `shutdown` turns true.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut listener = None;
         while !*shutdown.borrow() {
-            if let Err(error) = self.catch_up().await {
-                tracing::error!(%error, "projection runner failed; retrying");
-            }
+            let wait = match self.apply_readable().await {
+                Ok((_, true)) => HELD_BACK_RETRY,
+                Ok((_, false)) => POLL_INTERVAL,
+                Err(error) => {
+                    tracing::error!(%error, "projection runner failed; retrying");
+                    POLL_INTERVAL
+                }
+            };
             if listener.is_none() {
                 listener = listen(&self.pool).await;
             }
@@ -153,7 +204,7 @@ impl ProjectionRunner {
                         listener = None;
                     }
                 }
-                _ = tokio::time::sleep(POLL_INTERVAL) => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.changed() => {}
             }
         }
@@ -176,27 +227,44 @@ async fn register(pool: &PgPool, name: &str) -> Result<(), sqlx::Error> {
     .map(|_| ())
 }
 
-/// Every projection's checkpoint and lag.
+#[derive(sqlx::FromRow)]
+struct CheckpointRow {
+    projection: String,
+    transaction_id: i64,
+    last_position: i64,
+    events_applied: i64,
+    updated_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Every projection's checkpoint and lag: those the ledger defines (even
+/// before a runner registered them) and any other with a checkpoint.
 pub async fn status(pool: &PgPool) -> Result<Vec<ProjectionStatus>, sqlx::Error> {
-    let rows: Vec<(String, i64, i64, i64, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
-        "SELECT projection, last_transaction_id::text::bigint, last_position, events_applied, updated_at \
-         FROM projection_checkpoints ORDER BY projection",
+    let known: Vec<&str> = projections::all().iter().map(|p| p.name()).collect();
+    let rows: Vec<CheckpointRow> = sqlx::query_as(
+        "SELECT projection, coalesce(last_transaction_id::text::bigint, 0) AS transaction_id, \
+         coalesce(last_position, 0) AS last_position, \
+         coalesce(events_applied, 0) AS events_applied, updated_at \
+         FROM (SELECT unnest($1::text[]) AS projection \
+               UNION SELECT projection FROM projection_checkpoints) AS names \
+         LEFT JOIN projection_checkpoints USING (projection) \
+         ORDER BY projection",
     )
+    .bind(&known)
     .fetch_all(pool)
     .await?;
     let mut conn = pool.acquire().await?;
     let mut statuses = Vec::with_capacity(rows.len());
-    for (name, transaction_id, last_position, events_applied, updated_at) in rows {
+    for row in rows {
         let cursor = LogCursor {
-            transaction_id,
-            position: last_position,
+            transaction_id: row.transaction_id,
+            position: row.last_position,
         };
         statuses.push(ProjectionStatus {
-            name,
-            last_position,
-            events_applied,
+            name: row.projection,
+            last_position: row.last_position,
+            events_applied: row.events_applied,
             lag: log::count_after(&mut conn, cursor).await?,
-            updated_at,
+            updated_at: row.updated_at,
         });
     }
     Ok(statuses)

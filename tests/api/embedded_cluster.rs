@@ -1,0 +1,178 @@
+//! The embedded default cluster: start, persistence, exclusivity, and
+//! `/ready` following the database down and back up. These tests start
+//! their own clusters (no DATABASE_URL needed).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ledger::database::{pool_options, MIGRATOR};
+use ledger::embedded::{ClusterSettings, EmbeddedError, EmbeddedPostgres};
+use ledger::event_store::{self, CommandBus, CommandMetadata};
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::helpers::spawn_app;
+
+async fn started(dir: &std::path::Path) -> EmbeddedPostgres {
+    let mut cluster = EmbeddedPostgres::open(dir, ClusterSettings::default())
+        .await
+        .expect("open cluster");
+    cluster.start().await.expect("start cluster");
+    cluster
+}
+
+#[tokio::test]
+async fn the_cluster_keeps_its_data_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = started(dir.path()).await;
+    let pool = pool_options(2)
+        .connect_with(cluster.connect_options())
+        .await
+        .unwrap();
+    MIGRATOR.run(&pool).await.unwrap();
+    event_store::execute(
+        &CommandBus::new(&pool).services,
+        "nexacloud",
+        aggregates::ServiceCommand::Register {
+            code: "nexacloud".into(),
+            name: "NexaCloud".into(),
+        },
+        CommandMetadata::cli(),
+    )
+    .await
+    .unwrap();
+    pool.close().await;
+    cluster.stop().await.unwrap();
+    drop(cluster);
+
+    let cluster = started(dir.path()).await;
+    let pool = pool_options(2)
+        .connect_with(cluster.connect_options())
+        .await
+        .unwrap();
+    let events: Vec<(String, String)> =
+        sqlx::query_as("SELECT aggregate_id, event_type FROM events")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        events,
+        vec![("nexacloud".to_string(), "ServiceRegistered".to_string())]
+    );
+}
+
+#[tokio::test]
+async fn a_second_ledger_on_the_same_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = EmbeddedPostgres::open(dir.path(), ClusterSettings::default())
+        .await
+        .unwrap();
+    let second = EmbeddedPostgres::open(dir.path(), ClusterSettings::default()).await;
+    match second {
+        Err(error @ EmbeddedError::DirectoryInUse { .. }) => assert_eq!(
+            error.to_string(),
+            format!(
+                "another ledger (pid {}) is already using the data directory {}; stop it, \
+                 or give this one its own --data-dir",
+                std::process::id(),
+                dir.path().canonicalize().unwrap().display()
+            )
+        ),
+        other => panic!("expected DirectoryInUse, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn ledger_serve_refuses_a_second_process_and_stops_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = env!("CARGO_BIN_EXE_ledger");
+    let mut first = Command::new(ledger)
+        .args(["--data-dir"])
+        .arg(dir.path())
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env_remove("DATABASE_URL")
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(first.stderr.take().unwrap()).lines();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let line = lines.next().expect("ledger exited early").unwrap();
+        if line.contains("ledger is serving") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "ledger did not start");
+    }
+
+    let second = Command::new(ledger)
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    assert_eq!(second.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "error: another ledger (pid {}) is already using the data directory",
+            first.id()
+        )),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = first.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        !dir.path().join("postgres/postmaster.pid").exists(),
+        "the embedded server was stopped"
+    );
+}
+
+#[tokio::test]
+async fn ready_follows_the_database_down_and_back_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = started(dir.path()).await;
+    let pool = pool_options(2)
+        .connect_with(cluster.connect_options())
+        .await
+        .unwrap();
+    MIGRATOR.run(&pool).await.unwrap();
+    let app = spawn_app(pool).await;
+    let (status, body) = app.get("/ready", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["status"], "ready");
+
+    cluster.stop().await.unwrap();
+    let (status, body) = app.get("/ready", None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        body,
+        json!({"status": "not_ready", "database": "unreachable"})
+    );
+    let (status, _) = app.get("/health", None).await;
+    assert_eq!(status, StatusCode::OK, "the process itself is alive");
+
+    cluster.start().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (status, body) = app.get("/ready", None).await;
+        if status == StatusCode::OK {
+            assert_eq!(body["database"], "reachable");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never became ready again: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -1,0 +1,241 @@
+//! Ordered catch-up reads under concurrency: a projection consuming while
+//! many writers commit out of order (some holding their transaction open,
+//! some taking their transaction id long before writing, some rolling back)
+//! sees every committed event exactly once, in the order of a full re-read.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use ledger::projection_runner::{BatchOutcome, ProjectionRunner};
+use projections::{LogEvent, Projection, ProjectionError};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgConnection, PgPool};
+
+const WRITERS: u64 = 10;
+const ROUNDS: u64 = 25;
+
+/// Records the order in which it was handed events. The unique position
+/// makes a second application of one event fail loudly.
+struct OrderingProbe;
+
+#[async_trait]
+impl Projection for OrderingProbe {
+    fn name(&self) -> &'static str {
+        "ordering_probe"
+    }
+
+    fn tables(&self) -> &'static [&'static str] {
+        &["ordering_probe"]
+    }
+
+    async fn apply(
+        &self,
+        conn: &mut PgConnection,
+        event: &LogEvent,
+    ) -> Result<(), ProjectionError> {
+        sqlx::query("INSERT INTO ordering_probe (position) VALUES ($1)")
+            .bind(event.position)
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+}
+
+/// A small deterministic generator, so every run exercises the same mix.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self, bound: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % bound
+    }
+}
+
+#[derive(Default)]
+struct WriteStats {
+    committed_events: AtomicUsize,
+    rolled_back: AtomicUsize,
+    held_open: AtomicUsize,
+    early_xid: AtomicUsize,
+}
+
+async fn write_concurrently(pool: &PgPool, stats: &Arc<WriteStats>) {
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|writer| {
+            let pool = pool.clone();
+            let stats = stats.clone();
+            tokio::spawn(async move {
+                let mut rng = XorShift(0x9E37_79B9_7F4A_7C15 ^ ((writer + 1) * 0x2545_F491));
+                for round in 0..ROUNDS {
+                    let mut tx = pool.begin().await.unwrap();
+                    let style = rng.next(4);
+                    if style == 0 {
+                        // Take a transaction id now, write much later: the
+                        // events get a low xid but commit after later xids.
+                        sqlx::query("SELECT pg_current_xact_id()")
+                            .execute(&mut *tx)
+                            .await
+                            .unwrap();
+                        stats.early_xid.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(rng.next(40))).await;
+                    }
+                    let count = 1 + rng.next(3) as usize;
+                    for sequence in 1..=count {
+                        sqlx::query(
+                            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, \
+                             event_version, payload, metadata) \
+                             VALUES ('Probe', $1, $2, 'ProbeWritten', '1.0', '{}', '{}')",
+                        )
+                        .bind(format!("writer-{writer}-round-{round}"))
+                        .bind(sequence as i64)
+                        .execute(&mut *tx)
+                        .await
+                        .unwrap();
+                    }
+                    if style == 1 {
+                        // Hold positions that later transactions overtake.
+                        stats.held_open.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(50 + rng.next(100))).await;
+                    }
+                    if rng.next(5) == 0 {
+                        tx.rollback().await.unwrap();
+                        stats.rolled_back.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        tx.commit().await.unwrap();
+                        stats.committed_events.fetch_add(count, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.unwrap();
+    }
+}
+
+async fn probe_setup(connect: PgConnectOptions) -> PgPool {
+    let pool = PgPoolOptions::new()
+        .max_connections(WRITERS as u32 + 6)
+        .connect_with(connect)
+        .await
+        .unwrap();
+    sqlx::query(
+        "CREATE TABLE ordering_probe (applied_order bigserial PRIMARY KEY, position bigint NOT NULL UNIQUE)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool
+}
+
+/// Runs batches until told to stop; returns the events it applied.
+fn consume(
+    runner: Arc<ProjectionRunner>,
+    writers_done: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<usize> {
+    tokio::spawn(async move {
+        let mut applied = 0;
+        while !writers_done.load(Ordering::Relaxed) {
+            match runner.run_batch(&OrderingProbe).await.expect("batch") {
+                BatchOutcome::Applied(count) => applied += count,
+                BatchOutcome::CaughtUp | BatchOutcome::HeldBack | BatchOutcome::Busy => {
+                    tokio::time::sleep(Duration::from_millis(3)).await
+                }
+            }
+        }
+        applied
+    })
+}
+
+async fn assert_probe_matches_log(pool: &PgPool, stats: &WriteStats) {
+    let applied: Vec<i64> =
+        sqlx::query_scalar("SELECT position FROM ordering_probe ORDER BY applied_order")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    let reread: Vec<i64> =
+        sqlx::query_scalar("SELECT position FROM events ORDER BY transaction_id, position")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        applied.len(),
+        stats.committed_events.load(Ordering::Relaxed)
+    );
+    assert_eq!(applied, reread);
+    // The scenario really happened.
+    assert!(stats.rolled_back.load(Ordering::Relaxed) > 0);
+    assert!(stats.held_open.load(Ordering::Relaxed) > 0);
+    assert!(stats.early_xid.load(Ordering::Relaxed) > 0);
+}
+
+#[sqlx::test]
+async fn a_projection_sees_every_committed_event_once_in_log_order(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = probe_setup(connect).await;
+    let runner = Arc::new(
+        ProjectionRunner::new(pool.clone(), vec![Box::new(OrderingProbe)])
+            .await
+            .unwrap(),
+    );
+    let stats = Arc::new(WriteStats::default());
+    let writers_done = Arc::new(AtomicBool::new(false));
+    let reader = consume(runner.clone(), writers_done.clone());
+
+    write_concurrently(&pool, &stats).await;
+    writers_done.store(true, Ordering::Relaxed);
+    let applied_during_writes = reader.await.unwrap();
+    runner.catch_up().await.unwrap();
+
+    assert!(
+        applied_during_writes > 0,
+        "the projection consumed during the writes"
+    );
+    assert_probe_matches_log(&pool, &stats).await;
+}
+
+#[sqlx::test]
+async fn two_runners_on_one_projection_never_apply_an_event_twice(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = probe_setup(connect.clone()).await;
+    // Two runners with their own pools, as two `ledger serve` processes.
+    let other_pool = PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(connect)
+        .await
+        .unwrap();
+    let first = Arc::new(
+        ProjectionRunner::new(pool.clone(), vec![Box::new(OrderingProbe)])
+            .await
+            .unwrap(),
+    );
+    let second = Arc::new(
+        ProjectionRunner::new(other_pool, vec![Box::new(OrderingProbe)])
+            .await
+            .unwrap(),
+    );
+    let stats = Arc::new(WriteStats::default());
+    let writers_done = Arc::new(AtomicBool::new(false));
+    let first_reader = consume(first.clone(), writers_done.clone());
+    let second_reader = consume(second.clone(), writers_done.clone());
+
+    write_concurrently(&pool, &stats).await;
+    writers_done.store(true, Ordering::Relaxed);
+    let by_first = first_reader.await.unwrap();
+    let by_second = second_reader.await.unwrap();
+    let remaining = first.catch_up().await.unwrap();
+
+    assert_eq!(
+        by_first + by_second + remaining,
+        stats.committed_events.load(Ordering::Relaxed)
+    );
+    assert_probe_matches_log(&pool, &stats).await;
+}

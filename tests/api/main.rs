@@ -1,0 +1,10 @@
+//! Integration tests: one binary, each test against its own fresh database
+//! (`#[sqlx::test]` creates it from DATABASE_URL, applies the migrations and
+//! drops it afterwards) and, for HTTP, the real application on a real socket.
+
+mod admin_services;
+mod embedded_cluster;
+mod event_log;
+mod helpers;
+mod log_ordering;
+mod projection_runner;
