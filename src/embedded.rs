@@ -424,13 +424,20 @@ fn lock_data_dir(data_dir: &Path) -> Result<Flock<File>, EmbeddedError> {
 /// Where `initdb` and `pg_ctl` live: on PATH, else the newest
 /// /usr/lib/postgresql/N/bin (Debian does not put them on PATH).
 fn find_postgres_binaries() -> Result<PathBuf, EmbeddedError> {
+    find_postgres_binaries_in(std::env::var_os("PATH"), Path::new("/usr/lib/postgresql"))
+}
+
+fn find_postgres_binaries_in(
+    path: Option<std::ffi::OsString>,
+    versioned_root: &Path,
+) -> Result<PathBuf, EmbeddedError> {
     let has_both = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
-    if let Some(path) = std::env::var_os("PATH") {
+    if let Some(path) = path {
         if let Some(dir) = std::env::split_paths(&path).find(|dir| has_both(dir)) {
             return Ok(dir);
         }
     }
-    let mut versions: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+    let mut versions: Vec<(u32, PathBuf)> = fs::read_dir(versioned_root)
         .into_iter()
         .flatten()
         .flatten()
@@ -499,4 +506,58 @@ fn percent_encode_path(path: &Path) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fake_bin_dir(root: &Path, relative: &str) -> PathBuf {
+        let dir = root.join(relative);
+        fs::create_dir_all(&dir).unwrap();
+        for program in ["initdb", "pg_ctl"] {
+            fs::write(dir.join(program), "").unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn binaries_on_path_win_over_the_debian_directories() {
+        let root = tempfile::tempdir().unwrap();
+        let on_path = fake_bin_dir(root.path(), "custom/bin");
+        fake_bin_dir(root.path(), "lib/16/bin");
+        let path = std::env::join_paths([root.path().join("empty"), on_path.clone()]).unwrap();
+        let found = find_postgres_binaries_in(Some(path), &root.path().join("lib")).unwrap();
+        assert_eq!(found, on_path);
+    }
+
+    #[test]
+    fn the_newest_debian_version_is_used_when_path_has_none() {
+        let root = tempfile::tempdir().unwrap();
+        fake_bin_dir(root.path(), "lib/9/bin");
+        let newest = fake_bin_dir(root.path(), "lib/15/bin");
+        fs::create_dir_all(root.path().join("lib/17/bin")).unwrap(); // incomplete install
+        let found = find_postgres_binaries_in(None, &root.path().join("lib")).unwrap();
+        assert_eq!(found, newest);
+    }
+
+    #[test]
+    fn missing_binaries_name_what_to_install_or_set() {
+        let root = tempfile::tempdir().unwrap();
+        let error = find_postgres_binaries_in(None, &root.path().join("nothing")).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "PostgreSQL server binaries (initdb, pg_ctl) were not found on PATH or under \
+             /usr/lib/postgresql/*/bin. Install them (Debian: `apt-get install postgresql`) \
+             or set DATABASE_URL to use an existing PostgreSQL server."
+        );
+    }
+
+    #[test]
+    fn the_database_url_escapes_the_socket_path() {
+        assert_eq!(
+            percent_encode_path(Path::new("/tmp/my data/postgres-run")),
+            "/tmp/my%20data/postgres-run"
+        );
+    }
 }
