@@ -11,9 +11,11 @@ use tokio::sync::watch;
 
 use crate::database::{ClusterAccess, Database, DatabaseConfig};
 use crate::embedded::{ClusterSettings, EmbeddedPostgres};
+use crate::event_store::{CommandBus, CommandMetadata};
 use crate::http::admin::AdminKey;
 use crate::http::AppState;
 use crate::projection_runner::{self, ProjectionRunner};
+use crate::service_admin;
 use crate::startup::{shutdown_signal, Application};
 use crate::telemetry::LogFormat;
 
@@ -72,6 +74,11 @@ pub enum Command {
     },
     /// Apply the database migrations and exit.
     Migrate,
+    /// Register services and manage their API keys.
+    Services {
+        #[command(subcommand)]
+        command: ServicesCommand,
+    },
     /// Inspect or rebuild the projections.
     Projections {
         #[command(subcommand)]
@@ -88,6 +95,35 @@ pub enum Command {
         /// The command and its arguments.
         #[arg(trailing_var_arg = true, required = true)]
         command: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServicesCommand {
+    /// Register a service and issue its first API key (printed once).
+    Create {
+        /// The service's code, e.g. `nexacloud`.
+        code: String,
+        /// Display name.
+        #[arg(long)]
+        name: String,
+    },
+    /// List the services and their keys (never the keys themselves).
+    List,
+    /// Issue another API key for a service (printed once).
+    IssueKey {
+        /// The service's code.
+        code: String,
+        /// What the key is for.
+        #[arg(long)]
+        label: Option<String>,
+    },
+    /// Revoke an API key: requests with it get 401 from then on.
+    RevokeKey {
+        /// The service's code.
+        code: String,
+        /// The key's id (see `ledger services list`).
+        key_id: String,
     },
 }
 
@@ -123,6 +159,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("migrations applied");
             database.close().await;
         }
+        Command::Services { command } => {
+            let database = Database::open(&config, ClusterAccess::ShareIfRunning).await?;
+            let result = services(&database, command).await;
+            database.close().await;
+            result?;
+        }
         Command::Projections { command } => {
             let database = Database::open(&config, ClusterAccess::ShareIfRunning).await?;
             let result = projections(&database, command).await;
@@ -144,13 +186,19 @@ async fn serve(
     admin_key: Option<String>,
 ) -> anyhow::Result<()> {
     let database = Database::open(config, ClusterAccess::Own).await?;
-    if admin_key.is_none() {
-        tracing::warn!("no LEDGER_ADMIN_KEY configured: the admin API refuses every request");
-    }
-    let state = AppState::new(
-        database.pool.clone(),
-        admin_key.as_deref().map(AdminKey::new),
-    );
+    let admin_key = match (admin_key, database.embedded_data_dir()) {
+        (Some(key), _) => Some(AdminKey::new(&key)),
+        (None, Some(dir)) => Some(AdminKey::from_digest(
+            crate::keys::embedded_operator_key(dir).context("cannot keep the operator key")?,
+        )),
+        (None, None) => {
+            tracing::warn!("no LEDGER_ADMIN_KEY configured: the admin API refuses every request");
+            None
+        }
+    };
+    let state = AppState::new(database.pool.clone(), admin_key)
+        .await
+        .context("cannot register the projections")?;
     let runner = ProjectionRunner::for_all(database.pool.clone())
         .await
         .context("cannot register the projections")?;
@@ -165,6 +213,86 @@ async fn serve(
     let _ = runner.await;
     database.close().await;
     served.context("the HTTP server failed")
+}
+
+async fn services(database: &Database, command: ServicesCommand) -> anyhow::Result<()> {
+    let commands = CommandBus::new(&database.pool);
+    let refused =
+        |error: cqrs_es::AggregateError<aggregates::ServiceError>| anyhow::anyhow!("{error}");
+    match command {
+        ServicesCommand::Create { code, name } => {
+            service_admin::register(&commands, &code, &name, CommandMetadata::cli())
+                .await
+                .map_err(refused)?;
+            let key = service_admin::issue_key(
+                &commands,
+                &code,
+                Some("initial".into()),
+                CommandMetadata::cli(),
+            )
+            .await
+            .map_err(refused)?;
+            println!("registered service {code}");
+            println!(
+                "API key {} (shown once; only its SHA-256 is kept):\n  {}",
+                key.id, key.key
+            );
+        }
+        ServicesCommand::IssueKey { code, label } => {
+            let key = service_admin::issue_key(&commands, &code, label, CommandMetadata::cli())
+                .await
+                .map_err(refused)?;
+            println!(
+                "API key {} for {code} (shown once; only its SHA-256 is kept):\n  {}",
+                key.id, key.key
+            );
+        }
+        ServicesCommand::RevokeKey { code, key_id } => {
+            service_admin::revoke_key(&commands, &code, &key_id, CommandMetadata::cli())
+                .await
+                .map_err(refused)?;
+            println!("revoked {key_id} of {code}");
+        }
+        ServicesCommand::List => {}
+    }
+    ProjectionRunner::for_all(database.pool.clone())
+        .await?
+        .catch_up()
+        .await?;
+    #[derive(sqlx::FromRow)]
+    struct KeyRow {
+        code: String,
+        name: String,
+        status: String,
+        key_id: Option<String>,
+        label: Option<String>,
+        revoked: Option<bool>,
+    }
+    let rows: Vec<KeyRow> = sqlx::query_as(
+        "SELECT s.code, s.name, s.status, k.key_id, k.label, k.revoked_at IS NOT NULL AS revoked \
+         FROM service_directory s LEFT JOIN api_keys k ON k.service_code = s.code \
+         ORDER BY s.code, k.issued_at",
+    )
+    .fetch_all(&database.pool)
+    .await?;
+    println!(
+        "\n{:<12} {:<24} {:<9} {:<38} {:<12} revoked",
+        "service", "name", "status", "key", "label"
+    );
+    for row in rows {
+        println!(
+            "{:<12} {:<24} {:<9} {:<38} {:<12} {}",
+            row.code,
+            row.name,
+            row.status,
+            row.key_id.unwrap_or_default(),
+            row.label.unwrap_or_default(),
+            row.revoked
+                .map(|r| if r { "yes" } else { "no" })
+                .unwrap_or("")
+        );
+    }
+    Ok(())
 }
 
 async fn projections(database: &Database, command: ProjectionsCommand) -> anyhow::Result<()> {

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use aggregates::Service;
+use aggregates::{BillableMetric, Customer, Plan, Service, Subscription, Tax};
 use chrono::{DateTime, SecondsFormat, Utc};
 use cqrs_es::persist::PersistedEventStore;
 use cqrs_es::{Aggregate, AggregateError, CqrsFramework};
@@ -40,6 +40,8 @@ pub struct CommandMetadata {
     pub request_id: String,
     pub recorded_at: DateTime<Utc>,
     pub client_ip: Option<String>,
+    /// The API key the request was authenticated with (services only).
+    pub api_key_id: Option<String>,
 }
 
 impl CommandMetadata {
@@ -50,6 +52,7 @@ impl CommandMetadata {
             request_id: format!("cli-{}", uuid::Uuid::new_v4()),
             recorded_at: Utc::now(),
             client_ip: None,
+            api_key_id: None,
         }
     }
 
@@ -66,6 +69,9 @@ impl CommandMetadata {
         if let Some(ip) = self.client_ip {
             map.insert("client_ip".to_string(), ip);
         }
+        if let Some(key_id) = self.api_key_id {
+            map.insert("api_key_id".to_string(), key_id);
+        }
         map
     }
 }
@@ -73,14 +79,59 @@ impl CommandMetadata {
 /// The command handlers of every aggregate, sharing one pool.
 pub struct CommandBus {
     pub services: CommandHandler<Service>,
+    pub billable_metrics: CommandHandler<BillableMetric>,
+    pub taxes: CommandHandler<Tax>,
+    pub plans: CommandHandler<Plan>,
+    pub customers: CommandHandler<Customer>,
+    pub subscriptions: CommandHandler<Subscription>,
 }
 
 impl CommandBus {
     pub fn new(pool: &PgPool) -> Self {
         Self {
             services: command_handler(pool),
+            billable_metrics: command_handler(pool),
+            taxes: command_handler(pool),
+            plans: command_handler(pool),
+            customers: command_handler(pool),
+            subscriptions: command_handler(pool),
         }
     }
+}
+
+/// The current state of an aggregate, read from its own events (always
+/// consistent, unlike a projection).
+pub async fn load<A: Aggregate>(
+    pool: &PgPool,
+    aggregate_id: &str,
+) -> Result<A, AggregateError<A::Error>> {
+    let store: PersistedEventStore<PostgresEventRepository, A> =
+        PersistedEventStore::new_event_store(PostgresEventRepository::new(pool.clone()));
+    Ok(cqrs_es::EventStore::load_aggregate(&store, aggregate_id)
+        .await?
+        .aggregate)
+}
+
+/// Where the last event of an aggregate sits in the log, if it has any.
+pub async fn last_event_cursor(
+    pool: &PgPool,
+    aggregate_type: &str,
+    aggregate_id: &str,
+) -> Result<Option<projections::LogCursor>, sqlx::Error> {
+    let row: Option<(i64, i64)> = sqlx::query_as(
+        "SELECT transaction_id::text::bigint, position FROM events \
+         WHERE aggregate_type = $1 AND aggregate_id = $2 ORDER BY sequence DESC LIMIT 1",
+    )
+    .bind(aggregate_type)
+    .bind(aggregate_id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(
+        row.map(|(transaction_id, position)| projections::LogCursor {
+            transaction_id,
+            position,
+        }),
+    )
 }
 
 fn command_handler<A>(pool: &PgPool) -> CommandHandler<A>

@@ -11,6 +11,8 @@ pub mod demo;
 pub mod embedded;
 pub mod event_store;
 pub mod http;
+pub mod keys;
 pub mod projection_runner;
+pub mod service_admin;
 pub mod startup;
 pub mod telemetry;

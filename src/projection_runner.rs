@@ -161,6 +161,37 @@ impl ProjectionRunner {
         Ok(applied)
     }
 
+    /// Wait until every projection of this runner has applied the log up to
+    /// `cursor`, driving them forward meanwhile (so a request can read its
+    /// own write). Gives up after `timeout`.
+    pub async fn wait_until_applied(
+        &self,
+        cursor: LogCursor,
+        timeout: Duration,
+    ) -> Result<bool, ProjectionError> {
+        let names: Vec<&str> = self.projections.iter().map(|p| p.name()).collect();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            self.apply_readable().await?;
+            let reached: bool = sqlx::query_scalar(
+                "SELECT coalesce(bool_and((last_transaction_id, last_position) >= ($1::text::xid8, $2)), false) \
+                 FROM projection_checkpoints WHERE projection = ANY($3)",
+            )
+            .bind(cursor.transaction_id.to_string())
+            .bind(cursor.position)
+            .bind(&names)
+            .fetch_one(&self.pool)
+            .await?;
+            if reached {
+                return Ok(true);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// [`Self::catch_up`] for one projection.
     pub async fn catch_up_one(
         &self,
@@ -280,11 +311,9 @@ pub async fn reset(pool: &PgPool, projection: &dyn Projection) -> Result<(), sql
         .bind(projection.name())
         .execute(&mut *tx)
         .await?;
-    for table in projection.tables() {
-        sqlx::query(&format!("TRUNCATE {table}"))
-            .execute(&mut *tx)
-            .await?;
-    }
+    sqlx::query(&format!("TRUNCATE {}", projection.tables().join(", ")))
+        .execute(&mut *tx)
+        .await?;
     sqlx::query(
         "UPDATE projection_checkpoints SET last_transaction_id = '0', last_position = 0, \
          events_applied = 0, updated_at = now() WHERE projection = $1",

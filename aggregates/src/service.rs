@@ -24,6 +24,21 @@ pub enum ServiceCommand {
     Deactivate,
     /// Accept the service's API keys again.
     Reactivate,
+    /// Issue an API key. Only its SHA-256 digest is recorded; the key itself
+    /// is shown to the operator once and never stored.
+    IssueApiKey {
+        /// Public identifier of the key (shown in lists, used to revoke).
+        key_id: String,
+        /// Hex SHA-256 of the key.
+        key_sha256: String,
+        /// What the key is for.
+        label: Option<String>,
+    },
+    /// Revoke an API key: requests with it get 401 from then on.
+    RevokeApiKey {
+        /// The key's public identifier.
+        key_id: String,
+    },
 }
 
 /// Facts about a service, as recorded in the log.
@@ -40,6 +55,20 @@ pub enum ServiceEvent {
     ServiceDeactivated,
     /// A deactivated service was reactivated.
     ServiceReactivated,
+    /// An API key was issued (its digest only).
+    ApiKeyIssued {
+        /// Public identifier.
+        key_id: String,
+        /// Hex SHA-256 of the key.
+        key_sha256: String,
+        /// What it is for.
+        label: Option<String>,
+    },
+    /// An API key was revoked.
+    ApiKeyRevoked {
+        /// Public identifier.
+        key_id: String,
+    },
 }
 
 impl DomainEvent for ServiceEvent {
@@ -48,6 +77,8 @@ impl DomainEvent for ServiceEvent {
             Self::ServiceRegistered { .. } => "ServiceRegistered",
             Self::ServiceDeactivated => "ServiceDeactivated",
             Self::ServiceReactivated => "ServiceReactivated",
+            Self::ApiKeyIssued { .. } => "ApiKeyIssued",
+            Self::ApiKeyRevoked { .. } => "ApiKeyRevoked",
         }
         .to_string()
     }
@@ -76,6 +107,12 @@ pub enum ServiceError {
     /// Deactivating an inactive service, or reactivating an active one.
     #[error("status: the service is already {0}")]
     AlreadyInStatus(&'static str),
+    /// Revoking a key the service never issued.
+    #[error("key_id: no such API key")]
+    UnknownApiKey,
+    /// Revoking a key twice.
+    #[error("key_id: the API key is already revoked")]
+    ApiKeyAlreadyRevoked,
 }
 
 impl ServiceError {
@@ -85,6 +122,7 @@ impl ServiceError {
             Self::CodeAlreadyRegistered | Self::InvalidCode(_) | Self::NotRegistered => "code",
             Self::InvalidName(_) => "name",
             Self::AlreadyInStatus(_) => "status",
+            Self::UnknownApiKey | Self::ApiKeyAlreadyRevoked => "key_id",
         }
     }
 
@@ -94,7 +132,8 @@ impl ServiceError {
             Self::CodeAlreadyRegistered => "value_already_exist",
             Self::InvalidCode(_) | Self::InvalidName(_) => "value_is_invalid",
             Self::NotRegistered => "not_found",
-            Self::AlreadyInStatus(_) => "invalid_status",
+            Self::AlreadyInStatus(_) | Self::ApiKeyAlreadyRevoked => "invalid_status",
+            Self::UnknownApiKey => "not_found",
         }
     }
 }
@@ -128,6 +167,8 @@ pub struct Service {
     code: String,
     name: String,
     status: ServiceStatus,
+    /// Issued key ids, with whether each is revoked.
+    api_keys: std::collections::BTreeMap<String, bool>,
 }
 
 impl Service {
@@ -199,6 +240,25 @@ impl Aggregate for Service {
                 ServiceStatus::Active => return Err(ServiceError::AlreadyInStatus("active")),
                 ServiceStatus::Inactive => ServiceEvent::ServiceReactivated,
             },
+            ServiceCommand::IssueApiKey {
+                key_id,
+                key_sha256,
+                label,
+            } => {
+                if self.status == ServiceStatus::Unregistered {
+                    return Err(ServiceError::NotRegistered);
+                }
+                ServiceEvent::ApiKeyIssued {
+                    key_id,
+                    key_sha256,
+                    label,
+                }
+            }
+            ServiceCommand::RevokeApiKey { key_id } => match self.api_keys.get(&key_id) {
+                None => return Err(ServiceError::UnknownApiKey),
+                Some(true) => return Err(ServiceError::ApiKeyAlreadyRevoked),
+                Some(false) => ServiceEvent::ApiKeyRevoked { key_id },
+            },
         };
         sink.write(event, self).await;
         Ok(())
@@ -213,6 +273,12 @@ impl Aggregate for Service {
             }
             ServiceEvent::ServiceDeactivated => self.status = ServiceStatus::Inactive,
             ServiceEvent::ServiceReactivated => self.status = ServiceStatus::Active,
+            ServiceEvent::ApiKeyIssued { key_id, .. } => {
+                self.api_keys.insert(key_id, false);
+            }
+            ServiceEvent::ApiKeyRevoked { key_id } => {
+                self.api_keys.insert(key_id, true);
+            }
         }
     }
 }
@@ -305,6 +371,52 @@ mod tests {
             .given(vec![registered()])
             .when(ServiceCommand::Reactivate)
             .then_expect_error(ServiceError::AlreadyInStatus("active"));
+    }
+
+    fn issued() -> ServiceEvent {
+        ServiceEvent::ApiKeyIssued {
+            key_id: "key_1".into(),
+            key_sha256: "ab".repeat(32),
+            label: Some("production".into()),
+        }
+    }
+
+    #[test]
+    fn a_key_is_issued_by_digest_and_revoked_once() {
+        ServiceTest::with(())
+            .given(vec![registered()])
+            .when(ServiceCommand::IssueApiKey {
+                key_id: "key_1".into(),
+                key_sha256: "ab".repeat(32),
+                label: Some("production".into()),
+            })
+            .then_expect_events(vec![issued()]);
+        ServiceTest::with(())
+            .given(vec![registered(), issued()])
+            .when(ServiceCommand::RevokeApiKey {
+                key_id: "key_1".into(),
+            })
+            .then_expect_events(vec![ServiceEvent::ApiKeyRevoked {
+                key_id: "key_1".into(),
+            }]);
+        ServiceTest::with(())
+            .given(vec![
+                registered(),
+                issued(),
+                ServiceEvent::ApiKeyRevoked {
+                    key_id: "key_1".into(),
+                },
+            ])
+            .when(ServiceCommand::RevokeApiKey {
+                key_id: "key_1".into(),
+            })
+            .then_expect_error(ServiceError::ApiKeyAlreadyRevoked);
+        ServiceTest::with(())
+            .given(vec![registered()])
+            .when(ServiceCommand::RevokeApiKey {
+                key_id: "key_9".into(),
+            })
+            .then_expect_error(ServiceError::UnknownApiKey);
     }
 
     #[test]

@@ -9,15 +9,17 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, rust_2018_idioms)]
 
+pub mod catalog;
 pub mod log;
 pub mod projection;
 pub mod service_directory;
 
+pub use catalog::Catalog;
 pub use log::{LogCursor, LogEvent};
 pub use projection::{Projection, ProjectionError};
 pub use service_directory::ServiceDirectory;
 
 /// Every projection the ledger maintains, in the order the runner serves them.
 pub fn all() -> Vec<Box<dyn Projection>> {
-    vec![Box::new(ServiceDirectory)]
+    vec![Box::new(ServiceDirectory), Box::new(Catalog)]
 }

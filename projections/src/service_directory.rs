@@ -31,6 +31,22 @@ pub enum DirectoryChange {
         /// The new status.
         status: ServiceStatus,
     },
+    /// A new API key (digest only).
+    KeyIssued {
+        /// Service code.
+        code: String,
+        /// Public id.
+        key_id: String,
+        /// Hex SHA-256.
+        key_sha256: String,
+        /// Label.
+        label: Option<String>,
+    },
+    /// A revoked API key.
+    KeyRevoked {
+        /// Public id.
+        key_id: String,
+    },
 }
 
 /// The pure fold: which directory change, if any, an event makes.
@@ -51,6 +67,17 @@ pub fn directory_change(event: &LogEvent) -> Result<Option<DirectoryChange>, Pro
             code,
             status: ServiceStatus::Active,
         },
+        ServiceEvent::ApiKeyIssued {
+            key_id,
+            key_sha256,
+            label,
+        } => DirectoryChange::KeyIssued {
+            code,
+            key_id,
+            key_sha256,
+            label,
+        },
+        ServiceEvent::ApiKeyRevoked { key_id } => DirectoryChange::KeyRevoked { key_id },
     }))
 }
 
@@ -61,7 +88,7 @@ impl Projection for ServiceDirectory {
     }
 
     fn tables(&self) -> &'static [&'static str] {
-        &["service_directory"]
+        &["service_directory", "api_keys"]
     }
 
     async fn apply(
@@ -96,6 +123,31 @@ impl Projection for ServiceDirectory {
                 .bind(event.position)
                 .execute(conn)
                 .await?;
+            }
+            Some(DirectoryChange::KeyIssued {
+                code,
+                key_id,
+                key_sha256,
+                label,
+            }) => {
+                sqlx::query(
+                    "INSERT INTO api_keys (key_id, service_code, key_sha256, label, issued_at) \
+                     VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind(key_id)
+                .bind(code)
+                .bind(key_sha256)
+                .bind(label)
+                .bind(at)
+                .execute(conn)
+                .await?;
+            }
+            Some(DirectoryChange::KeyRevoked { key_id }) => {
+                sqlx::query("UPDATE api_keys SET revoked_at = $2 WHERE key_id = $1")
+                    .bind(key_id)
+                    .bind(at)
+                    .execute(conn)
+                    .await?;
             }
         }
         Ok(())

@@ -9,35 +9,36 @@ use aggregates::{Service, ServiceCommand};
 use axum::extract::{FromRequestParts, Path, State};
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
-use cqrs_es::persist::PersistedEventStore;
-use cqrs_es::EventStore;
-use postgres_es::PostgresEventRepository;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 
 use super::error::{ApiError, ApiResult};
 use super::extract::{LagoJson, LagoQuery, RequestContext};
 use super::pagination::PageRequest;
 use super::AppState;
 use crate::event_store::{self, Actor};
+use crate::keys;
+use crate::service_admin;
 
-/// The operator key, as its SHA-256 digest.
+/// The operator key, as its hex SHA-256 digest.
 #[derive(Clone)]
-pub struct AdminKey([u8; 32]);
+pub struct AdminKey(String);
 
 impl AdminKey {
     pub fn new(key: &str) -> Self {
-        Self(Sha256::digest(key.as_bytes()).into())
+        Self(keys::digest(key))
+    }
+
+    /// From a stored digest (the embedded default keeps one).
+    pub fn from_digest(digest: String) -> Self {
+        Self(digest)
     }
 
     fn matches(&self, presented: &str) -> bool {
-        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
-        self.0.ct_eq(&digest).into()
+        keys::digests_match(&self.0, &keys::digest(presented))
     }
 }
 
@@ -73,6 +74,11 @@ pub fn router() -> Router<AppState> {
         .route("/services/{code}", get(get_service))
         .route("/services/{code}/deactivate", post(deactivate_service))
         .route("/services/{code}/reactivate", post(reactivate_service))
+        .route(
+            "/services/{code}/api_keys",
+            post(issue_api_key).get(list_api_keys),
+        )
+        .route("/services/{code}/api_keys/{key_id}", delete(revoke_api_key))
 }
 
 #[derive(Debug, Deserialize)]
@@ -155,14 +161,13 @@ async fn change_status(
     service_response(state, &code).await
 }
 
-/// The service as the write model now knows it: read from its own events,
-/// so the answer includes the change just made even before the directory
-/// projection has caught up.
+/// The service as the write model now knows it, once the projections show
+/// the change too (so the operator's next read sees it).
 async fn service_response(state: &AppState, code: &str) -> ApiResult<Json<Value>> {
-    let store: PersistedEventStore<PostgresEventRepository, Service> =
-        PersistedEventStore::new_event_store(PostgresEventRepository::new(state.pool.clone()));
-    let context = store.load_aggregate(code).await.map_err(ApiError::from)?;
-    let service = context.aggregate;
+    let service: Service = event_store::load(&state.pool, code).await?;
+    state
+        .await_projected(service_admin::AGGREGATE_TYPE, code)
+        .await?;
     if service.status() == ServiceStatus::Unregistered {
         return Err(ApiError::NotFound("service"));
     }
@@ -208,4 +213,99 @@ async fn list_services(
     Ok(Json(
         json!({ "services": services, "meta": page.meta(total) }),
     ))
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct IssueKeyBody {
+    #[serde(default)]
+    api_key: IssueKey,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct IssueKey {
+    label: Option<String>,
+}
+
+/// Issue a key; the response is the only place the key ever appears.
+async fn issue_api_key(
+    _: Operator,
+    State(state): State<AppState>,
+    context: RequestContext,
+    Path(code): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<Value>> {
+    // The body is optional: an empty one issues an unlabelled key.
+    let body: IssueKeyBody = if body.iter().all(u8::is_ascii_whitespace) {
+        IssueKeyBody::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|error| ApiError::BadRequest(error.to_string()))?
+    };
+    let label = body.api_key.label;
+    let issued = service_admin::issue_key(
+        &state.commands,
+        &code,
+        label,
+        context.metadata(Actor::Operator),
+    )
+    .await?;
+    state
+        .await_projected(service_admin::AGGREGATE_TYPE, &code)
+        .await?;
+    Ok(Json(json!({ "api_key": issued })))
+}
+
+#[derive(Debug, Serialize, sqlx::FromRow)]
+struct ApiKeyView {
+    id: String,
+    label: Option<String>,
+    issued_at: DateTime<Utc>,
+    revoked_at: Option<DateTime<Utc>>,
+}
+
+async fn list_api_keys(
+    _: Operator,
+    State(state): State<AppState>,
+    Path(code): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM service_directory WHERE code = $1)")
+            .bind(&code)
+            .fetch_one(&state.pool)
+            .await?;
+    if !exists {
+        return Err(ApiError::NotFound("service"));
+    }
+    let keys: Vec<ApiKeyView> = sqlx::query_as(
+        "SELECT key_id AS id, label, issued_at, revoked_at FROM api_keys WHERE service_code = $1 ORDER BY issued_at, key_id",
+    )
+    .bind(&code)
+    .fetch_all(&state.pool)
+    .await?;
+    Ok(Json(json!({ "api_keys": keys })))
+}
+
+async fn revoke_api_key(
+    _: Operator,
+    State(state): State<AppState>,
+    context: RequestContext,
+    Path((code, key_id)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    service_admin::revoke_key(
+        &state.commands,
+        &code,
+        &key_id,
+        context.metadata(Actor::Operator),
+    )
+    .await?;
+    state
+        .await_projected(service_admin::AGGREGATE_TYPE, &code)
+        .await?;
+    let key: ApiKeyView = sqlx::query_as(
+        "SELECT key_id AS id, label, issued_at, revoked_at FROM api_keys WHERE service_code = $1 AND key_id = $2",
+    )
+    .bind(&code)
+    .bind(&key_id)
+    .fetch_one(&state.pool)
+    .await?;
+    Ok(Json(json!({ "api_key": key })))
 }

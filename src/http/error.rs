@@ -106,7 +106,10 @@ impl Refusal for ServiceError {
     fn into_api_error(self) -> ApiError {
         match self {
             ServiceError::NotRegistered => ApiError::NotFound("service"),
-            ServiceError::AlreadyInStatus(_) => ApiError::InvalidStatus,
+            ServiceError::UnknownApiKey => ApiError::NotFound("api_key"),
+            ServiceError::AlreadyInStatus(_) | ServiceError::ApiKeyAlreadyRevoked => {
+                ApiError::InvalidStatus
+            }
             refusal => ApiError::invalid(refusal.field(), refusal.error_code()),
         }
     }
@@ -122,6 +125,18 @@ impl<E: Refusal> From<AggregateError<E>> for ApiError {
             | AggregateError::UnexpectedError(e) => {
                 ApiError::Unexpected(anyhow::anyhow!(e).context("event store failed"))
             }
+        }
+    }
+}
+
+impl Refusal for aggregates::CatalogError {
+    fn into_api_error(self) -> ApiError {
+        match self {
+            aggregates::CatalogError::Invalid(errors) => {
+                ApiError::Validation(errors.fields().clone())
+            }
+            aggregates::CatalogError::NotFound(resource) => ApiError::NotFound(resource),
+            aggregates::CatalogError::InvalidStatus(_) => ApiError::InvalidStatus,
         }
     }
 }

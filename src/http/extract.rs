@@ -62,6 +62,7 @@ impl RequestContext {
             request_id: self.request_id.clone(),
             recorded_at: Utc::now(),
             client_ip: self.client_ip.clone(),
+            api_key_id: None,
         }
     }
 }

@@ -5,6 +5,7 @@
 //! `x-request-id` or generated, and echoed back).
 
 pub mod admin;
+pub mod api;
 pub mod error;
 pub mod extract;
 pub mod health;
@@ -20,7 +21,8 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
-use crate::event_store::CommandBus;
+use crate::event_store::{self, CommandBus};
+use crate::projection_runner::ProjectionRunner;
 use error::ApiError;
 
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -33,16 +35,57 @@ pub struct AppStateInner {
     pub pool: PgPool,
     pub commands: CommandBus,
     pub admin_key: Option<admin::AdminKey>,
+    /// Drives the projections up to a request's own write before it answers.
+    pub projections: ProjectionRunner,
 }
 
+/// How long a write waits for the projections to show it.
+const READ_YOUR_WRITES_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl AppState {
-    pub fn new(pool: PgPool, admin_key: Option<admin::AdminKey>) -> Self {
+    pub async fn new(
+        pool: PgPool,
+        admin_key: Option<admin::AdminKey>,
+    ) -> Result<Self, sqlx::Error> {
         let commands = CommandBus::new(&pool);
-        Self(Arc::new(AppStateInner {
+        let projections = ProjectionRunner::for_all(pool.clone()).await?;
+        Ok(Self(Arc::new(AppStateInner {
             pool,
             commands,
             admin_key,
-        }))
+            projections,
+        })))
+    }
+
+    /// After a command: wait until every projection has applied the
+    /// aggregate's latest event, so the response (and the client's next
+    /// request) reads what was just written.
+    pub async fn await_projected(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+    ) -> Result<(), ApiError> {
+        let Some(cursor) =
+            event_store::last_event_cursor(&self.pool, aggregate_type, aggregate_id).await?
+        else {
+            return Ok(());
+        };
+        let applied = self
+            .projections
+            .wait_until_applied(cursor, READ_YOUR_WRITES_TIMEOUT)
+            .await
+            .map_err(|e| {
+                ApiError::Unexpected(anyhow::Error::new(e).context("projection failed"))
+            })?;
+        if applied {
+            Ok(())
+        } else {
+            Err(ApiError::Unexpected(anyhow::anyhow!(
+                "projections did not reach position {} within {:?}",
+                cursor.position,
+                READ_YOUR_WRITES_TIMEOUT
+            )))
+        }
     }
 }
 
@@ -59,6 +102,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(health::router())
         .nest("/admin/v1", admin::router())
+        .nest("/api/v1", api::router())
         .fallback(|| async { ApiError::NotFound("route") })
         .method_not_allowed_fallback(|| async { ApiError::InvalidStatus })
         .with_state(state)

@@ -26,6 +26,7 @@ async fn register(pool: &PgPool, code: &str) -> Result<(), AggregateError<Servic
         request_id: "req-42".into(),
         recorded_at: "2026-11-21T10:00:00Z".parse().unwrap(),
         client_ip: Some("10.1.2.3".into()),
+        api_key_id: None,
     };
     event_store::execute(
         &bus.services,

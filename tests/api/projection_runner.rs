@@ -1,6 +1,9 @@
 //! The projection runner over the real projections: fold, status, rebuild.
 
+use aggregates::ServiceCommand;
+use ledger::event_store::{self, CommandBus, CommandMetadata};
 use ledger::projection_runner::{self, ProjectionRunner};
+use ledger::service_admin;
 use projections::ServiceDirectory;
 use sqlx::PgPool;
 
@@ -15,39 +18,52 @@ async fn directory_rows(pool: &PgPool) -> Vec<(String, String, String, i64)> {
 
 #[sqlx::test]
 async fn status_reports_checkpoint_and_lag(pool: PgPool) {
-    let app = spawn_app(pool.clone()).await;
-    app.register_service("nexacloud", "NexaCloud").await;
-    app.register_service("nexadesk", "NexaDesk").await;
-    app.post_admin("/admin/v1/services/nexadesk/deactivate", "{}")
-        .await;
+    let bus = CommandBus::new(&pool);
+    for code in ["nexacloud", "nexadesk"] {
+        service_admin::register(&bus, code, &code.to_uppercase(), CommandMetadata::cli())
+            .await
+            .unwrap();
+    }
+    event_store::execute(
+        &bus.services,
+        "nexadesk",
+        ServiceCommand::Deactivate,
+        CommandMetadata::cli(),
+    )
+    .await
+    .unwrap();
 
-    ProjectionRunner::for_all(pool.clone()).await.unwrap();
     let before = projection_runner::status(&pool).await.unwrap();
-    assert_eq!(before.len(), 1);
+    let summary: Vec<(&str, i64, i64)> = before
+        .iter()
+        .map(|s| (s.name.as_str(), s.last_position, s.lag))
+        .collect();
     assert_eq!(
-        (
-            before[0].name.as_str(),
-            before[0].last_position,
-            before[0].lag
-        ),
-        ("service_directory", 0, 3)
+        summary,
+        vec![("catalog", 0, 3), ("service_directory", 0, 3)]
     );
+    assert_eq!(before[0].updated_at, None, "never run yet");
 
-    assert_eq!(app.catch_up().await, 3);
-    let after = projection_runner::status(&pool).await.unwrap();
+    let runner = ProjectionRunner::for_all(pool.clone()).await.unwrap();
     assert_eq!(
-        (
-            after[0].last_position,
-            after[0].events_applied,
-            after[0].lag
-        ),
-        (3, 3, 0)
+        runner.catch_up().await.unwrap(),
+        6,
+        "3 events into 2 projections"
+    );
+    let after = projection_runner::status(&pool).await.unwrap();
+    let summary: Vec<(&str, i64, i64, i64)> = after
+        .iter()
+        .map(|s| (s.name.as_str(), s.last_position, s.events_applied, s.lag))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![("catalog", 3, 3, 0), ("service_directory", 3, 3, 0)]
     );
     assert_eq!(
         directory_rows(&pool).await,
         vec![
-            ("nexacloud".into(), "NexaCloud".into(), "active".into(), 1),
-            ("nexadesk".into(), "NexaDesk".into(), "inactive".into(), 3),
+            ("nexacloud".into(), "NEXACLOUD".into(), "active".into(), 1),
+            ("nexadesk".into(), "NEXADESK".into(), "inactive".into(), 3),
         ]
     );
 }
@@ -77,7 +93,15 @@ async fn a_rebuild_replays_the_log_into_identical_rows(pool: PgPool) {
         .await
         .unwrap();
     assert_eq!(directory_rows(&pool).await, vec![]);
-    assert_eq!(app.catch_up().await, 6);
+    assert_eq!(
+        ProjectionRunner::new(pool.clone(), vec![Box::new(ServiceDirectory)])
+            .await
+            .unwrap()
+            .catch_up()
+            .await
+            .unwrap(),
+        6
+    );
 
     let rebuilt: Vec<(String, String, String, String, String, i64)> = sqlx::query_as(
         "SELECT code, name, status, registered_at::text, updated_at::text, last_position \

@@ -1,0 +1,81 @@
+//! `/billable_metrics`: create, get by code, list.
+
+use aggregates::billable_metric::{BillableMetricCommand, MetricInput};
+use aggregates::BillableMetric;
+use axum::extract::{Path, State};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use cqrs_es::Aggregate;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::{find_resource, list_resources, Tenant};
+use crate::event_store;
+use crate::http::error::ApiResult;
+use crate::http::extract::{LagoJson, LagoQuery, RequestContext};
+use crate::http::pagination::PageRequest;
+use crate::http::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/billable_metrics", post(create).get(list))
+        .route("/billable_metrics/{code}", get(find))
+}
+
+#[derive(Deserialize)]
+struct CreateBody {
+    billable_metric: MetricInput,
+}
+
+const SELECT: &str = "SELECT resource FROM billable_metrics WHERE service_code = $1 AND code = $2";
+
+async fn create(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    request: RequestContext,
+    LagoJson(body): LagoJson<CreateBody>,
+) -> ApiResult<Json<Value>> {
+    let code = body.billable_metric.code.clone().unwrap_or_default();
+    let id = tenant.scoped(&code);
+    let command = BillableMetricCommand::Create {
+        lago_id: Uuid::new_v4(),
+        input: body.billable_metric,
+    };
+    event_store::execute(
+        &state.commands.billable_metrics,
+        &id,
+        command,
+        tenant.metadata(&request),
+    )
+    .await?;
+    state.await_projected(BillableMetric::TYPE, &id).await?;
+    let metric = find_resource(&state, SELECT, &tenant, &code, "billable_metric").await?;
+    Ok(Json(json!({ "billable_metric": metric })))
+}
+
+async fn find(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    Path(code): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let metric = find_resource(&state, SELECT, &tenant, &code, "billable_metric").await?;
+    Ok(Json(json!({ "billable_metric": metric })))
+}
+
+async fn list(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    LagoQuery(page): LagoQuery<PageRequest>,
+) -> ApiResult<Json<Value>> {
+    let (metrics, meta) = list_resources(
+        &state,
+        "resource",
+        "billable_metrics",
+        &tenant,
+        page.validate()?,
+        |_| {},
+    )
+    .await?;
+    Ok(Json(json!({ "billable_metrics": metrics, "meta": meta })))
+}

@@ -1,0 +1,105 @@
+//! `/customers`: upsert by external id, get, list (optionally by email,
+//! matched regardless of case).
+
+use aggregates::customer::{normalized_email, CustomerCommand, CustomerInput};
+use aggregates::Customer;
+use axum::extract::{Path, State};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use cqrs_es::Aggregate;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::{find_resource, list_resources, unknown_tax_codes, Tenant};
+use crate::event_store;
+use crate::http::error::{ApiError, ApiResult};
+use crate::http::extract::{LagoJson, LagoQuery, RequestContext};
+use crate::http::pagination::PageRequest;
+use crate::http::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/customers", post(upsert).get(list))
+        .route("/customers/{external_id}", get(find))
+}
+
+#[derive(Deserialize)]
+struct UpsertBody {
+    customer: Value,
+}
+
+const SELECT: &str = "SELECT resource FROM customers WHERE service_code = $1 AND external_id = $2";
+
+async fn upsert(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    request: RequestContext,
+    LagoJson(body): LagoJson<UpsertBody>,
+) -> ApiResult<Json<Value>> {
+    let external_id = match body.customer.get("external_id") {
+        Some(Value::String(id)) if !id.trim().is_empty() => id.trim().to_string(),
+        Some(Value::String(_)) | Some(Value::Null) | None => {
+            return Err(ApiError::invalid("external_id", "value_is_mandatory"))
+        }
+        Some(_) => return Err(ApiError::invalid("external_id", "value_is_invalid")),
+    };
+    // Parsed from the value (not flattened) so numbers keep their exact text.
+    let mut input: CustomerInput = serde_json::from_value(body.customer)
+        .map_err(|error| ApiError::BadRequest(format!("customer: {error}")))?;
+    let tax_codes = input.tax_codes.clone().flatten();
+    input.unknown_tax_codes = unknown_tax_codes(&state, &tenant, tax_codes.as_ref()).await?;
+    let id = tenant.scoped(&external_id);
+    let command = CustomerCommand::Upsert {
+        lago_id: Uuid::new_v4(),
+        external_id: external_id.clone(),
+        input,
+    };
+    event_store::execute(
+        &state.commands.customers,
+        &id,
+        command,
+        tenant.metadata(&request),
+    )
+    .await?;
+    state.await_projected(Customer::TYPE, &id).await?;
+    let customer = find_resource(&state, SELECT, &tenant, &external_id, "customer").await?;
+    Ok(Json(json!({ "customer": customer })))
+}
+
+async fn find(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    Path(external_id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let customer = find_resource(&state, SELECT, &tenant, &external_id, "customer").await?;
+    Ok(Json(json!({ "customer": customer })))
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    page: Option<i64>,
+    per_page: Option<i64>,
+    email: Option<String>,
+}
+
+async fn list(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    LagoQuery(query): LagoQuery<ListQuery>,
+) -> ApiResult<Json<Value>> {
+    let page = PageRequest {
+        page: query.page,
+        per_page: query.per_page,
+    }
+    .validate()?;
+    let email = query.email.as_deref().map(normalized_email);
+    let (customers, meta) = list_resources(&state, "resource", "customers", &tenant, page, |sql| {
+        if let Some(email) = &email {
+            sql.push(" AND email_normalized = ")
+                .push_bind(email.clone());
+        }
+    })
+    .await?;
+    Ok(Json(json!({ "customers": customers, "meta": meta })))
+}

@@ -1,0 +1,157 @@
+//! The Lago-compatible API (`/api/v1`), authenticated by a service's API key.
+//!
+//! Every identifier a request carries — codes, external ids and lago_ids —
+//! is resolved inside the calling service: aggregate ids are scoped by the
+//! service code and every projection query filters on it. Another service's
+//! resources are therefore indistinguishable from missing ones (404).
+
+mod billable_metrics;
+mod customers;
+mod plans;
+mod subscriptions;
+mod taxes;
+
+use axum::extract::FromRequestParts;
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+use axum::Router;
+use serde_json::Value;
+use sqlx::{Postgres, QueryBuilder};
+
+use super::error::{ApiError, ApiResult};
+use super::extract::RequestContext;
+use super::pagination::{Page, PageMeta};
+use super::AppState;
+use crate::event_store::{Actor, CommandMetadata};
+use crate::keys;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .merge(billable_metrics::router())
+        .merge(taxes::router())
+        .merge(plans::router())
+        .merge(customers::router())
+        .merge(subscriptions::router())
+}
+
+/// The service a request acts for, proven by an active API key of an active
+/// service. Revoked keys and deactivated services get Lago's 401.
+#[derive(Debug, Clone)]
+pub struct Tenant {
+    pub service: String,
+    pub key_id: String,
+}
+
+impl Tenant {
+    /// The aggregate id of this service's resource `key`.
+    pub fn scoped(&self, key: &str) -> String {
+        aggregates::scoped_id(&self.service, key)
+    }
+
+    /// Metadata for a command this service issues in `request`.
+    pub fn metadata(&self, request: &RequestContext) -> CommandMetadata {
+        CommandMetadata {
+            api_key_id: Some(self.key_id.clone()),
+            ..request.metadata(Actor::Service(self.service.clone()))
+        }
+    }
+}
+
+impl FromRequestParts<AppState> for Tenant {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let presented = parts
+            .headers
+            .get(AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|key| !key.is_empty())
+            .ok_or(ApiError::Unauthorized)?;
+        let digest = keys::digest(presented);
+        let row: Option<(String, String, String)> = sqlx::query_as(
+            "SELECT k.key_id, k.service_code, k.key_sha256 FROM api_keys k \
+             JOIN service_directory s ON s.code = k.service_code \
+             WHERE k.key_sha256 = $1 AND k.revoked_at IS NULL AND s.status = 'active'",
+        )
+        .bind(&digest)
+        .fetch_optional(&state.pool)
+        .await?;
+        match row {
+            Some((key_id, service, stored)) if keys::digests_match(&stored, &digest) => {
+                Ok(Tenant { service, key_id })
+            }
+            _ => Err(ApiError::Unauthorized),
+        }
+    }
+}
+
+/// One resource of the calling service from a projection table, by key.
+async fn find_resource(
+    state: &AppState,
+    select: &str,
+    tenant: &Tenant,
+    key: &str,
+    resource: &'static str,
+) -> ApiResult<Value> {
+    let found: Option<Value> = sqlx::query_scalar(select)
+        .bind(&tenant.service)
+        .bind(key)
+        .fetch_optional(&state.pool)
+        .await?;
+    found.ok_or(ApiError::NotFound(resource))
+}
+
+/// A page of a service's resources. `filter` appends `AND …` conditions to
+/// a query that already restricts to the service; it is applied to the
+/// count and to the page alike.
+async fn list_resources(
+    state: &AppState,
+    resource_sql: &str,
+    table: &str,
+    tenant: &Tenant,
+    page: Page,
+    filter: impl Fn(&mut QueryBuilder<'_, Postgres>),
+) -> ApiResult<(Vec<Value>, PageMeta)> {
+    let mut count = QueryBuilder::new(format!(
+        "SELECT count(*) FROM {table} WHERE service_code = "
+    ));
+    count.push_bind(&tenant.service);
+    filter(&mut count);
+    let total: i64 = count.build_query_scalar().fetch_one(&state.pool).await?;
+
+    let mut select = QueryBuilder::new(format!(
+        "SELECT {resource_sql} FROM {table} WHERE service_code = "
+    ));
+    select.push_bind(&tenant.service);
+    filter(&mut select);
+    select.push(" ORDER BY created_at, lago_id LIMIT ");
+    select.push_bind(page.per_page);
+    select.push(" OFFSET ");
+    select.push_bind(page.offset());
+    let items: Vec<Value> = select.build_query_scalar().fetch_all(&state.pool).await?;
+    Ok((items, page.meta(total)))
+}
+
+/// Tax codes among `codes` that the service has not created.
+async fn unknown_tax_codes(
+    state: &AppState,
+    tenant: &Tenant,
+    codes: Option<&Vec<String>>,
+) -> ApiResult<Vec<String>> {
+    let Some(codes) = codes.filter(|codes| !codes.is_empty()) else {
+        return Ok(vec![]);
+    };
+    let known: Vec<String> =
+        sqlx::query_scalar("SELECT code FROM taxes WHERE service_code = $1 AND code = ANY($2)")
+            .bind(&tenant.service)
+            .bind(codes)
+            .fetch_all(&state.pool)
+            .await?;
+    Ok(codes
+        .iter()
+        .filter(|code| !known.contains(code))
+        .cloned()
+        .collect())
+}
