@@ -84,3 +84,100 @@ async fn read(response: reqwest::Response) -> (StatusCode, Value) {
         .unwrap_or_else(|_| panic!("response body is not JSON ({status}): {text:?}"));
     (status, body)
 }
+
+/// A service's view of the Lago-compatible API.
+pub struct ServiceClient<'a> {
+    pub app: &'a TestApp,
+    pub key: String,
+}
+
+impl TestApp {
+    /// Register a service and issue it a key.
+    pub async fn service(&self, code: &str) -> ServiceClient<'_> {
+        let (status, _) = self.register_service(code, code).await;
+        assert_eq!(status, StatusCode::OK, "register {code}");
+        let (status, body) = self
+            .post_admin(&format!("/admin/v1/services/{code}/api_keys"), "")
+            .await;
+        assert_eq!(status, StatusCode::OK, "key for {code}: {body}");
+        ServiceClient {
+            app: self,
+            key: body["api_key"]["key"].as_str().unwrap().to_string(),
+        }
+    }
+}
+
+impl ServiceClient<'_> {
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut request = self
+            .app
+            .client
+            .request(method, format!("{}/api/v1{path}", self.app.address))
+            .bearer_auth(&self.key);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        read(request.send().await.expect("request")).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.send(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    pub async fn put(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.send(reqwest::Method::PUT, path, Some(body)).await
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        self.send(reqwest::Method::GET, path, None).await
+    }
+
+    pub async fn delete(&self, path: &str) -> (StatusCode, Value) {
+        self.send(reqwest::Method::DELETE, path, None).await
+    }
+
+    /// POST and expect 200; returns the body.
+    pub async fn created(&self, path: &str, body: Value) -> Value {
+        let (status, response) = self.post(path, body).await;
+        assert_eq!(status, StatusCode::OK, "POST {path}: {response}");
+        response
+    }
+
+    /// The NexaCloud catalog: a CPU metric, 13% HST, a monthly plan with an
+    /// included quota and the per-core-hour price, and a customer.
+    pub async fn nexacloud_catalog(&self) -> Value {
+        let metric = self
+            .created(
+                "/billable_metrics",
+                serde_json::json!({"billable_metric": {"name": "CPU seconds", "code": "cpu_seconds",
+                    "aggregation_type": "sum_agg", "field_name": "cpu_seconds"}}),
+            )
+            .await;
+        self.created(
+            "/taxes",
+            serde_json::json!({"tax": {"name": "HST Ontario", "code": "hst_on", "rate": 13.0}}),
+        )
+        .await;
+        self.created(
+            "/plans",
+            serde_json::json!({"plan": {"name": "Starter", "code": "starter", "interval": "monthly",
+                "amount_cents": 1900, "amount_currency": "CAD", "tax_codes": ["hst_on"],
+                "charges": [{"billable_metric_id": metric["billable_metric"]["lago_id"],
+                    "charge_model": "standard",
+                    "properties": {"amount": "0.0075", "unit_size": "3600", "free_units": "36000"}}]}}),
+        )
+        .await;
+        self.created(
+            "/customers",
+            serde_json::json!({"customer": {"external_id": "cus_ada", "name": "Ada", "email": "Ada@Example.com",
+                "currency": "CAD", "timezone": "America/Toronto", "tax_codes": ["hst_on"]}}),
+        )
+        .await;
+        metric
+    }
+}

@@ -3,6 +3,7 @@
 //! drops it afterwards) and, for HTTP, the real application on a real socket.
 
 mod admin_services;
+mod catalog;
 mod embedded_cluster;
 mod event_log;
 mod helpers;
