@@ -9,3 +9,4 @@ mod event_log;
 mod helpers;
 mod log_ordering;
 mod projection_runner;
+mod tenancy;
