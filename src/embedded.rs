@@ -213,6 +213,16 @@ impl EmbeddedPostgres {
         }
         if let Some(owner) = &self.owner {
             // The cluster user must be able to reach its directories.
+            if let Some(blocking) = self.data_dir.ancestors().skip(1).find(|dir| {
+                fs::metadata(dir).is_ok_and(|meta| meta.permissions().mode() & 0o001 == 0)
+            }) {
+                return Err(dir_error(format!(
+                    "the cluster runs as '{CLUSTER_USER}', which cannot enter {} (not searchable by \
+                     others): `chmod o+x {}` or choose another --data-dir",
+                    blocking.display(),
+                    blocking.display()
+                )));
+            }
             let mode = fs::metadata(&self.data_dir)
                 .map_err(|e| dir_error(e.to_string()))?
                 .permissions()

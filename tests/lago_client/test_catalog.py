@@ -1,0 +1,223 @@
+"""The official lago-python-client, unchanged, against a running ledger.
+
+Run by tests/lago_client/run (from scripts/test): LEDGER_URL points at a
+ledger started on a fresh database, LEDGER_ADMIN_KEY is its operator key.
+Each test registers its own service through the admin API, so tests do not
+see each other's catalog.
+"""
+
+import json
+import os
+import unittest
+import urllib.request
+import uuid
+
+from lago_python_client.client import Client
+from lago_python_client.exceptions import LagoApiError
+from lago_python_client.models import (
+    BillableMetric,
+    Charge,
+    Charges,
+    Customer,
+    CustomerBillingConfiguration,
+    Plan,
+    Subscription,
+    Tax,
+)
+
+LEDGER_URL = os.environ["LEDGER_URL"]
+ADMIN_KEY = os.environ["LEDGER_ADMIN_KEY"]
+
+
+def admin_post(path, body):
+    request = urllib.request.Request(
+        f"{LEDGER_URL}/admin/v1{path}",
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request) as response:
+        return json.load(response)
+
+
+def new_service_client():
+    code = "svc_" + uuid.uuid4().hex[:12]
+    admin_post("/services", {"service": {"code": code, "name": code}})
+    key = admin_post(f"/services/{code}/api_keys", {"api_key": {"label": "lago client"}})["api_key"]["key"]
+    return Client(api_key=key, api_url=LEDGER_URL)
+
+
+AGGREGATIONS = ["count_agg", "sum_agg", "max_agg", "unique_count_agg", "latest_agg", "weighted_sum_agg"]
+
+
+class CatalogThroughTheOfficialClient(unittest.TestCase):
+    def setUp(self):
+        self.client = new_service_client()
+
+    def create_metric(self, code="cpu_seconds", aggregation="sum_agg"):
+        return self.client.billable_metrics.create(
+            BillableMetric(name=code, code=code, aggregation_type=aggregation, field_name="value")
+        )
+
+    def create_catalog(self):
+        metric = self.create_metric()
+        self.client.taxes.create(Tax(name="HST Ontario", code="hst_on", rate=13.0))
+        plan = self.client.plans.create(
+            Plan(
+                name="Starter",
+                code="starter",
+                interval="monthly",
+                amount_cents=1900,
+                amount_currency="CAD",
+                pay_in_advance=False,
+                tax_codes=["hst_on"],
+                charges=Charges(
+                    __root__=[
+                        Charge(
+                            billable_metric_id=metric.lago_id,
+                            charge_model="standard",
+                            properties={"amount": "0.0075", "unit_size": "3600", "free_units": "36000"},
+                        )
+                    ]
+                ),
+            )
+        )
+        customer = self.client.customers.create(
+            Customer(
+                external_id="cus_ada",
+                name="Ada",
+                email="ada@example.com",
+                currency="CAD",
+                timezone="America/Toronto",
+                tax_codes=["hst_on"],
+                billing_configuration=CustomerBillingConfiguration(
+                    invoice_grace_period=3, provider_customer_id="cus_stripe_1"
+                ),
+            )
+        )
+        return metric, plan, customer
+
+    def test_billable_metrics_of_every_aggregation_type(self):
+        for aggregation in AGGREGATIONS:
+            created = self.create_metric(code=aggregation, aggregation=aggregation)
+            self.assertEqual(created.aggregation_type, aggregation)
+        found = self.client.billable_metrics.find("max_agg")
+        self.assertEqual(found.code, "max_agg")
+        self.assertEqual(found.field_name, "value")
+        listed = self.client.billable_metrics.find_all({"per_page": 4, "page": 2})
+        self.assertEqual([m.code for m in listed["billable_metrics"]], ["latest_agg", "weighted_sum_agg"])
+        self.assertEqual(listed["meta"]["total_count"], 6)
+        self.assertEqual(listed["meta"]["prev_page"], 1)
+
+    def test_taxes(self):
+        tax = self.client.taxes.create(Tax(name="HST Ontario", code="hst_on", rate=13.0))
+        self.assertEqual(tax.rate, 13.0)
+        self.assertEqual(self.client.taxes.find("hst_on").name, "HST Ontario")
+        self.assertEqual(len(self.client.taxes.find_all()["taxes"]), 1)
+
+    def test_plans_with_every_charge_model(self):
+        metric = self.create_metric()
+
+        def charge(model, properties):
+            return Charge(billable_metric_id=metric.lago_id, charge_model=model, properties=properties)
+
+        plan = self.client.plans.create(
+            Plan(
+                name="Every model",
+                code="every_model",
+                interval="yearly",
+                amount_cents=12000,
+                amount_currency="USD",
+                charges=Charges(
+                    __root__=[
+                        charge("standard", {"amount": "0.0075"}),
+                        charge("package", {"amount": "5", "free_units": 100, "package_size": 1000}),
+                        charge(
+                            "graduated",
+                            {
+                                "graduated_ranges": [
+                                    {"from_value": 0, "to_value": 10, "per_unit_amount": "1", "flat_amount": "2"},
+                                    {"from_value": 11, "to_value": None, "per_unit_amount": "0.5", "flat_amount": "0"},
+                                ]
+                            },
+                        ),
+                        charge(
+                            "volume",
+                            {
+                                "volume_ranges": [
+                                    {"from_value": 0, "to_value": 100, "per_unit_amount": "2", "flat_amount": "0"},
+                                    {"from_value": 101, "to_value": None, "per_unit_amount": "1", "flat_amount": "10"},
+                                ]
+                            },
+                        ),
+                        charge("percentage", {"rate": "2.9", "fixed_amount": "0.30"}),
+                    ]
+                ),
+            )
+        )
+        models = [c.charge_model for c in plan.charges.__root__]
+        self.assertEqual(models, ["standard", "package", "graduated", "volume", "percentage"])
+        self.assertEqual(plan.charges.__root__[0].properties["amount"], "0.0075")
+        found = self.client.plans.find("every_model")
+        self.assertEqual(found.amount_cents, 12000)
+        self.assertEqual(found.interval, "yearly")
+        updated = self.client.plans.update(Plan(amount_cents=15000), "every_model")
+        self.assertEqual(updated.amount_cents, 15000)
+        self.assertEqual(len(updated.charges.__root__), 5)
+        self.assertEqual(self.client.plans.find_all()["meta"]["total_count"], 1)
+
+    def test_an_unknown_interval_is_a_422_naming_the_field(self):
+        with self.assertRaises(LagoApiError) as refused:
+            self.client.plans.create(
+                Plan(name="x", code="x", interval="biweekly", amount_cents=1, amount_currency="USD")
+            )
+        self.assertEqual(refused.exception.status_code, 422)
+        self.assertEqual(refused.exception.response["error_details"], {"interval": ["value_is_invalid"]})
+
+    def test_customers_upsert_and_list(self):
+        _, _, customer = self.create_catalog()
+        self.assertEqual(customer.external_id, "cus_ada")
+        self.assertEqual(customer.applicable_timezone, "America/Toronto")
+        self.assertEqual(customer.billing_configuration.provider_customer_id, "cus_stripe_1")
+        updated = self.client.customers.create(Customer(external_id="cus_ada", name="Ada Lovelace"))
+        self.assertEqual(updated.name, "Ada Lovelace")
+        self.assertEqual(updated.email, "ada@example.com")
+        self.assertEqual(updated.lago_id, customer.lago_id)
+        self.assertEqual(self.client.customers.find("cus_ada").name, "Ada Lovelace")
+        self.assertEqual(len(self.client.customers.find_all()["customers"]), 1)
+
+    def test_subscriptions_create_find_list_and_terminate(self):
+        _, plan, customer = self.create_catalog()
+        subscription = self.client.subscriptions.create(
+            Subscription(external_customer_id="cus_ada", plan_code="starter", external_id="dep_1", name="web")
+        )
+        self.assertEqual(subscription.status, "active")
+        self.assertEqual(subscription.plan_code, "starter")
+        self.assertEqual(subscription.lago_customer_id, customer.lago_id)
+        again = self.client.subscriptions.create(
+            Subscription(external_customer_id="cus_ada", plan_code="starter", external_id="dep_1")
+        )
+        self.assertEqual(again.lago_id, subscription.lago_id)
+        self.assertEqual(self.client.subscriptions.find("dep_1").external_id, "dep_1")
+        listed = self.client.subscriptions.find_all({"external_customer_id": "cus_ada"})
+        self.assertEqual([s.external_id for s in listed["subscriptions"]], ["dep_1"])
+        terminated = self.client.subscriptions.destroy("dep_1")
+        self.assertEqual(terminated.status, "terminated")
+        with self.assertRaises(LagoApiError) as missing:
+            self.client.subscriptions.create(
+                Subscription(external_customer_id="cus_ada", plan_code="gold", external_id="dep_2")
+            )
+        self.assertEqual(missing.exception.status_code, 404)
+        self.assertEqual(missing.exception.response["code"], "plan_not_found")
+
+    def test_another_services_key_finds_nothing(self):
+        self.create_catalog()
+        other = new_service_client()
+        with self.assertRaises(LagoApiError) as hidden:
+            other.customers.find("cus_ada")
+        self.assertEqual(hidden.exception.status_code, 404)
+        self.assertEqual(other.plans.find_all()["meta"]["total_count"], 0)
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
