@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::refusal::{codes, CatalogError, FieldErrors};
-use crate::wire::required_string;
+use crate::wire::{identifier, required_string};
 
 /// How a metric folds its events into units (Lago's aggregation types).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -163,7 +163,7 @@ pub fn validate_metric(
 ) -> Result<MetricDefinition, CatalogError> {
     let mut errors = FieldErrors::default();
     let name = required_string(&mut errors, "name", &input.name);
-    let code = required_string(&mut errors, "code", &input.code);
+    let code = identifier(&mut errors, "code", &input.code);
     let aggregation_type = match input.aggregation_type.as_deref() {
         None => {
             errors.add("aggregation_type", codes::MANDATORY);

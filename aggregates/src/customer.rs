@@ -10,6 +10,7 @@ use uuid::Uuid;
 
 use crate::plan::valid_currency;
 use crate::refusal::{codes, CatalogError, FieldErrors};
+use crate::wire::identifier;
 
 /// Distinguishes a key sent as `null` (`Some(None)`: clear it) from a key
 /// not sent at all (`None`: keep it).
@@ -200,9 +201,11 @@ pub fn updated_profile(
     let mut errors = FieldErrors::default();
     if let Some(email) = &profile.email {
         let email = email.trim();
-        let well_formed = email.split_once('@').is_some_and(|(local, domain)| {
-            !local.is_empty() && domain.contains('.') && !email.contains(' ')
-        });
+        // RFC 5321 caps an address at 254 characters.
+        let well_formed = email.len() <= 254
+            && email.split_once('@').is_some_and(|(local, domain)| {
+                !local.is_empty() && domain.contains('.') && !email.contains(' ')
+            });
         if !well_formed {
             errors.add("email", codes::INVALID);
         }
@@ -265,9 +268,9 @@ impl Aggregate for Customer {
             external_id,
             input,
         } = command;
-        if external_id.trim().is_empty() {
-            return Err(CatalogError::invalid("external_id", codes::MANDATORY));
-        }
+        let mut errors = FieldErrors::default();
+        identifier(&mut errors, "external_id", &Some(external_id.clone()));
+        errors.into_result()?;
         let profile = updated_profile(&self.profile, &input)?;
         let event = match self.lago_id {
             None => CustomerEvent::CustomerCreated {
@@ -372,6 +375,11 @@ mod tests {
             ),
             (r#"{"currency":"ABC"}"#, "currency", "value_is_invalid"),
             (r#"{"email":"not-an-email"}"#, "email", "value_is_invalid"),
+            (
+                &format!(r#"{{"email":"{}@example.com"}}"#, "a".repeat(250)),
+                "email",
+                "value_is_invalid",
+            ),
             (
                 r#"{"billing_configuration":{"invoice_grace_period":-1}}"#,
                 "billing_configuration.invoice_grace_period",

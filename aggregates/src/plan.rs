@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use crate::charge::{validate_charge, Charge, ChargeInput};
 use crate::refusal::{codes, CatalogError, FieldErrors};
-use crate::wire::{decimal_number_or_string, required_string, whole_number};
+use crate::wire::{decimal_number_or_string, identifier, required_string, whole_number};
 
 /// How often a plan bills (Lago's intervals).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -219,7 +219,7 @@ pub fn validate_plan(
             errors.add("code", codes::INVALID);
             base.code.clone()
         }
-        (code, _) => required_string(&mut errors, "code", code),
+        (code, _) => identifier(&mut errors, "code", code),
     };
     let interval = match (input.interval.as_deref(), base) {
         (None, Some(base)) => Some(base.interval),

@@ -11,7 +11,7 @@ use uuid::Uuid;
 use crate::customer::CustomerRef;
 use crate::plan::PlanRef;
 use crate::refusal::{codes, CatalogError, FieldErrors};
-use crate::wire::required_string;
+use crate::wire::{identifier, required_string};
 
 /// Where billing periods are anchored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -207,13 +207,13 @@ pub fn validate_subscription(
     now: DateTime<Utc>,
 ) -> Result<SubscriptionTerms, CatalogError> {
     let mut errors = FieldErrors::default();
-    let external_id = required_string(&mut errors, "external_id", &input.external_id);
+    let external_id = identifier(&mut errors, "external_id", &input.external_id);
     required_string(
         &mut errors,
         "external_customer_id",
         &input.external_customer_id,
     );
-    required_string(&mut errors, "plan_code", &input.plan_code);
+    identifier(&mut errors, "plan_code", &input.plan_code);
     let billing_time = match input.billing_time.as_deref() {
         None => Some(BillingTime::Calendar),
         Some(name) => {

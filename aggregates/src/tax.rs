@@ -9,7 +9,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::refusal::{codes, CatalogError, FieldErrors};
-use crate::wire::{decimal_number_or_string, required_string};
+use crate::wire::{decimal_number_or_string, identifier, required_string};
 
 /// A tax as a client described it.
 #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
@@ -84,7 +84,7 @@ impl Tax {
 pub fn validate_tax(lago_id: Uuid, input: TaxInput) -> Result<TaxDefinition, CatalogError> {
     let mut errors = FieldErrors::default();
     let name = required_string(&mut errors, "name", &input.name);
-    let code = required_string(&mut errors, "code", &input.code);
+    let code = identifier(&mut errors, "code", &input.code);
     let rate = match input.rate.as_ref() {
         None | Some(Value::Null) => {
             errors.add("rate", codes::MANDATORY);

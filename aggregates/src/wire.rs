@@ -21,6 +21,19 @@ pub fn required_string(errors: &mut FieldErrors, field: &str, value: &Option<Str
     }
 }
 
+/// The longest identifier (code, external id) accepted: they are keys of
+/// indexes, and nobody's real identifier is longer.
+pub const MAX_IDENTIFIER_LENGTH: usize = 255;
+
+/// A required identifier: non-blank and at most [`MAX_IDENTIFIER_LENGTH`].
+pub fn identifier(errors: &mut FieldErrors, field: &str, value: &Option<String>) -> String {
+    let text = required_string(errors, field, value);
+    if text.chars().count() > MAX_IDENTIFIER_LENGTH {
+        errors.add(field, codes::INVALID);
+    }
+    text
+}
+
 /// A decimal sent as a JSON string (e.g. `"0.0075"`), at least zero.
 pub fn price(errors: &mut FieldErrors, field: &str, value: Option<&Value>) -> Option<Decimal> {
     match value {
@@ -91,6 +104,22 @@ pub fn whole_number(value: &Value) -> Option<i64> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn identifiers_are_required_and_bounded() {
+        let mut errors = FieldErrors::default();
+        assert_eq!(
+            identifier(&mut errors, "code", &Some(" cpu ".into())),
+            "cpu"
+        );
+        identifier(&mut errors, "code", &Some("x".repeat(256)));
+        identifier(&mut errors, "external_id", &Some("  ".into()));
+        assert_eq!(errors.fields()["code"], vec![codes::INVALID.to_string()]);
+        assert_eq!(
+            errors.fields()["external_id"],
+            vec![codes::MANDATORY.to_string()]
+        );
+    }
 
     #[test]
     fn prices_keep_every_digit() {

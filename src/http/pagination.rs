@@ -25,11 +25,12 @@ impl PageRequest {
     pub fn validate(self) -> Result<Page, ApiError> {
         let page = self.page.unwrap_or(1);
         let per_page = self.per_page.unwrap_or(DEFAULT_PER_PAGE);
-        if page < 1 {
-            return Err(ApiError::invalid("page", "value_is_invalid"));
-        }
         if !(1..=MAX_PER_PAGE).contains(&per_page) {
             return Err(ApiError::invalid("per_page", "value_is_invalid"));
+        }
+        // The offset must fit in an i64.
+        if page < 1 || (page - 1).checked_mul(per_page).is_none() {
+            return Err(ApiError::invalid("page", "value_is_invalid"));
         }
         Ok(Page { page, per_page })
     }

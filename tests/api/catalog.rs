@@ -668,3 +668,77 @@ async fn requests_without_a_live_key_of_a_live_service_get_401(pool: PgPool) {
     let (status, body) = svc.get("/plans").await;
     assert_eq!((status, body), (StatusCode::UNAUTHORIZED, unauthorized));
 }
+
+#[sqlx::test]
+async fn hostile_input_gets_a_4xx_never_a_500(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let svc = app.service("nexacloud").await;
+    svc.nexacloud_catalog().await;
+    let long = "x".repeat(10_000);
+    let posts = [
+        (
+            "/billable_metrics",
+            json!({"billable_metric": {"name": "x", "code": long, "aggregation_type": "count_agg"}}),
+        ),
+        ("/customers", json!({"customer": {"external_id": long}})),
+        (
+            "/customers",
+            json!({"customer": {"external_id": "c", "email": format!("{long}@example.com")}}),
+        ),
+        (
+            "/customers",
+            json!({"customer": {"external_id": "c", "net_payment_term": "soon"}}),
+        ),
+        ("/customers", json!({"customer": {"external_id": 42}})),
+        (
+            "/plans",
+            json!({"plan": {"name": "x", "code": "x", "interval": "monthly", "amount_cents": 1e40, "amount_currency": "USD"}}),
+        ),
+        (
+            "/plans",
+            json!({"plan": {"name": "x", "code": "x", "interval": "monthly", "amount_cents": 1, "amount_currency": "USD",
+                                   "charges": [{"billable_metric_id": "not-a-uuid", "charge_model": "standard"}]}}),
+        ),
+        (
+            "/plans",
+            json!({"plan": {"name": "x", "code": "x", "interval": "monthly", "amount_cents": 1, "amount_currency": "USD",
+                                   "charges": [{"charge_model": "standard", "properties": "amount=1"}]}}),
+        ),
+        (
+            "/taxes",
+            json!({"tax": {"name": "x", "code": "x", "rate": "1e400"}}),
+        ),
+        (
+            "/subscriptions",
+            json!({"subscription": {"external_customer_id": "cus_ada", "plan_code": "starter",
+                                                    "external_id": "d", "subscription_at": "99999-01-01T00:00:00Z"}}),
+        ),
+        (
+            "/subscriptions/nothing/change_plan",
+            json!({"subscription": {}}),
+        ),
+    ];
+    for (path, body) in posts {
+        let (status, response) = svc.post(path, body.clone()).await;
+        assert!(
+            status.is_client_error(),
+            "POST {path} {body}: {status} {response}"
+        );
+        assert!(
+            response["status"]
+                .as_u64()
+                .is_some_and(|s| (400..500).contains(&s)),
+            "{response}"
+        );
+    }
+    for path in [
+        "/plans?page=9223372036854775807&per_page=1000",
+        "/plans?page=-1",
+        "/plans?per_page=abc",
+        "/subscriptions?status[]=everything",
+        "/subscriptions?page=1e3",
+    ] {
+        let (status, response) = svc.get(path).await;
+        assert!(status.is_client_error(), "GET {path}: {status} {response}");
+    }
+}

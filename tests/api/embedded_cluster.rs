@@ -176,3 +176,78 @@ async fn ready_follows_the_database_down_and_back_up() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// `ledger services create` registers a service and prints its first key
+/// once; the key works on the API; `revoke-key` stops it.
+#[sqlx::test]
+async fn the_services_cli_issues_keys_that_the_api_accepts(
+    _: sqlx::postgres::PgPoolOptions,
+    connect: sqlx::postgres::PgConnectOptions,
+) {
+    let url = format!(
+        "postgres://{}@localhost/{}?host={}&port={}",
+        connect.get_username(),
+        connect.get_database().unwrap(),
+        connect
+            .get_socket()
+            .map(|s| s.display().to_string())
+            .unwrap_or_else(|| connect.get_host().to_string()),
+        connect.get_port()
+    );
+    let ledger = |args: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_ledger"))
+            .args(args)
+            .env("DATABASE_URL", &url)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+        assert!(
+            output.status.success(),
+            "{args:?}: {stdout} {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        stdout
+    };
+    let created = ledger(&[
+        "services",
+        "create",
+        "nexacloud",
+        "--name",
+        "NexaCloud hosting",
+    ]);
+    let key = created
+        .lines()
+        .map(str::trim)
+        .find(|line| line.starts_with("ledger_nexacloud_"))
+        .expect("the key is printed")
+        .to_string();
+    let key_id = created
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix("API key ")
+                .and_then(|rest| rest.split_whitespace().next())
+        })
+        .unwrap()
+        .to_string();
+    assert!(
+        created.contains("nexacloud    NexaCloud hosting        active"),
+        "{created}"
+    );
+
+    let pool = pool_options(2).connect_with(connect).await.unwrap();
+    let app = spawn_app(pool).await;
+    let (status, _) = app.get("/api/v1/plans", Some(&key)).await;
+    assert_eq!(status, StatusCode::OK);
+
+    let listed = ledger(&["services", "list"]);
+    assert!(!listed.contains(&key), "lists never show a key");
+    ledger(&["services", "revoke-key", "nexacloud", &key_id]);
+    let (status, body) = app.get("/api/v1/plans", Some(&key)).await;
+    assert_eq!(
+        (status, body),
+        (
+            StatusCode::UNAUTHORIZED,
+            json!({"status": 401, "error": "Unauthorized"})
+        )
+    );
+}
