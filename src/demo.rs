@@ -89,6 +89,118 @@ async fn demonstrate(database: &Database) -> anyhow::Result<()> {
         body["error_details"]
     );
 
+    println!("\n== NexaCloud's catalog, through the Lago-compatible API with its own key ==");
+    let (_, key) = client
+        .post(
+            "/admin/v1/services/nexacloud/api_keys",
+            json!({"api_key": {"label": "demo"}}),
+        )
+        .await?;
+    let nexacloud = client.as_service(key["api_key"]["key"].as_str().unwrap_or_default());
+    let (_, metric) = nexacloud
+        .post(
+            "/api/v1/billable_metrics",
+            json!({"billable_metric": {"name": "CPU seconds", "code": "cpu_seconds",
+                   "aggregation_type": "sum_agg", "field_name": "cpu_seconds"}}),
+        )
+        .await?;
+    let metric_id = match metric["billable_metric"]["lago_id"].as_str() {
+        Some(id) => id.to_string(),
+        None => nexacloud
+            .get("/api/v1/billable_metrics/cpu_seconds")
+            .await?
+            .1["billable_metric"]["lago_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+    };
+    let writes = [
+        (
+            "/api/v1/taxes",
+            json!({"tax": {"name": "HST Ontario", "code": "hst_on", "rate": 13.0}}),
+        ),
+        (
+            "/api/v1/plans",
+            json!({"plan": {"name": "Starter", "code": "starter", "interval": "monthly",
+            "amount_cents": 1900, "amount_currency": "CAD", "tax_codes": ["hst_on"],
+            "charges": [{"billable_metric_id": metric_id, "charge_model": "standard",
+                         "properties": {"amount": "0.0075", "unit_size": "3600", "free_units": "36000"}}]}}),
+        ),
+        (
+            "/api/v1/customers",
+            json!({"customer": {"external_id": "cus_ada", "name": "Ada Lovelace",
+            "email": "ada@example.com", "currency": "CAD", "timezone": "America/Toronto", "tax_codes": ["hst_on"],
+            "billing_configuration": {"invoice_grace_period": 3, "provider_customer_id": "cus_stripe_42"}}}),
+        ),
+        (
+            "/api/v1/subscriptions",
+            json!({"subscription": {"external_customer_id": "cus_ada",
+            "plan_code": "starter", "external_id": "dep_web", "name": "web deployment"}}),
+        ),
+        (
+            "/api/v1/subscriptions",
+            json!({"subscription": {"external_customer_id": "cus_ada",
+            "plan_code": "starter", "external_id": "dep_batch", "name": "batch deployment", "shadow": true}}),
+        ),
+        (
+            "/api/v1/plans",
+            json!({"plan": {"name": "Broken", "code": "broken", "interval": "fortnightly",
+            "amount_cents": 100, "amount_currency": "CAD",
+            "charges": [{"billable_metric_id": metric_id, "charge_model": "standard", "properties": {"amount": 0.0075}}]}}),
+        ),
+    ];
+    for (path, body) in writes {
+        let (status, response) = nexacloud.post(path, body).await?;
+        let outcome = match status.as_u16() {
+            200 => "200".to_string(),
+            code => format!("{code} {}", response["error_details"]),
+        };
+        println!("POST {path:<24} -> {outcome}");
+    }
+    let (_, plan) = nexacloud.get("/api/v1/plans/starter").await?;
+    let plan = &plan["plan"];
+    println!(
+        "plan starter v{}: {} {} cents/{} + {} on {} {}",
+        plan["version"],
+        plan["amount_currency"].as_str().unwrap_or_default(),
+        plan["amount_cents"],
+        plan["interval"].as_str().unwrap_or_default(),
+        plan["charges"][0]["charge_model"]
+            .as_str()
+            .unwrap_or_default(),
+        plan["charges"][0]["billable_metric_code"]
+            .as_str()
+            .unwrap_or_default(),
+        plan["charges"][0]["properties"],
+    );
+    let (_, subscriptions) = nexacloud
+        .get("/api/v1/subscriptions?external_customer_id=cus_ada&status[]=active&status[]=pending")
+        .await?;
+    for subscription in subscriptions["subscriptions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        println!(
+            "subscription {:<10} {:<7} plan {} v{} shadow={}",
+            subscription["external_id"].as_str().unwrap_or_default(),
+            subscription["status"].as_str().unwrap_or_default(),
+            subscription["plan_code"].as_str().unwrap_or_default(),
+            subscription["plan_version"],
+            subscription["shadow"],
+        );
+    }
+    let (_, desk_key) = client
+        .post("/admin/v1/services/nexadesk/api_keys", json!({}))
+        .await?;
+    let nexadesk = client.as_service(desk_key["api_key"]["key"].as_str().unwrap_or_default());
+    let (status, body) = nexadesk.get("/api/v1/subscriptions/dep_web").await?;
+    println!(
+        "nexadesk's key asking for dep_web -> {} {}",
+        status.as_u16(),
+        body["code"]
+    );
+
     wait_until_caught_up(&client).await?;
     println!("\n== what the ledger knows (GET /admin/v1/services, from the service_directory projection) ==");
     let (_, body) = client.get("/admin/v1/services").await?;
@@ -103,18 +215,19 @@ async fn demonstrate(database: &Database) -> anyhow::Result<()> {
     }
 
     println!(
-        "\n== the event log (latest 10 of {} events) ==",
+        "\n== the event log (latest 12 of {} events) ==",
         count_events(database).await?
     );
     let rows: Vec<(i64, String, String, String, Value)> = sqlx::query_as(
         "SELECT position, aggregate_type, aggregate_id, event_type, metadata::jsonb \
-         FROM events ORDER BY transaction_id DESC, position DESC LIMIT 10",
+         FROM events ORDER BY transaction_id DESC, position DESC LIMIT 12",
     )
     .fetch_all(&database.pool)
     .await?;
     for (position, aggregate_type, aggregate_id, event_type, metadata) in rows.into_iter().rev() {
         println!(
-            "#{position:<5} {aggregate_type}/{aggregate_id:<10} {event_type:<20} by {} request {}",
+            "#{position:<4} {:<34} {event_type:<26} by {:<17} request {}",
+            format!("{aggregate_type}/{aggregate_id}"),
             metadata["actor"].as_str().unwrap_or("?"),
             metadata["request_id"].as_str().unwrap_or("?"),
         );
@@ -171,6 +284,15 @@ struct Client {
 }
 
 impl Client {
+    /// The same client, authenticated as a service.
+    fn as_service(&self, key: &str) -> Client {
+        Client {
+            http: self.http.clone(),
+            base: self.base.clone(),
+            admin_key: key.to_string(),
+        }
+    }
+
     async fn post(&self, path: &str, body: Value) -> anyhow::Result<(StatusCode, Value)> {
         let response = self
             .http
