@@ -14,6 +14,7 @@
 pub mod billable_metric;
 pub mod charge;
 pub mod customer;
+pub mod period;
 pub mod plan;
 pub mod refusal;
 pub mod service;
