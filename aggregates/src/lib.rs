@@ -16,10 +16,12 @@ pub mod charge;
 pub mod customer;
 pub mod period;
 pub mod plan;
+pub mod pricing;
 pub mod refusal;
 pub mod service;
 pub mod subscription;
 pub mod tax;
+pub mod usage;
 pub mod wire;
 
 pub use billable_metric::BillableMetric;

@@ -1,0 +1,329 @@
+//! The pricing law: what a charge costs for a period's usage, in full
+//! precision, and the one rounding rule. Current usage, invoices and every
+//! replay call these functions; nothing else computes a price.
+//!
+//! Amounts are in currency units (dollars, not cents) and never rounded here
+//! except by [`to_minor_units`], which rounds half away from zero (half-up
+//! for the non-negative amounts billed) to the currency's minor unit, once,
+//! on the fee.
+
+use iso_currency::Currency;
+use rust_decimal::{Decimal, RoundingStrategy};
+
+use crate::charge::{PriceRange, Pricing};
+
+/// A period's usage of one charge's metric.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChargeUsage {
+    /// Aggregated units (count, sum, max, ...).
+    pub units: Decimal,
+    /// Number of events.
+    pub events_count: i64,
+    /// Each event's value, in order (for per-event percentage rules).
+    pub event_values: Vec<Decimal>,
+}
+
+/// The precise amount of a charge for `usage`.
+pub fn charge_amount(pricing: &Pricing, usage: &ChargeUsage) -> Decimal {
+    let units = usage.units.max(Decimal::ZERO);
+    match pricing {
+        Pricing::Standard {
+            amount,
+            free_units,
+            unit_size,
+        } => (units - free_units).max(Decimal::ZERO) * amount / unit_size,
+        Pricing::Package {
+            amount,
+            free_units,
+            package_size,
+        } => {
+            let paid = units - free_units;
+            if paid <= Decimal::ZERO {
+                Decimal::ZERO
+            } else {
+                (paid / package_size).ceil() * amount
+            }
+        }
+        Pricing::Graduated { ranges } => graduated(ranges, units),
+        Pricing::Volume { ranges } => volume(ranges, units),
+        Pricing::Percentage {
+            rate,
+            fixed_amount,
+            free_units_per_events,
+            free_units_per_total_aggregation,
+            per_transaction_min_amount,
+            per_transaction_max_amount,
+        } => {
+            let per_transaction =
+                per_transaction_min_amount.is_some() || per_transaction_max_amount.is_some();
+            if per_transaction && !usage.event_values.is_empty() {
+                percentage_per_event(
+                    *rate,
+                    fixed_amount.unwrap_or_default(),
+                    free_units_per_events.unwrap_or(0),
+                    free_units_per_total_aggregation.unwrap_or_default(),
+                    *per_transaction_min_amount,
+                    *per_transaction_max_amount,
+                    &usage.event_values,
+                )
+            } else {
+                let paid_units = (units - free_units_per_total_aggregation.unwrap_or_default())
+                    .max(Decimal::ZERO);
+                let paid_events = (usage.events_count - free_units_per_events.unwrap_or(0)).max(0);
+                paid_units * rate / Decimal::ONE_HUNDRED
+                    + Decimal::from(paid_events) * fixed_amount.unwrap_or_default()
+            }
+        }
+    }
+}
+
+/// Each range prices the units above the previous range's `to_value` up to
+/// its own; the flat amount of every range reached is charged, the first
+/// range's even at zero units.
+fn graduated(ranges: &[PriceRange], units: Decimal) -> Decimal {
+    let mut total = Decimal::ZERO;
+    let mut floor = Decimal::ZERO;
+    for (index, range) in ranges.iter().enumerate() {
+        if index > 0 && units <= floor {
+            break;
+        }
+        let ceiling = range.to_value.unwrap_or(Decimal::MAX);
+        let in_range = (units.min(ceiling) - floor).max(Decimal::ZERO);
+        total += range.flat_amount + in_range * range.per_unit_amount;
+        match range.to_value {
+            Some(to) => floor = to,
+            None => break,
+        }
+    }
+    total
+}
+
+/// The range holding the total prices every unit, plus its flat amount; no
+/// usage costs nothing.
+fn volume(ranges: &[PriceRange], units: Decimal) -> Decimal {
+    if units.is_zero() {
+        return Decimal::ZERO;
+    }
+    let range = ranges
+        .iter()
+        .find(|range| range.to_value.is_none_or(|to| units <= to))
+        .or(ranges.last());
+    range.map_or(Decimal::ZERO, |range| {
+        units * range.per_unit_amount + range.flat_amount
+    })
+}
+
+fn percentage_per_event(
+    rate: Decimal,
+    fixed_amount: Decimal,
+    free_events: i64,
+    free_total: Decimal,
+    min: Option<Decimal>,
+    max: Option<Decimal>,
+    values: &[Decimal],
+) -> Decimal {
+    let mut free_left = free_total;
+    let mut total = Decimal::ZERO;
+    for (index, value) in values.iter().enumerate() {
+        let free_part = free_left.min(*value).max(Decimal::ZERO);
+        free_left -= free_part;
+        let mut amount = (*value - free_part) * rate / Decimal::ONE_HUNDRED;
+        if index as i64 >= free_events {
+            amount += fixed_amount;
+        }
+        if let Some(min) = min {
+            amount = amount.max(min);
+        }
+        if let Some(max) = max {
+            amount = amount.min(max);
+        }
+        total += amount;
+    }
+    total
+}
+
+/// The currency's minor-unit exponent (2 for CAD, 0 for JPY, 3 for KWD).
+pub fn minor_unit_exponent(currency: &str) -> u32 {
+    Currency::from_code(currency)
+        .and_then(|c| c.exponent())
+        .map(u32::from)
+        .unwrap_or(2)
+}
+
+/// Round a precise amount to the currency's minor unit, half away from zero,
+/// and express it in minor units (cents).
+pub fn to_minor_units(amount: Decimal, currency: &str) -> i64 {
+    let exponent = minor_unit_exponent(currency);
+    let rounded = amount.round_dp_with_strategy(exponent, RoundingStrategy::MidpointAwayFromZero);
+    let minor = rounded * Decimal::from(10i64.pow(exponent));
+    minor.trunc().try_into().unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::str::FromStr;
+
+    fn d(text: &str) -> Decimal {
+        Decimal::from_str(text).unwrap()
+    }
+
+    fn usage(units: &str, events: i64) -> ChargeUsage {
+        ChargeUsage {
+            units: d(units),
+            events_count: events,
+            event_values: vec![],
+        }
+    }
+
+    fn nexacloud() -> Pricing {
+        Pricing::Standard {
+            amount: d("0.0075"),
+            free_units: d("36000"),
+            unit_size: d("3600"),
+        }
+    }
+
+    #[test]
+    fn sub_cent_rates_survive_until_the_fee_is_rounded() {
+        // 2,400 CPU-seconds over the quota: exactly $0.005, one cent.
+        let amount = charge_amount(&nexacloud(), &usage("38400", 10));
+        assert_eq!(amount, d("0.005"));
+        assert_eq!(to_minor_units(amount, "CAD"), 1);
+        // 1,000 seconds over: $0.00208333..., zero cents.
+        let amount = charge_amount(&nexacloud(), &usage("37000", 10));
+        assert_eq!(amount.round_dp(10), d("0.0020833333"));
+        assert_eq!(to_minor_units(amount, "CAD"), 0);
+        // Within the quota: nothing.
+        assert_eq!(
+            charge_amount(&nexacloud(), &usage("36000", 3)),
+            Decimal::ZERO
+        );
+    }
+
+    #[test]
+    fn standard_without_extras_is_units_times_amount() {
+        let pricing = Pricing::Standard {
+            amount: d("0.25"),
+            free_units: Decimal::ZERO,
+            unit_size: Decimal::ONE,
+        };
+        assert_eq!(charge_amount(&pricing, &usage("7", 7)), d("1.75"));
+    }
+
+    #[test]
+    fn package_charges_each_started_package_beyond_the_free_units() {
+        let pricing = Pricing::Package {
+            amount: d("5"),
+            free_units: d("100"),
+            package_size: d("1000"),
+        };
+        assert_eq!(charge_amount(&pricing, &usage("100", 1)), d("0"));
+        assert_eq!(charge_amount(&pricing, &usage("101", 1)), d("5"));
+        assert_eq!(charge_amount(&pricing, &usage("1100", 1)), d("5"));
+        assert_eq!(charge_amount(&pricing, &usage("1101", 1)), d("10"));
+    }
+
+    fn ranges(spec: &[(i64, Option<i64>, &str, &str)]) -> Vec<PriceRange> {
+        spec.iter()
+            .map(|(from, to, per_unit, flat)| PriceRange {
+                from_value: Decimal::from(*from),
+                to_value: to.map(Decimal::from),
+                per_unit_amount: d(per_unit),
+                flat_amount: d(flat),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn graduated_prices_each_range_and_every_flat_fee_reached() {
+        let pricing = Pricing::Graduated {
+            ranges: ranges(&[
+                (0, Some(10), "1", "2"),
+                (11, Some(20), "0.5", "3"),
+                (21, None, "0.1", "0"),
+            ]),
+        };
+        assert_eq!(
+            charge_amount(&pricing, &usage("0", 0)),
+            d("2"),
+            "first flat fee even at 0"
+        );
+        assert_eq!(
+            charge_amount(&pricing, &usage("10", 1)),
+            d("12"),
+            "edge: all in the first range"
+        );
+        assert_eq!(
+            charge_amount(&pricing, &usage("11", 1)),
+            d("15.5"),
+            "10×1+2 + 1×0.5+3"
+        );
+        assert_eq!(
+            charge_amount(&pricing, &usage("20", 1)),
+            d("20"),
+            "10×1+2 + 10×0.5+3"
+        );
+        assert_eq!(
+            charge_amount(&pricing, &usage("25", 1)),
+            d("20.5"),
+            "+ 5×0.1"
+        );
+    }
+
+    #[test]
+    fn volume_prices_every_unit_at_the_range_holding_the_total() {
+        let pricing = Pricing::Volume {
+            ranges: ranges(&[(0, Some(100), "2", "0"), (101, None, "1", "10")]),
+        };
+        assert_eq!(charge_amount(&pricing, &usage("0", 0)), d("0"));
+        assert_eq!(
+            charge_amount(&pricing, &usage("100", 1)),
+            d("200"),
+            "edge: still the first range"
+        );
+        assert_eq!(charge_amount(&pricing, &usage("101", 1)), d("111"));
+    }
+
+    #[test]
+    fn percentage_takes_a_rate_and_a_fee_per_paid_event() {
+        let pricing = Pricing::Percentage {
+            rate: d("2.9"),
+            fixed_amount: Some(d("0.30")),
+            free_units_per_events: Some(2),
+            free_units_per_total_aggregation: Some(d("100")),
+            per_transaction_min_amount: None,
+            per_transaction_max_amount: None,
+        };
+        // (1000 - 100) × 2.9% + (5 - 2) × 0.30
+        assert_eq!(charge_amount(&pricing, &usage("1000", 5)), d("27.0"));
+    }
+
+    #[test]
+    fn percentage_per_transaction_bounds_apply_to_each_event() {
+        let pricing = Pricing::Percentage {
+            rate: d("1"),
+            fixed_amount: None,
+            free_units_per_events: None,
+            free_units_per_total_aggregation: None,
+            per_transaction_min_amount: Some(d("0.50")),
+            per_transaction_max_amount: Some(d("2")),
+        };
+        let usage = ChargeUsage {
+            units: d("1010"),
+            events_count: 2,
+            event_values: vec![d("10"), d("1000")],
+        };
+        // 10 → 0.10 raised to 0.50; 1000 → 10 capped at 2.
+        assert_eq!(charge_amount(&pricing, &usage), d("2.50"));
+    }
+
+    #[test]
+    fn rounding_is_half_up_to_the_currency_minor_unit() {
+        assert_eq!(to_minor_units(d("0.005"), "USD"), 1);
+        assert_eq!(to_minor_units(d("0.00499999"), "USD"), 0);
+        assert_eq!(to_minor_units(d("10.125"), "CAD"), 1013);
+        assert_eq!(to_minor_units(d("1234.5"), "JPY"), 1235);
+        assert_eq!(to_minor_units(d("1.2345"), "KWD"), 1235);
+    }
+}

@@ -1,0 +1,548 @@
+//! Usage: one event per (subscription, metric, transaction id), validated
+//! against the subscription it names and recorded exactly as sent.
+//!
+//! Usage does not go through a cqrs-es aggregate (it is high-volume and each
+//! event is its own one-event stream), but it is the same kind of fact in
+//! the same log: [`UsageEvent::UsageRecorded`] in a stream whose id is
+//! [`usage_stream_id`]. The log's primary key on (type, stream, sequence 1)
+//! makes "recorded twice" impossible, whoever races.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use cqrs_es::DomainEvent;
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::billable_metric::AggregationType;
+use crate::period::{billing_period_for, BillingPeriod, PeriodRule};
+use crate::refusal::{codes, FieldErrors};
+use crate::wire::{decimal_number_or_string, parse_decimal, MAX_IDENTIFIER_LENGTH};
+
+/// The aggregate type of usage streams.
+pub const USAGE_STREAM_TYPE: &str = "Usage";
+
+/// A usage event exactly as a client sent it (Lago's `event` object).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct SentUsage {
+    /// The client's idempotency key.
+    #[serde(default)]
+    pub transaction_id: Option<String>,
+    /// The subscription it is for (NexaCloud: the deployment id).
+    #[serde(default)]
+    pub external_subscription_id: Option<String>,
+    /// The billable metric's code.
+    #[serde(default)]
+    pub code: Option<String>,
+    /// Unix seconds (integer, float or numeric string); null or absent = now.
+    #[serde(default)]
+    pub timestamp: Value,
+    /// The event's properties (the aggregated field among them).
+    #[serde(default)]
+    pub properties: Value,
+}
+
+/// A recorded usage event: what was sent, plus what the ledger resolved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageRecord {
+    /// The event's id.
+    pub lago_id: Uuid,
+    /// Exactly what the client sent (compared on a retry).
+    pub sent: SentUsage,
+    /// The subscription's id.
+    pub subscription_lago_id: Uuid,
+    /// The customer's id.
+    pub customer_lago_id: Uuid,
+    /// The metric's aggregation.
+    pub aggregation_type: AggregationType,
+    /// When the usage happened.
+    pub timestamp: DateTime<Utc>,
+    /// The aggregated property's value, exactly as sent (numeric aggregations).
+    pub value: Option<Decimal>,
+    /// The aggregated property as a key (unique_count).
+    pub unique_key: Option<String>,
+    /// The billing period the event bills in, decided by its timestamp.
+    pub period: BillingPeriod,
+}
+
+/// Facts about usage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UsageEvent {
+    /// A usage event was recorded.
+    UsageRecorded(UsageRecord),
+}
+
+impl DomainEvent for UsageEvent {
+    fn event_type(&self) -> String {
+        "UsageRecorded".to_string()
+    }
+    fn event_version(&self) -> String {
+        "1.0".to_string()
+    }
+}
+
+/// The stream of one usage event: unique per (subscription, metric,
+/// transaction id). Length prefixes keep it unambiguous whatever characters
+/// the codes hold.
+pub fn usage_stream_id(
+    subscription_lago_id: Uuid,
+    metric_code: &str,
+    transaction_id: &str,
+) -> String {
+    format!(
+        "{subscription_lago_id}/{}:{metric_code}/{}:{transaction_id}",
+        metric_code.len(),
+        transaction_id.len()
+    )
+}
+
+/// What a metric charged on the subscription's plan needs for validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChargedMetric {
+    /// Aggregation.
+    pub aggregation_type: AggregationType,
+    /// The aggregated property.
+    pub field_name: Option<String>,
+}
+
+/// The subscription a usage event names, as the directory knows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageSubscription {
+    /// Its id.
+    pub lago_id: Uuid,
+    /// Its customer's id.
+    pub customer_lago_id: Uuid,
+    /// Start.
+    pub subscription_at: DateTime<Utc>,
+    /// End, if terminated.
+    pub terminated_at: Option<DateTime<Utc>>,
+    /// How its periods are laid out.
+    pub periods: PeriodRule,
+    /// The metrics its plan version charges, by code.
+    pub metrics: HashMap<String, ChargedMetric>,
+}
+
+/// The acceptance rules for timestamps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsageLimits {
+    /// How far in the future a timestamp may be (clock skew).
+    pub future_skew: Duration,
+    /// How far in the past a timestamp may be.
+    pub acceptance_window: Duration,
+}
+
+impl Default for UsageLimits {
+    fn default() -> Self {
+        Self {
+            future_skew: Duration::minutes(5),
+            acceptance_window: Duration::days(35),
+        }
+    }
+}
+
+/// Unix seconds (integer, float or numeric string), read exactly.
+pub fn parse_timestamp(value: &Value, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    let seconds = match value {
+        Value::Null => return Some(now),
+        other => decimal_number_or_string(other)?,
+    };
+    let whole = seconds.trunc();
+    let nanos = ((seconds - whole) * Decimal::from(1_000_000_000)).trunc();
+    let whole: i64 = whole.try_into().ok()?;
+    let nanos: i64 = nanos.try_into().ok()?;
+    Utc.timestamp_opt(whole, u32::try_from(nanos).ok()?)
+        .single()
+}
+
+/// Validate one event against its subscription (`None`: no such
+/// subscription in the calling service). Errors name the field.
+pub fn validate_usage(
+    lago_id: Uuid,
+    sent: SentUsage,
+    subscription: Option<&UsageSubscription>,
+    limits: UsageLimits,
+    now: DateTime<Utc>,
+) -> Result<UsageRecord, FieldErrors> {
+    let mut errors = FieldErrors::default();
+    for (field, value) in [
+        ("transaction_id", &sent.transaction_id),
+        ("external_subscription_id", &sent.external_subscription_id),
+        ("code", &sent.code),
+    ] {
+        match value.as_deref().map(str::trim) {
+            None | Some("") => errors.add(field, codes::MANDATORY),
+            Some(text) if text.chars().count() > MAX_IDENTIFIER_LENGTH => {
+                errors.add(field, codes::INVALID)
+            }
+            Some(_) => {}
+        }
+    }
+    let timestamp = match parse_timestamp(&sent.timestamp, now) {
+        None => {
+            errors.add("timestamp", "invalid_timestamp");
+            None
+        }
+        Some(at) if at > now + limits.future_skew => {
+            errors.add("timestamp", "too_far_in_the_future");
+            None
+        }
+        Some(at) if at < now - limits.acceptance_window => {
+            errors.add("timestamp", "older_than_acceptance_window");
+            None
+        }
+        Some(at) => Some(at),
+    };
+    if !(sent.properties.is_null() || sent.properties.is_object()) {
+        errors.add("properties", codes::INVALID);
+    }
+    let Some(subscription) = subscription else {
+        if sent
+            .external_subscription_id
+            .as_deref()
+            .is_some_and(|id| !id.trim().is_empty())
+        {
+            errors.add("external_subscription_id", "subscription_not_found");
+        }
+        return Err(errors);
+    };
+    if let Some(at) = timestamp {
+        let started = subscription.subscription_at <= at;
+        let not_ended = subscription.terminated_at.is_none_or(|end| at < end);
+        if !(started && not_ended) {
+            errors.add("timestamp", "subscription_not_active_at_timestamp");
+        }
+    }
+    let metric = sent
+        .code
+        .as_deref()
+        .and_then(|code| subscription.metrics.get(code.trim()));
+    if metric.is_none() && sent.code.as_deref().is_some_and(|c| !c.trim().is_empty()) {
+        errors.add("code", "metric_not_found");
+    }
+    let (mut value, mut unique_key) = (None, None);
+    if let Some(metric) = metric {
+        let field = metric.field_name.as_deref().unwrap_or_default();
+        let property = sent.properties.get(field);
+        let path = format!("properties.{field}");
+        match metric.aggregation_type {
+            AggregationType::CountAgg => {}
+            AggregationType::UniqueCountAgg => match property {
+                Some(Value::String(text)) if !text.is_empty() => unique_key = Some(text.clone()),
+                Some(Value::Number(number)) => unique_key = Some(number.to_string()),
+                None | Some(Value::Null) => errors.add(path, codes::MANDATORY),
+                Some(_) => errors.add(path, codes::INVALID),
+            },
+            aggregation => match property {
+                None | Some(Value::Null) => errors.add(path, codes::MANDATORY),
+                Some(raw) => match exact_number(raw) {
+                    None => errors.add(path, "value_is_not_numeric"),
+                    // A weighted sum's values are changes, which may be negative.
+                    Some(number)
+                        if number.is_sign_negative()
+                            && aggregation != AggregationType::WeightedSumAgg =>
+                    {
+                        errors.add(path, "value_is_negative")
+                    }
+                    Some(number) => value = Some(number),
+                },
+            },
+        }
+    }
+    errors.clone().into_result().map_err(|_| errors)?;
+    let timestamp = timestamp.expect("validated");
+    Ok(UsageRecord {
+        lago_id,
+        period: billing_period_for(&subscription.periods, timestamp),
+        sent: SentUsage {
+            transaction_id: sent.transaction_id.map(|t| t.trim().to_string()),
+            external_subscription_id: sent.external_subscription_id.map(|t| t.trim().to_string()),
+            code: sent.code.map(|t| t.trim().to_string()),
+            ..sent
+        },
+        subscription_lago_id: subscription.lago_id,
+        customer_lago_id: subscription.customer_lago_id,
+        aggregation_type: metric.expect("validated").aggregation_type,
+        timestamp,
+        value,
+        unique_key,
+    })
+}
+
+/// A number sent as a JSON number or numeric string, exactly as written.
+fn exact_number(value: &Value) -> Option<Decimal> {
+    match value {
+        Value::Number(number) => parse_decimal(&number.to_string()),
+        Value::String(text) => parse_decimal(text),
+        _ => None,
+    }
+}
+
+/// The time-weighted sum of a period (Lago's `weighted_sum_agg`): each
+/// event changes a running total by its value; the result is the total's
+/// average over the period, weighted by how long each total held.
+/// `events` must be in time order; `initial` is the total at the start.
+pub fn weighted_sum(
+    period: BillingPeriod,
+    initial: Decimal,
+    events: &[(DateTime<Utc>, Decimal)],
+) -> Decimal {
+    let length = Decimal::from((period.end - period.start).num_milliseconds());
+    if length.is_zero() {
+        return Decimal::ZERO;
+    }
+    let mut total = initial;
+    let mut since = period.start;
+    let mut weighted = Decimal::ZERO;
+    for (at, change) in events {
+        let at = (*at).clamp(period.start, period.end);
+        weighted += total * Decimal::from((at - since).num_milliseconds());
+        total += change;
+        since = at;
+    }
+    weighted += total * Decimal::from((period.end - since).num_milliseconds());
+    weighted / length
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::BillingInterval;
+    use crate::subscription::BillingTime;
+    use serde_json::json;
+
+    fn now() -> DateTime<Utc> {
+        "2026-11-21T12:00:00Z".parse().unwrap()
+    }
+
+    fn subscription() -> UsageSubscription {
+        let metric = |aggregation_type, field: Option<&str>| ChargedMetric {
+            aggregation_type,
+            field_name: field.map(Into::into),
+        };
+        UsageSubscription {
+            lago_id: Uuid::nil(),
+            customer_lago_id: Uuid::nil(),
+            subscription_at: "2026-11-01T00:00:00Z".parse().unwrap(),
+            terminated_at: Some("2026-11-25T00:00:00Z".parse().unwrap()),
+            periods: PeriodRule {
+                interval: BillingInterval::Monthly,
+                billing_time: BillingTime::Calendar,
+                subscription_at: "2026-11-01T00:00:00Z".parse().unwrap(),
+                timezone: chrono_tz::UTC,
+            },
+            metrics: HashMap::from([
+                (
+                    "cpu_seconds".to_string(),
+                    metric(AggregationType::SumAgg, Some("cpu_seconds")),
+                ),
+                (
+                    "users".to_string(),
+                    metric(AggregationType::UniqueCountAgg, Some("user_id")),
+                ),
+                (
+                    "seats".to_string(),
+                    metric(AggregationType::WeightedSumAgg, Some("delta")),
+                ),
+                ("calls".to_string(), metric(AggregationType::CountAgg, None)),
+            ]),
+        }
+    }
+
+    fn sent(code: &str, timestamp: Value, properties: Value) -> SentUsage {
+        SentUsage {
+            transaction_id: Some("tx_1".into()),
+            external_subscription_id: Some("dep_1".into()),
+            code: Some(code.into()),
+            timestamp,
+            properties,
+        }
+    }
+
+    fn refused(sent: SentUsage) -> Vec<(String, Vec<String>)> {
+        validate_usage(
+            Uuid::nil(),
+            sent,
+            Some(&subscription()),
+            UsageLimits::default(),
+            now(),
+        )
+        .unwrap_err()
+        .fields()
+        .iter()
+        .map(|(f, c)| (f.clone(), c.clone()))
+        .collect()
+    }
+
+    fn one(field: &str, code: &str) -> Vec<(String, Vec<String>)> {
+        vec![(field.to_string(), vec![code.to_string()])]
+    }
+
+    #[test]
+    fn a_value_is_read_exactly_from_its_json_text() {
+        let properties: Value =
+            serde_json::from_str(r#"{"cpu_seconds": 1234.000000000000000001}"#).unwrap();
+        let record = validate_usage(
+            Uuid::nil(),
+            sent("cpu_seconds", json!(now().timestamp() - 3600), properties),
+            Some(&subscription()),
+            UsageLimits::default(),
+            now(),
+        )
+        .unwrap();
+        assert_eq!(record.value.unwrap().to_string(), "1234.000000000000000001");
+        assert_eq!(
+            record.period.start,
+            "2026-11-01T00:00:00Z".parse::<DateTime<Utc>>().unwrap()
+        );
+    }
+
+    #[test]
+    fn timestamps_are_unix_seconds_as_integer_float_or_string_and_null_is_now() {
+        let at = |value: Value| parse_timestamp(&value, now()).map(|t| t.to_rfc3339());
+        assert_eq!(
+            at(json!(1_763_726_400)),
+            Some("2025-11-21T12:00:00+00:00".into())
+        );
+        assert_eq!(
+            at(serde_json::from_str("1763726400.25").unwrap()),
+            Some("2025-11-21T12:00:00.250+00:00".into())
+        );
+        assert_eq!(
+            at(json!("1763726400")),
+            Some("2025-11-21T12:00:00+00:00".into())
+        );
+        assert_eq!(at(Value::Null), Some(now().to_rfc3339()));
+        assert_eq!(at(json!("yesterday")), None);
+    }
+
+    #[test]
+    fn timestamps_outside_the_window_are_refused() {
+        let future = (now() + Duration::minutes(6)).timestamp();
+        assert_eq!(
+            refused(sent("calls", json!(future), json!({}))),
+            one("timestamp", "too_far_in_the_future")
+        );
+        let old = (now() - Duration::days(36)).timestamp();
+        assert_eq!(
+            refused(sent("calls", json!(old), json!({}))),
+            one("timestamp", "older_than_acceptance_window")
+        );
+        assert_eq!(
+            refused(sent("calls", json!("soon"), json!({}))),
+            one("timestamp", "invalid_timestamp")
+        );
+    }
+
+    #[test]
+    fn usage_outside_the_subscription_life_is_refused() {
+        let before = "2026-10-31T23:59:59Z"
+            .parse::<DateTime<Utc>>()
+            .unwrap()
+            .timestamp();
+        assert_eq!(
+            refused(sent("calls", json!(before), json!({}))),
+            one("timestamp", "subscription_not_active_at_timestamp")
+        );
+        let limits = UsageLimits {
+            future_skew: Duration::days(10),
+            ..Default::default()
+        };
+        let after_end = "2026-11-25T00:00:00Z"
+            .parse::<DateTime<Utc>>()
+            .unwrap()
+            .timestamp();
+        let error = validate_usage(
+            Uuid::nil(),
+            sent("calls", json!(after_end), json!({})),
+            Some(&subscription()),
+            limits,
+            now(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            error.fields()["timestamp"],
+            vec!["subscription_not_active_at_timestamp".to_string()]
+        );
+    }
+
+    #[test]
+    fn the_metric_must_be_charged_and_its_property_usable() {
+        let ts = json!(now().timestamp());
+        assert_eq!(
+            refused(sent("gpu_seconds", ts.clone(), json!({}))),
+            one("code", "metric_not_found")
+        );
+        assert_eq!(
+            refused(sent("cpu_seconds", ts.clone(), json!({}))),
+            one("properties.cpu_seconds", "value_is_mandatory")
+        );
+        assert_eq!(
+            refused(sent(
+                "cpu_seconds",
+                ts.clone(),
+                json!({"cpu_seconds": "lots"})
+            )),
+            one("properties.cpu_seconds", "value_is_not_numeric")
+        );
+        assert_eq!(
+            refused(sent("cpu_seconds", ts.clone(), json!({"cpu_seconds": -5}))),
+            one("properties.cpu_seconds", "value_is_negative")
+        );
+        assert_eq!(
+            refused(sent("users", ts.clone(), json!({}))),
+            one("properties.user_id", "value_is_mandatory")
+        );
+        // A weighted sum's change may be negative.
+        validate_usage(
+            Uuid::nil(),
+            sent("seats", ts, json!({"delta": -2})),
+            Some(&subscription()),
+            UsageLimits::default(),
+            now(),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn an_unknown_subscription_is_named() {
+        let error = validate_usage(
+            Uuid::nil(),
+            sent("calls", Value::Null, json!({})),
+            None,
+            UsageLimits::default(),
+            now(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            error.fields()["external_subscription_id"],
+            vec!["subscription_not_found".to_string()]
+        );
+    }
+
+    #[test]
+    fn stream_ids_are_unambiguous() {
+        assert_ne!(
+            usage_stream_id(Uuid::nil(), "a/1", "2"),
+            usage_stream_id(Uuid::nil(), "a", "1/2")
+        );
+    }
+
+    #[test]
+    fn the_weighted_sum_averages_the_running_total_over_the_period() {
+        let period = BillingPeriod {
+            start: "2026-11-01T00:00:00Z".parse().unwrap(),
+            end: "2026-12-01T00:00:00Z".parse().unwrap(),
+        };
+        // 10 seats from the 1st, +20 from the 16th (half the period): 10×½ + 30×½ = 20.
+        let events = [
+            ("2026-11-01T00:00:00Z".parse().unwrap(), Decimal::from(10)),
+            ("2026-11-16T00:00:00Z".parse().unwrap(), Decimal::from(20)),
+        ];
+        assert_eq!(
+            weighted_sum(period, Decimal::ZERO, &events),
+            Decimal::from(20)
+        );
+    }
+}
