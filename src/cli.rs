@@ -9,6 +9,8 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use tokio::sync::watch;
 
+use aggregates::usage::UsageLimits;
+
 use crate::database::{ClusterAccess, Database, DatabaseConfig};
 use crate::embedded::{ClusterSettings, EmbeddedPostgres};
 use crate::event_store::{CommandBus, CommandMetadata};
@@ -68,9 +70,19 @@ pub enum Command {
         /// Address to listen on.
         #[arg(long, env = "LEDGER_LISTEN", default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
-        /// The operator key for /admin/v1 (without it the admin API refuses every request).
+        /// The operator key for /admin/v1 (default on the embedded database: generated on first start).
         #[arg(long, env = "LEDGER_ADMIN_KEY", hide_env_values = true)]
         admin_key: Option<String>,
+        /// Usage timestamps may be this many seconds in the future (clock skew).
+        #[arg(long, env = "LEDGER_USAGE_FUTURE_SKEW_SECONDS", default_value_t = 300)]
+        usage_future_skew_seconds: u32,
+        /// Usage timestamps may be this many days old (widen it for backfills).
+        #[arg(
+            long,
+            env = "LEDGER_USAGE_ACCEPTANCE_WINDOW_DAYS",
+            default_value_t = 35
+        )]
+        usage_acceptance_window_days: u32,
     },
     /// Apply the database migrations and exit.
     Migrate,
@@ -151,8 +163,17 @@ impl Cli {
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = cli.database_config();
     match cli.command {
-        Command::Serve { listen, admin_key } => {
-            serve(&config, listen, admin_key).await?;
+        Command::Serve {
+            listen,
+            admin_key,
+            usage_future_skew_seconds,
+            usage_acceptance_window_days,
+        } => {
+            let limits = UsageLimits {
+                future_skew: chrono::Duration::seconds(usage_future_skew_seconds.into()),
+                acceptance_window: chrono::Duration::days(usage_acceptance_window_days.into()),
+            };
+            serve(&config, listen, admin_key, limits).await?;
         }
         Command::Migrate => {
             let database = Database::open(&config, ClusterAccess::ShareIfRunning).await?;
@@ -184,6 +205,7 @@ async fn serve(
     config: &DatabaseConfig,
     listen: SocketAddr,
     admin_key: Option<String>,
+    usage_limits: UsageLimits,
 ) -> anyhow::Result<()> {
     let database = Database::open(config, ClusterAccess::Own).await?;
     let admin_key = match (admin_key, database.embedded_data_dir()) {
@@ -196,7 +218,7 @@ async fn serve(
             None
         }
     };
-    let state = AppState::new(database.pool.clone(), admin_key)
+    let state = AppState::new(database.pool.clone(), admin_key, usage_limits)
         .await
         .context("cannot register the projections")?;
     let runner = ProjectionRunner::for_all(database.pool.clone())

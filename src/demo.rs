@@ -30,7 +30,12 @@ pub async fn run(config: &DatabaseConfig) -> anyhow::Result<()> {
 
 async fn demonstrate(database: &Database) -> anyhow::Result<()> {
     let admin_key = uuid::Uuid::new_v4().to_string();
-    let state = AppState::new(database.pool.clone(), Some(AdminKey::new(&admin_key))).await?;
+    let state = AppState::new(
+        database.pool.clone(),
+        Some(AdminKey::new(&admin_key)),
+        Default::default(),
+    )
+    .await?;
     let app = Application::build(state, SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let base = format!("http://{}", app.local_addr()?);
     let (stop, stopped) = watch::channel(false);

@@ -56,7 +56,8 @@ impl CommandMetadata {
         }
     }
 
-    fn into_map(self) -> HashMap<String, String> {
+    /// The metadata as recorded beside events.
+    pub fn into_map(self) -> HashMap<String, String> {
         let mut map = HashMap::from([
             ("actor".to_string(), self.actor.to_string()),
             ("request_id".to_string(), self.request_id),

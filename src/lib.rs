@@ -16,3 +16,4 @@ pub mod projection_runner;
 pub mod service_admin;
 pub mod startup;
 pub mod telemetry;
+pub mod usage;

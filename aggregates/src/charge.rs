@@ -93,6 +93,15 @@ impl Pricing {
         }
     }
 
+    /// Whether pricing needs each event's value (per-transaction bounds).
+    pub fn needs_event_values(&self) -> bool {
+        matches!(
+            self,
+            Pricing::Percentage { per_transaction_min_amount, per_transaction_max_amount, .. }
+                if per_transaction_min_amount.is_some() || per_transaction_max_amount.is_some()
+        )
+    }
+
     /// The properties as Lago shows them (prices as decimal strings).
     pub fn properties(&self) -> Value {
         fn ranges_json(ranges: &[PriceRange]) -> Value {

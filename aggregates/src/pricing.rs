@@ -159,6 +159,20 @@ pub fn to_minor_units(amount: Decimal, currency: &str) -> i64 {
     minor.trunc().try_into().unwrap_or(i64::MAX)
 }
 
+/// The tax rule: each of the customer's tax rates applies to the sum of the
+/// (already rounded) fees, in minor units, and is rounded half-up to the
+/// minor unit; the taxes are the sum of those amounts.
+pub fn tax_minor_units(fees_minor_units: i64, rates_percent: &[Decimal]) -> i64 {
+    rates_percent
+        .iter()
+        .map(|rate| {
+            let tax = Decimal::from(fees_minor_units) * rate / Decimal::ONE_HUNDRED;
+            let rounded = tax.round_dp_with_strategy(0, RoundingStrategy::MidpointAwayFromZero);
+            i64::try_from(rounded).unwrap_or(i64::MAX)
+        })
+        .sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -316,6 +330,17 @@ mod tests {
         };
         // 10 → 0.10 raised to 0.50; 1000 → 10 capped at 2.
         assert_eq!(charge_amount(&pricing, &usage), d("2.50"));
+    }
+
+    #[test]
+    fn each_tax_rate_applies_to_the_fees_and_rounds_half_up() {
+        // 13% HST on $19.01: 247.13 cents → 247.
+        assert_eq!(tax_minor_units(1901, &[d("13")]), 247);
+        // 13% on $0.50 = 6.5 cents → 7 (half-up).
+        assert_eq!(tax_minor_units(50, &[d("13")]), 7);
+        // GST 5% + QST 9.975% on $100: 500 + 997.5 → 500 + 998.
+        assert_eq!(tax_minor_units(10000, &[d("5"), d("9.975")]), 1498);
+        assert_eq!(tax_minor_units(10000, &[]), 0);
     }
 
     #[test]

@@ -51,6 +51,8 @@ pub struct UsageRecord {
     pub lago_id: Uuid,
     /// Exactly what the client sent (compared on a retry).
     pub sent: SentUsage,
+    /// The service that recorded it (and owns the subscription).
+    pub service: String,
     /// The subscription's id.
     pub subscription_lago_id: Uuid,
     /// The customer's id.
@@ -110,6 +112,8 @@ pub struct ChargedMetric {
 /// The subscription a usage event names, as the directory knows it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UsageSubscription {
+    /// The service that owns it.
+    pub service: String,
     /// Its id.
     pub lago_id: Uuid,
     /// Its customer's id.
@@ -261,6 +265,7 @@ pub fn validate_usage(
             code: sent.code.map(|t| t.trim().to_string()),
             ..sent
         },
+        service: subscription.service.clone(),
         subscription_lago_id: subscription.lago_id,
         customer_lago_id: subscription.customer_lago_id,
         aggregation_type: metric.expect("validated").aggregation_type,
@@ -322,6 +327,7 @@ mod tests {
             field_name: field.map(Into::into),
         };
         UsageSubscription {
+            service: "nexacloud".into(),
             lago_id: Uuid::nil(),
             customer_lago_id: Uuid::nil(),
             subscription_at: "2026-11-01T00:00:00Z".parse().unwrap(),
@@ -544,5 +550,37 @@ mod tests {
             weighted_sum(period, Decimal::ZERO, &events),
             Decimal::from(20)
         );
+    }
+}
+
+/// A period's running aggregates for one metric (the `usage` projection's row).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeriodAggregate {
+    /// Events recorded.
+    pub events_count: i64,
+    /// Sum of values.
+    pub value_sum: Option<Decimal>,
+    /// Largest value.
+    pub value_max: Option<Decimal>,
+    /// Value of the latest event.
+    pub latest_value: Option<Decimal>,
+    /// Distinct values.
+    pub unique_count: i64,
+}
+
+/// A period's units for an aggregation type (Lago's semantics). The weighted
+/// sum is computed from the period's events by [`weighted_sum`] and passed in.
+pub fn period_units(
+    aggregation: AggregationType,
+    aggregate: &PeriodAggregate,
+    weighted: Decimal,
+) -> Decimal {
+    match aggregation {
+        AggregationType::CountAgg => Decimal::from(aggregate.events_count),
+        AggregationType::SumAgg => aggregate.value_sum.unwrap_or_default(),
+        AggregationType::MaxAgg => aggregate.value_max.unwrap_or_default(),
+        AggregationType::LatestAgg => aggregate.latest_value.unwrap_or_default(),
+        AggregationType::UniqueCountAgg => Decimal::from(aggregate.unique_count),
+        AggregationType::WeightedSumAgg => weighted,
     }
 }

@@ -13,13 +13,19 @@ pub mod catalog;
 pub mod log;
 pub mod projection;
 pub mod service_directory;
+pub mod usage;
 
 pub use catalog::Catalog;
 pub use log::{LogCursor, LogEvent};
 pub use projection::{Projection, ProjectionError};
 pub use service_directory::ServiceDirectory;
+pub use usage::Usage;
 
 /// Every projection the ledger maintains, in the order the runner serves them.
 pub fn all() -> Vec<Box<dyn Projection>> {
-    vec![Box::new(ServiceDirectory), Box::new(Catalog)]
+    vec![
+        Box::new(ServiceDirectory),
+        Box::new(Catalog),
+        Box::new(Usage),
+    ]
 }

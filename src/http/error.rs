@@ -30,6 +30,9 @@ pub enum ApiError {
     /// Lago's 422: each field with its error codes.
     #[error("validation errors: {0:?}")]
     Validation(BTreeMap<String, Vec<String>>),
+    /// Lago's 422 for a batch: each refused item's index with its fields.
+    #[error("batch validation errors: {0:?}")]
+    BatchValidation(BTreeMap<String, BTreeMap<String, Vec<String>>>),
     /// A state transition the resource's status does not allow (Lago's 405).
     #[error("invalid status")]
     InvalidStatus,
@@ -67,6 +70,11 @@ impl IntoResponse for ApiError {
                 json!({"status": 404, "error": "Not Found", "code": format!("{resource}_not_found")}),
             ),
             ApiError::Validation(details) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                json!({"status": 422, "error": "Unprocessable Entity", "code": "validation_errors",
+                       "error_details": details}),
+            ),
+            ApiError::BatchValidation(details) => (
                 StatusCode::UNPROCESSABLE_ENTITY,
                 json!({"status": 422, "error": "Unprocessable Entity", "code": "validation_errors",
                        "error_details": details}),

@@ -37,6 +37,8 @@ pub struct AppStateInner {
     pub admin_key: Option<admin::AdminKey>,
     /// Drives the projections up to a request's own write before it answers.
     pub projections: ProjectionRunner,
+    /// Which usage timestamps are accepted.
+    pub usage_limits: aggregates::usage::UsageLimits,
 }
 
 /// How long a write waits for the projections to show it.
@@ -46,6 +48,7 @@ impl AppState {
     pub async fn new(
         pool: PgPool,
         admin_key: Option<admin::AdminKey>,
+        usage_limits: aggregates::usage::UsageLimits,
     ) -> Result<Self, sqlx::Error> {
         let commands = CommandBus::new(&pool);
         let projections = ProjectionRunner::for_all(pool.clone()).await?;
@@ -54,6 +57,7 @@ impl AppState {
             commands,
             admin_key,
             projections,
+            usage_limits,
         })))
     }
 

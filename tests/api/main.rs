@@ -10,3 +10,4 @@ mod helpers;
 mod log_ordering;
 mod projection_runner;
 mod tenancy;
+mod usage;

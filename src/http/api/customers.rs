@@ -22,6 +22,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/customers", post(upsert).get(list))
         .route("/customers/{external_id}", get(find))
+        .route("/customers/{external_id}/current_usage", get(current_usage))
 }
 
 #[derive(Deserialize)]
@@ -102,4 +103,51 @@ async fn list(
     })
     .await?;
     Ok(Json(json!({ "customers": customers, "meta": meta })))
+}
+
+#[derive(Deserialize)]
+struct UsageQuery {
+    external_subscription_id: Option<String>,
+}
+
+/// The open period's usage and amounts of one of the customer's
+/// subscriptions, priced by the same code as invoices.
+async fn current_usage(
+    tenant: Tenant,
+    State(state): State<AppState>,
+    Path(external_id): Path<String>,
+    LagoQuery(query): LagoQuery<UsageQuery>,
+) -> ApiResult<Json<Value>> {
+    let Some(subscription) = query.external_subscription_id.filter(|s| !s.is_empty()) else {
+        return Err(ApiError::invalid(
+            "external_subscription_id",
+            "value_is_mandatory",
+        ));
+    };
+    let customer = find_resource(&state, SELECT, &tenant, &external_id, "customer").await?;
+    let directory = crate::usage::directory(
+        &state.pool,
+        &tenant.service,
+        std::slice::from_ref(&subscription),
+    )
+    .await?;
+    let entry = directory
+        .get(&subscription)
+        .filter(|entry| entry.external_customer_id == external_id)
+        .ok_or(ApiError::NotFound("subscription"))?;
+    let tax_codes: Vec<String> = customer["tax_codes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|code| code.as_str().map(String::from))
+        .collect();
+    let rates: Vec<rust_decimal::Decimal> = sqlx::query_scalar(
+        "SELECT rate FROM taxes WHERE service_code = $1 AND code = ANY($2) ORDER BY code",
+    )
+    .bind(&tenant.service)
+    .bind(&tax_codes)
+    .fetch_all(&state.pool)
+    .await?;
+    let usage = crate::usage::current_usage(&state.pool, entry, &rates, chrono::Utc::now()).await?;
+    Ok(Json(json!({ "customer_usage": usage })))
 }

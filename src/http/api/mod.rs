@@ -7,6 +7,7 @@
 
 mod billable_metrics;
 mod customers;
+mod events;
 mod plans;
 mod subscriptions;
 mod taxes;
@@ -32,6 +33,7 @@ pub fn router() -> Router<AppState> {
         .merge(plans::router())
         .merge(customers::router())
         .merge(subscriptions::router())
+        .merge(events::router())
 }
 
 /// The service a request acts for, proven by an active API key of an active

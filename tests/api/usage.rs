@@ -1,0 +1,544 @@
+//! Usage ingestion: idempotency as a database fact, batches all or nothing,
+//! per-event validation, the aggregation projection, and current usage.
+
+use chrono::{Duration, Utc};
+use ledger::projection_runner::{self, ProjectionRunner};
+use projections::Usage;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use sqlx::PgPool;
+
+use crate::helpers::{spawn_app, ServiceClient, TestApp};
+
+fn ago(duration: Duration) -> i64 {
+    (Utc::now() - duration).timestamp()
+}
+
+/// NexaCloud's catalog plus a subscription that started ten days ago, and
+/// extra metrics of every aggregation type charged on a second plan.
+async fn setup(app: &TestApp) -> ServiceClient<'_> {
+    let svc = app.service("nexacloud").await;
+    svc.nexacloud_catalog().await;
+    let started = (Utc::now() - Duration::days(10)).to_rfc3339();
+    for external_id in ["dep_1", "dep_2"] {
+        svc.created(
+            "/subscriptions",
+            json!({"subscription": {"external_customer_id": "cus_ada", "plan_code": "starter",
+                   "external_id": external_id, "subscription_at": started}}),
+        )
+        .await;
+    }
+    svc
+}
+
+fn event(transaction_id: &str, subscription: &str, seconds: Value, at: i64) -> Value {
+    json!({"transaction_id": transaction_id, "external_subscription_id": subscription, "code": "cpu_seconds",
+           "timestamp": at, "properties": {"cpu_seconds": seconds}})
+}
+
+async fn usage_events(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_type = 'Usage'")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+#[sqlx::test]
+async fn an_event_is_recorded_once_and_read_back_exactly_as_sent(pool: PgPool) {
+    let app = spawn_app(pool.clone()).await;
+    let svc = setup(&app).await;
+    let at = ago(Duration::minutes(1));
+    let body =
+        json!({"event": event("tx_1", "dep_1", serde_json::from_str("1234.5000").unwrap(), at)});
+    let (status, first) = svc.post("/events", body.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    assert_eq!(first["event"]["transaction_id"], "tx_1");
+    assert_eq!(
+        first["event"]["properties"]["cpu_seconds"].to_string(),
+        "1234.5000"
+    );
+
+    // A retry of the same event: the original, counted once.
+    let (status, retry) = svc.post("/events", body).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(retry["event"]["lago_id"], first["event"]["lago_id"]);
+    assert_eq!(usage_events(&pool).await, 1);
+
+    let stored: String =
+        sqlx::query_scalar("SELECT payload::text FROM events WHERE aggregate_type = 'Usage'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(
+        stored.contains(r#""cpu_seconds":1234.5000"#),
+        "stored exactly as sent: {stored}"
+    );
+
+    app.catch_up().await;
+    let (status, found) = svc.get("/events/tx_1?external_subscription_id=dep_1").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(found["event"]["lago_id"], first["event"]["lago_id"]);
+    assert_eq!(
+        found["event"]["properties"]["cpu_seconds"].to_string(),
+        "1234.5000"
+    );
+    let (status, missing) = svc.get("/events/tx_1?external_subscription_id=dep_2").await;
+    assert_eq!(
+        (status, missing["code"].clone()),
+        (StatusCode::NOT_FOUND, json!("event_not_found"))
+    );
+}
+
+#[sqlx::test]
+async fn the_same_key_with_other_content_is_refused_and_the_original_stands(pool: PgPool) {
+    let app = spawn_app(pool.clone()).await;
+    let svc = setup(&app).await;
+    let at = ago(Duration::minutes(1));
+    svc.created(
+        "/events",
+        json!({"event": event("tx_1", "dep_1", json!(100), at)}),
+    )
+    .await;
+    let (status, body) = svc
+        .post(
+            "/events",
+            json!({"event": event("tx_1", "dep_1", json!(999), at)}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        body["error_details"],
+        json!({"transaction_id": ["value_already_exist"]})
+    );
+    assert_eq!(usage_events(&pool).await, 1);
+    app.catch_up().await;
+    let (_, found) = svc.get("/events/tx_1?external_subscription_id=dep_1").await;
+    assert_eq!(found["event"]["properties"]["cpu_seconds"], 100);
+
+    // The same transaction id on another subscription is another event.
+    svc.created(
+        "/events",
+        json!({"event": event("tx_1", "dep_2", json!(5), at)}),
+    )
+    .await;
+    assert_eq!(usage_events(&pool).await, 2);
+}
+
+#[sqlx::test]
+async fn thirty_two_concurrent_posts_of_one_event_record_it_once(pool: PgPool) {
+    let app = spawn_app(pool.clone()).await;
+    let svc = setup(&app).await;
+    let body = json!({"event": event("tx_race", "dep_1", json!(42), ago(Duration::minutes(1)))});
+    let url = format!("{}/api/v1/events", app.address);
+    let posts: Vec<_> = (0..32)
+        .map(|_| {
+            let request = app.client.post(&url).bearer_auth(&svc.key).json(&body);
+            tokio::spawn(async move {
+                let response = request.send().await.unwrap();
+                let status = response.status();
+                let body: Value = response.json().await.unwrap();
+                (status, body["event"]["lago_id"].clone())
+            })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for post in posts {
+        let (status, id) = post.await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        ids.push(id);
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), 1, "every response names the one event");
+    assert_eq!(usage_events(&pool).await, 1);
+}
+
+#[sqlx::test]
+async fn a_batch_is_all_or_nothing_and_a_replayed_batch_counts_once(pool: PgPool) {
+    let app = spawn_app(pool.clone()).await;
+    let svc = setup(&app).await;
+    let at = ago(Duration::minutes(2));
+    let batch: Vec<Value> = (0..100)
+        .map(|i| event(&format!("tx_{i}"), "dep_1", json!(i), at))
+        .collect();
+    let (status, body) = svc.post("/events/batch", json!({ "events": batch })).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["events"].as_array().unwrap().len(), 100);
+    // The client timed out and sends the whole batch again.
+    let (status, replay) = svc.post("/events/batch", json!({ "events": batch })).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        replay["events"][57]["lago_id"],
+        body["events"][57]["lago_id"]
+    );
+    assert_eq!(usage_events(&pool).await, 100);
+
+    // One conflicting event refuses the batch: nothing of it is appended.
+    let mixed = vec![
+        event("tx_new_1", "dep_1", json!(1), at),
+        event("tx_5", "dep_1", json!(999), at),
+        event("tx_new_2", "dep_1", json!(1), at),
+    ];
+    let (status, body) = svc.post("/events/batch", json!({ "events": mixed })).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        body["error_details"],
+        json!({"1": {"transaction_id": ["value_already_exist"]}})
+    );
+    assert_eq!(usage_events(&pool).await, 100);
+
+    let (status, body) = svc.post("/events/batch", json!({"events": []})).await;
+    assert_eq!(
+        (status, body["error_details"].clone()),
+        (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({"events": ["no_events"]})
+        )
+    );
+    let too_many: Vec<Value> = (0..101)
+        .map(|i| event(&format!("tx_x{i}"), "dep_1", json!(1), at))
+        .collect();
+    let (status, body) = svc
+        .post("/events/batch", json!({ "events": too_many }))
+        .await;
+    assert_eq!(
+        (status, body["error_details"].clone()),
+        (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({"events": ["too_many_events"]})
+        )
+    );
+}
+
+#[sqlx::test]
+async fn every_invalid_event_is_refused_naming_the_reason(pool: PgPool) {
+    let app = spawn_app(pool.clone()).await;
+    let svc = setup(&app).await;
+    let other = app.service("nexadesk").await;
+    other.nexacloud_catalog().await;
+    other
+        .created("/subscriptions", json!({"subscription": {"external_customer_id": "cus_ada", "plan_code": "starter",
+                  "external_id": "desk_sub", "subscription_at": (Utc::now() - Duration::days(3)).to_rfc3339()}}))
+        .await;
+    svc.created("/subscriptions", json!({"subscription": {"external_customer_id": "cus_ada", "plan_code": "starter",
+                 "external_id": "dep_later", "subscription_at": (Utc::now() + Duration::days(3)).to_rfc3339()}}))
+        .await;
+    svc.delete("/subscriptions/dep_2").await;
+    let now = ago(Duration::seconds(1));
+    // Usage from before the termination is still accepted (it arrived late).
+    svc.created(
+        "/events",
+        json!({"event": event("late", "dep_2", json!(1), ago(Duration::minutes(5)))}),
+    )
+    .await;
+    let cases = vec![
+        (
+            "unknown subscription",
+            event("a", "nope", json!(1), now),
+            json!({"external_subscription_id": ["subscription_not_found"]}),
+        ),
+        (
+            "another service's subscription",
+            event("a", "desk_sub", json!(1), now),
+            json!({"external_subscription_id": ["subscription_not_found"]}),
+        ),
+        (
+            "after its termination",
+            event("a", "dep_2", json!(1), ago(Duration::seconds(-60))),
+            json!({"timestamp": ["subscription_not_active_at_timestamp"]}),
+        ),
+        (
+            "not yet started",
+            event("a", "dep_later", json!(1), now),
+            json!({"timestamp": ["subscription_not_active_at_timestamp"]}),
+        ),
+        (
+            "metric not on the plan",
+            json!({"transaction_id": "a", "external_subscription_id": "dep_1", "code": "gpu", "timestamp": now}),
+            json!({"code": ["metric_not_found"]}),
+        ),
+        (
+            "property missing",
+            json!({"transaction_id": "a", "external_subscription_id": "dep_1", "code": "cpu_seconds", "timestamp": now, "properties": {}}),
+            json!({"properties.cpu_seconds": ["value_is_mandatory"]}),
+        ),
+        (
+            "not numeric",
+            event("a", "dep_1", json!("12abc"), now),
+            json!({"properties.cpu_seconds": ["value_is_not_numeric"]}),
+        ),
+        (
+            "negative",
+            event("a", "dep_1", json!(-3), now),
+            json!({"properties.cpu_seconds": ["value_is_negative"]}),
+        ),
+        (
+            "unparseable timestamp",
+            event("a", "dep_1", json!(1), 0)
+                .as_object()
+                .map(|o| {
+                    let mut o = o.clone();
+                    o.insert("timestamp".into(), json!("last tuesday"));
+                    Value::Object(o)
+                })
+                .unwrap(),
+            json!({"timestamp": ["invalid_timestamp"]}),
+        ),
+        (
+            "too far in the future",
+            event("a", "dep_1", json!(1), ago(Duration::minutes(-6))),
+            json!({"timestamp": ["too_far_in_the_future"]}),
+        ),
+        (
+            "too old",
+            event("a", "dep_1", json!(1), ago(Duration::days(36))),
+            json!({"timestamp": ["older_than_acceptance_window"]}),
+        ),
+        (
+            "no transaction id",
+            json!({"external_subscription_id": "dep_1", "code": "cpu_seconds", "timestamp": now, "properties": {"cpu_seconds": 1}}),
+            json!({"transaction_id": ["value_is_mandatory"]}),
+        ),
+    ];
+    for (case, body, expected) in &cases {
+        let (status, response) = svc.post("/events", json!({ "event": body })).await;
+        assert_eq!(
+            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{case}: {response}"
+        );
+        assert_eq!(&response["error_details"], expected, "{case}");
+    }
+    // In a batch, errors are keyed by index.
+    let batch: Vec<Value> = vec![
+        event("ok", "dep_1", json!(1), now),
+        cases[0].1.clone(),
+        cases[6].1.clone(),
+    ];
+    let (status, response) = svc.post("/events/batch", json!({ "events": batch })).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        response["error_details"],
+        json!({"1": {"external_subscription_id": ["subscription_not_found"]},
+               "2": {"properties.cpu_seconds": ["value_is_not_numeric"]}})
+    );
+    assert_eq!(usage_events(&pool).await, 1, "only the late one");
+}
+
+#[sqlx::test]
+async fn shadow_subscriptions_accept_usage_like_live_ones(pool: PgPool) {
+    let app = spawn_app(pool.clone()).await;
+    let svc = setup(&app).await;
+    svc.created(
+        "/subscriptions",
+        json!({"subscription": {"external_customer_id": "cus_ada", "plan_code": "starter",
+                 "external_id": "dep_shadow", "shadow": true,
+                 "subscription_at": (Utc::now() - Duration::days(1)).to_rfc3339()}}),
+    )
+    .await;
+    let (status, _) = svc
+        .post(
+            "/events",
+            json!({"event": event("tx_1", "dep_shadow", json!(10), ago(Duration::minutes(1)))}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(usage_events(&pool).await, 1);
+}
+
+/// A plan charging one metric of every aggregation type, and a subscription on it.
+async fn every_aggregation(svc: &ServiceClient<'_>) {
+    let mut charges = Vec::new();
+    for aggregation in [
+        "count_agg",
+        "sum_agg",
+        "max_agg",
+        "unique_count_agg",
+        "latest_agg",
+        "weighted_sum_agg",
+    ] {
+        let metric = svc
+            .created(
+                "/billable_metrics",
+                json!({"billable_metric": {"name": aggregation, "code": aggregation,
+                      "aggregation_type": aggregation, "field_name": "v"}}),
+            )
+            .await;
+        charges.push(json!({"billable_metric_id": metric["billable_metric"]["lago_id"], "charge_model": "standard",
+                            "properties": {"amount": "1"}}));
+    }
+    svc.created(
+        "/plans",
+        json!({"plan": {"name": "All", "code": "all", "interval": "monthly", "amount_cents": 0,
+                 "amount_currency": "CAD", "charges": charges}}),
+    )
+    .await;
+    svc.created("/subscriptions", json!({"subscription": {"external_customer_id": "cus_ada", "plan_code": "all",
+                 "external_id": "dep_all", "subscription_at": (Utc::now() - Duration::days(20)).to_rfc3339()}}))
+        .await;
+}
+
+async fn aggregate_rows(
+    pool: &PgPool,
+) -> Vec<(
+    String,
+    i64,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    i64,
+)> {
+    sqlx::query_as(
+        "SELECT metric_code, events_count, value_sum::text, value_max::text, latest_value::text, unique_count \
+         FROM usage_aggregates ORDER BY metric_code, period_start",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+#[sqlx::test]
+async fn the_usage_projection_aggregates_every_type_and_rebuilds_identically(pool: PgPool) {
+    let app = spawn_app(pool.clone()).await;
+    let svc = setup(&app).await;
+    every_aggregation(&svc).await;
+    let mut events = Vec::new();
+    // Values out of time order: latest is by timestamp, not arrival.
+    for (i, (minutes_ago, value)) in [(30, "5"), (10, "2.5"), (50, "7"), (20, "2.5")]
+        .iter()
+        .enumerate()
+    {
+        for code in [
+            "count_agg",
+            "sum_agg",
+            "max_agg",
+            "unique_count_agg",
+            "latest_agg",
+            "weighted_sum_agg",
+        ] {
+            events.push(json!({"transaction_id": format!("tx_{i}"), "external_subscription_id": "dep_all", "code": code,
+                               "timestamp": ago(Duration::minutes(*minutes_ago)), "properties": {"v": value}}));
+        }
+    }
+    svc.created("/events/batch", json!({ "events": events }))
+        .await;
+    app.catch_up().await;
+    let live = aggregate_rows(&pool).await;
+    let expected: Vec<(
+        String,
+        i64,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        i64,
+    )> = vec![
+        ("count_agg".into(), 4, None, None, None, 0),
+        (
+            "latest_agg".into(),
+            4,
+            Some("17.0".into()),
+            Some("7".into()),
+            Some("2.5".into()),
+            0,
+        ),
+        (
+            "max_agg".into(),
+            4,
+            Some("17.0".into()),
+            Some("7".into()),
+            Some("2.5".into()),
+            0,
+        ),
+        (
+            "sum_agg".into(),
+            4,
+            Some("17.0".into()),
+            Some("7".into()),
+            Some("2.5".into()),
+            0,
+        ),
+        ("unique_count_agg".into(), 4, None, None, None, 3),
+        (
+            "weighted_sum_agg".into(),
+            4,
+            Some("17.0".into()),
+            Some("7".into()),
+            Some("2.5".into()),
+            0,
+        ),
+    ];
+    assert_eq!(live, expected);
+
+    projection_runner::reset(&pool, &Usage).await.unwrap();
+    ProjectionRunner::new(pool.clone(), vec![Box::new(Usage)])
+        .await
+        .unwrap()
+        .catch_up()
+        .await
+        .unwrap();
+    assert_eq!(
+        aggregate_rows(&pool).await,
+        live,
+        "rebuilt from the log: identical"
+    );
+}
+
+#[sqlx::test]
+async fn current_usage_prices_the_open_period_with_the_invoice_rules(pool: PgPool) {
+    let app = spawn_app(pool.clone()).await;
+    let svc = setup(&app).await;
+    // 36,000 s included; 396,000 s used: 100 core-hours over at $0.0075 = $0.75.
+    let events: Vec<Value> = (0..4)
+        .map(|i| {
+            event(
+                &format!("tx_{i}"),
+                "dep_1",
+                json!(99_000),
+                ago(Duration::minutes(5 + i)),
+            )
+        })
+        .collect();
+    svc.created("/events/batch", json!({ "events": events }))
+        .await;
+    // Other subscription of the same customer: billed apart.
+    svc.created(
+        "/events",
+        json!({"event": event("tx_0", "dep_2", json!(1_000_000), ago(Duration::minutes(1)))}),
+    )
+    .await;
+    app.catch_up().await;
+
+    let (status, body) = svc
+        .get("/customers/cus_ada/current_usage?external_subscription_id=dep_1")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let usage = &body["customer_usage"];
+    assert_eq!(usage["currency"], "CAD");
+    assert_eq!(usage["amount_cents"], 75);
+    // 13% HST of 75 cents = 9.75 → 10 (half-up).
+    assert_eq!(usage["taxes_amount_cents"], 10);
+    assert_eq!(usage["total_amount_cents"], 85);
+    let charge = &usage["charges_usage"][0];
+    assert_eq!(charge["units"], "396000");
+    assert_eq!(charge["events_count"], 4);
+    assert_eq!(charge["amount_cents"], 75);
+    assert_eq!(charge["precise_amount"], "0.75");
+    assert_eq!(charge["charge"]["charge_model"], "standard");
+    assert_eq!(charge["billable_metric"]["aggregation_type"], "sum_agg");
+    for field in ["from_datetime", "to_datetime", "issuing_date"] {
+        assert!(usage[field].is_string(), "{field}");
+    }
+
+    let (status, body) = svc
+        .get("/customers/cus_ada/current_usage?external_subscription_id=nope")
+        .await;
+    assert_eq!(
+        (status, body["code"].clone()),
+        (StatusCode::NOT_FOUND, json!("subscription_not_found"))
+    );
+    let (status, body) = svc.get("/customers/cus_ada/current_usage").await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        body["error_details"],
+        json!({"external_subscription_id": ["value_is_mandatory"]})
+    );
+}
