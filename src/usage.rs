@@ -310,6 +310,15 @@ pub fn event_json(record: &UsageRecord, recorded_at: DateTime<Utc>) -> Value {
     })
 }
 
+#[derive(sqlx::FromRow)]
+struct AggregateRow {
+    events_count: i64,
+    value_sum: Option<Decimal>,
+    value_max: Option<Decimal>,
+    latest_value: Option<Decimal>,
+    unique_count: i64,
+}
+
 /// The usage of one charge in one period, read from the `usage` projection.
 pub async fn charge_usage(
     pool: &PgPool,
@@ -319,7 +328,7 @@ pub async fn charge_usage(
     period: BillingPeriod,
     with_event_values: bool,
 ) -> Result<ChargeUsage, sqlx::Error> {
-    let row: Option<(i64, Option<Decimal>, Option<Decimal>, Option<Decimal>, i64)> = sqlx::query_as(
+    let row: Option<AggregateRow> = sqlx::query_as(
         "SELECT events_count, value_sum, value_max, latest_value, unique_count FROM usage_aggregates \
          WHERE subscription_lago_id = $1 AND metric_code = $2 AND period_start = $3",
     )
@@ -329,15 +338,13 @@ pub async fn charge_usage(
     .fetch_optional(pool)
     .await?;
     let aggregate = row
-        .map(
-            |(events_count, value_sum, value_max, latest_value, unique_count)| PeriodAggregate {
-                events_count,
-                value_sum,
-                value_max,
-                latest_value,
-                unique_count,
-            },
-        )
+        .map(|row| PeriodAggregate {
+            events_count: row.events_count,
+            value_sum: row.value_sum,
+            value_max: row.value_max,
+            latest_value: row.latest_value,
+            unique_count: row.unique_count,
+        })
         .unwrap_or_default();
     let needs_events = aggregation == AggregationType::WeightedSumAgg || with_event_values;
     let events: Vec<(DateTime<Utc>, Decimal)> = if needs_events && aggregate.events_count > 0 {

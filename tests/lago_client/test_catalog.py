@@ -8,6 +8,7 @@ see each other's catalog.
 
 import json
 import os
+import time
 import unittest
 import urllib.request
 import uuid
@@ -15,11 +16,13 @@ import uuid
 from lago_python_client.client import Client
 from lago_python_client.exceptions import LagoApiError
 from lago_python_client.models import (
+    BatchEvent,
     BillableMetric,
     Charge,
     Charges,
     Customer,
     CustomerBillingConfiguration,
+    Event,
     Plan,
     Subscription,
     Tax,
@@ -209,6 +212,67 @@ class CatalogThroughTheOfficialClient(unittest.TestCase):
             )
         self.assertEqual(missing.exception.status_code, 404)
         self.assertEqual(missing.exception.response["code"], "plan_not_found")
+
+    def subscribe_ten_days_ago(self, external_id="dep_1"):
+        started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 10 * 86400))
+        return self.client.subscriptions.create(
+            Subscription(
+                external_customer_id="cus_ada", plan_code="starter", external_id=external_id, subscription_at=started
+            )
+        )
+
+    def test_events_create_and_batch_create_count_a_retry_once(self):
+        self.create_catalog()
+        self.subscribe_ten_days_ago()
+        now = int(time.time()) - 60
+        event = Event(
+            transaction_id="tx_1",
+            external_subscription_id="dep_1",
+            code="cpu_seconds",
+            timestamp=now,
+            properties={"value": 99000},
+        )
+        created = self.client.events.create(event)
+        self.assertEqual(created.transaction_id, "tx_1")
+        retried = self.client.events.create(event)
+        self.assertEqual(retried.lago_id, created.lago_id)
+        batch = BatchEvent(
+            events=[
+                Event(
+                    transaction_id=f"tx_b{i}",
+                    external_subscription_id="dep_1",
+                    code="cpu_seconds",
+                    timestamp=now,
+                    properties={"value": 99000},
+                )
+                for i in range(3)
+            ]
+        )
+        self.client.events.batch_create(batch)
+        self.client.events.batch_create(batch)  # a retried batch
+        with self.assertRaises(LagoApiError) as conflict:
+            self.client.events.create(
+                Event(
+                    transaction_id="tx_1",
+                    external_subscription_id="dep_1",
+                    code="cpu_seconds",
+                    timestamp=now,
+                    properties={"value": 1},
+                )
+            )
+        self.assertEqual(conflict.exception.status_code, 422)
+        self.assertEqual(conflict.exception.response["error_details"], {"transaction_id": ["value_already_exist"]})
+        # 4 events of 99,000 s: 396,000 s, 360,000 over the quota = 100 core-hours = $0.75.
+        for _ in range(100):
+            usage = self.client.customers.current_usage("cus_ada", "dep_1")
+            if usage.charges_usage[0].events_count == 4:
+                break
+            time.sleep(0.05)
+        self.assertEqual(usage.charges_usage[0].events_count, 4)
+        self.assertEqual(usage.amount_cents, 75)
+        self.assertEqual(usage.taxes_amount_cents, 10)
+        self.assertEqual(usage.total_amount_cents, 85)
+        self.assertEqual(usage.charges_usage[0].units, "396000")
 
     def test_another_services_key_finds_nothing(self):
         self.create_catalog()
