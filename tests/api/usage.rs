@@ -423,14 +423,7 @@ async fn the_usage_projection_aggregates_every_type_and_rebuilds_identically(poo
         .await;
     app.catch_up().await;
     let live = aggregate_rows(&pool).await;
-    let expected: Vec<(
-        String,
-        i64,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-        i64,
-    )> = vec![
+    let expected: Vec<AggregateRow> = vec![
         ("count_agg".into(), 4, None, None, None, 0),
         (
             "latest_agg".into(),
