@@ -377,16 +377,17 @@ async fn every_aggregation(svc: &ServiceClient<'_>) {
         .await;
 }
 
-async fn aggregate_rows(
-    pool: &PgPool,
-) -> Vec<(
+/// metric, events, sum, max, latest, distinct values.
+type AggregateRow = (
     String,
     i64,
     Option<String>,
     Option<String>,
     Option<String>,
     i64,
-)> {
+);
+
+async fn aggregate_rows(pool: &PgPool) -> Vec<AggregateRow> {
     sqlx::query_as(
         "SELECT metric_code, events_count, value_sum::text, value_max::text, latest_value::text, unique_count \
          FROM usage_aggregates ORDER BY metric_code, period_start",
