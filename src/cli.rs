@@ -98,6 +98,11 @@ pub enum Command {
     },
     /// Start the ledger, record a few facts through its API and print what it knows.
     Demo,
+    /// Measure throughput against PostgreSQL's own limit, in one run.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
     /// Start a throwaway embedded cluster in --data-dir, run COMMAND with
     /// DATABASE_URL pointing at it, then stop it (used by the test suite).
     WithPostgres {
@@ -107,6 +112,20 @@ pub enum Command {
         /// The command and its arguments.
         #[arg(trailing_var_arg = true, required = true)]
         command: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Usage events/s over HTTP (single and 100-event batches) beside raw
+    /// PostgreSQL inserts, on a throwaway cluster in --data-dir.
+    Ingest {
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Client concurrencies to measure.
+        #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+        concurrency: Vec<usize>,
     },
 }
 
@@ -193,6 +212,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             result?;
         }
         Command::Demo => crate::demo::run(&config).await?,
+        Command::Bench {
+            command:
+                BenchCommand::Ingest {
+                    seconds,
+                    concurrency,
+                },
+        } => {
+            crate::bench::run(crate::bench::IngestBench {
+                data_dir: config.data_dir.clone(),
+                seconds,
+                concurrency,
+            })
+            .await?
+        }
         Command::WithPostgres {
             durability_off,
             command,

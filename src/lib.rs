@@ -5,6 +5,7 @@
 //! `projections`; this crate is the I/O around them.
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod cli;
 pub mod database;
 pub mod demo;

@@ -48,7 +48,7 @@ pub struct ProjectionStatus {
     pub name: String,
     pub last_position: i64,
     pub events_applied: i64,
-    /// Committed events after the checkpoint.
+    /// Committed events after the checkpoint (counted up to 100,000).
     pub lag: i64,
     /// When the checkpoint last moved (none before the first run).
     pub updated_at: Option<chrono::DateTime<chrono::Utc>>,
@@ -105,9 +105,9 @@ impl ProjectionRunner {
         };
         let events = log::read_after(&mut tx, cursor, BATCH_SIZE).await?;
         let Some(last) = events.last().map(|event| event.cursor()) else {
-            return Ok(match log::count_after(&mut tx, cursor).await? {
-                0 => BatchOutcome::CaughtUp,
-                _ => BatchOutcome::HeldBack,
+            return Ok(match log::any_after(&mut tx, cursor).await? {
+                false => BatchOutcome::CaughtUp,
+                true => BatchOutcome::HeldBack,
             });
         };
         for event in &events {

@@ -26,11 +26,13 @@ use serde_json::{json, Value};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::event_store::CommandMetadata;
+use crate::event_store::{Actor, CommandMetadata};
 
 /// Why a batch was refused, per event index.
 #[derive(Debug)]
 pub enum IngestError {
+    /// The API key is unknown or revoked, or its service deactivated.
+    Unauthorized,
     /// Field errors by the event's index in the request.
     Invalid(BTreeMap<usize, FieldErrors>),
     /// Storage failed.
@@ -50,6 +52,22 @@ pub struct Recorded {
     pub recorded_at: DateTime<Utc>,
 }
 
+/// The directory columns of a subscription, its customer and plan version.
+/// `{service}` is the SQL expression of the calling service.
+const DIRECTORY_SELECT: &str = "SELECT s.external_id, s.lago_id, c.lago_id AS customer_lago_id, \
+        c.external_id AS external_customer_id, s.subscription_at, s.terminated_at, \
+        s.resource->>'billing_time' AS billing_time, coalesce(c.resource->>'timezone', 'UTC') AS timezone, \
+        pv.definition, \
+        coalesce((SELECT jsonb_object_agg(m.code, m.resource->'field_name') FROM billable_metrics m \
+                  WHERE m.service_code = s.service_code AND m.code IN \
+                    (SELECT charge->'metric'->>'code' FROM jsonb_array_elements(pv.definition->'charges') charge)), \
+                 '{}') AS field_names \
+    FROM subscriptions s \
+    JOIN customers c ON c.service_code = s.service_code AND c.external_id = s.external_customer_id \
+    JOIN plan_versions pv ON pv.service_code = s.service_code AND pv.code = s.plan_code \
+                         AND pv.version = s.plan_version \
+    WHERE s.service_code = {service} AND s.external_id = ANY($2)";
+
 #[derive(sqlx::FromRow)]
 struct SubscriptionRow {
     external_id: String,
@@ -61,6 +79,8 @@ struct SubscriptionRow {
     billing_time: String,
     timezone: String,
     definition: Value,
+    /// The field name of each metric the plan charges.
+    field_names: Value,
 }
 
 /// A subscription of the service, with its plan version and customer zone.
@@ -71,41 +91,97 @@ pub struct DirectoryEntry {
 }
 
 /// The service's subscriptions among `external_ids`, as usage validation
-/// needs them (one query for the subscriptions, one for their metrics).
+/// needs them (one query).
 pub async fn directory(
     pool: &PgPool,
     service: &str,
     external_ids: &[String],
 ) -> Result<HashMap<String, DirectoryEntry>, sqlx::Error> {
-    let rows: Vec<SubscriptionRow> = sqlx::query_as(
-        "SELECT s.external_id, s.lago_id, c.lago_id AS customer_lago_id, c.external_id AS external_customer_id, \
-                s.subscription_at, s.terminated_at, s.resource->>'billing_time' AS billing_time, \
-                coalesce(c.resource->>'timezone', 'UTC') AS timezone, pv.definition \
-         FROM subscriptions s \
-         JOIN customers c ON c.service_code = s.service_code AND c.external_id = s.external_customer_id \
-         JOIN plan_versions pv ON pv.service_code = s.service_code AND pv.code = s.plan_code \
-                              AND pv.version = s.plan_version \
-         WHERE s.service_code = $1 AND s.external_id = ANY($2)",
-    )
-    .bind(service)
-    .bind(external_ids)
-    .fetch_all(pool)
-    .await?;
-    let metric_codes: HashSet<String> = rows
-        .iter()
-        .filter_map(|row| serde_json::from_value::<PlanDefinition>(row.definition.clone()).ok())
-        .flat_map(|plan| plan.charges.into_iter().map(|c| c.metric.code))
-        .collect();
-    let metric_codes: Vec<String> = metric_codes.into_iter().collect();
-    let fields: HashMap<String, Option<String>> = sqlx::query_as::<_, (String, Option<String>)>(
-        "SELECT code, resource->>'field_name' FROM billable_metrics WHERE service_code = $1 AND code = ANY($2)",
-    )
-    .bind(service)
-    .bind(&metric_codes)
-    .fetch_all(pool)
-    .await?
-    .into_iter()
-    .collect();
+    let rows: Vec<SubscriptionRow> = sqlx::query_as(&DIRECTORY_SELECT.replace("{service}", "$1"))
+        .bind(service)
+        .bind(external_ids)
+        .fetch_all(pool)
+        .await?;
+    entries(service, rows)
+}
+
+/// The service an API key acts for.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub service: String,
+    pub key_id: String,
+}
+
+struct CallerRow {
+    caller_key_id: String,
+    caller_service: String,
+    caller_key_sha256: String,
+    /// None when the caller has none of the subscriptions asked for.
+    subscription: Option<SubscriptionRow>,
+}
+
+impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for CallerRow {
+    fn from_row(row: &'r sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
+        use sqlx::Row;
+        let has_subscription = row.try_get::<Option<String>, _>("external_id")?.is_some();
+        Ok(Self {
+            caller_key_id: row.try_get("caller_key_id")?,
+            caller_service: row.try_get("caller_service")?,
+            caller_key_sha256: row.try_get("caller_key_sha256")?,
+            subscription: if has_subscription {
+                Some(SubscriptionRow::from_row(row)?)
+            } else {
+                None
+            },
+        })
+    }
+}
+
+/// Authenticate an API key (by its digest) and read the directory entries
+/// of its service among `external_ids`, in one round trip. `None`: the key
+/// is unknown or revoked, or its service is deactivated.
+pub async fn authorized_directory(
+    pool: &PgPool,
+    key_digest: &str,
+    external_ids: &[String],
+) -> Result<Option<(Caller, HashMap<String, DirectoryEntry>)>, sqlx::Error> {
+    let sql = format!(
+        "WITH caller AS (SELECT k.key_id, k.service_code, k.key_sha256 FROM api_keys k \
+                         JOIN service_directory d ON d.code = k.service_code \
+                         WHERE k.key_sha256 = $1 AND k.revoked_at IS NULL AND d.status = 'active') \
+         SELECT caller.key_id AS caller_key_id, caller.service_code AS caller_service, \
+                caller.key_sha256 AS caller_key_sha256, entry.* \
+         FROM caller LEFT JOIN LATERAL ({}) AS entry ON true",
+        DIRECTORY_SELECT.replace("{service}", "caller.service_code")
+    );
+    let rows: Vec<CallerRow> = sqlx::query_as(&sql)
+        .bind(key_digest)
+        .bind(external_ids)
+        .fetch_all(pool)
+        .await?;
+    let Some(first) = rows.first() else {
+        return Ok(None);
+    };
+    if !crate::keys::digests_match(&first.caller_key_sha256, key_digest) {
+        return Ok(None);
+    }
+    let caller = Caller {
+        service: first.caller_service.clone(),
+        key_id: first.caller_key_id.clone(),
+    };
+    let entries = entries(
+        &caller.service,
+        rows.into_iter()
+            .filter_map(|row| row.subscription)
+            .collect(),
+    )?;
+    Ok(Some((caller, entries)))
+}
+
+fn entries(
+    service: &str,
+    rows: Vec<SubscriptionRow>,
+) -> Result<HashMap<String, DirectoryEntry>, sqlx::Error> {
     let mut entries = HashMap::with_capacity(rows.len());
     for row in rows {
         let plan: PlanDefinition =
@@ -118,7 +194,9 @@ pub async fn directory(
                     charge.metric.code.clone(),
                     ChargedMetric {
                         aggregation_type: charge.metric.aggregation_type,
-                        field_name: fields.get(&charge.metric.code).cloned().flatten(),
+                        field_name: row.field_names[&charge.metric.code]
+                            .as_str()
+                            .map(String::from),
                     },
                 )
             })
@@ -155,9 +233,9 @@ pub async fn directory(
 /// recorded (the original one for a safe retry), in request order.
 pub async fn record_batch(
     pool: &PgPool,
-    service: &str,
+    key_digest: &str,
     batch: Vec<SentUsage>,
-    metadata: CommandMetadata,
+    request: CommandMetadata,
     limits: UsageLimits,
     now: DateTime<Utc>,
 ) -> Result<Vec<Recorded>, IngestError> {
@@ -172,7 +250,15 @@ pub async fn record_batch(
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
-    let directory = directory(pool, service, &external_ids).await?;
+    let Some((caller, directory)) = authorized_directory(pool, key_digest, &external_ids).await?
+    else {
+        return Err(IngestError::Unauthorized);
+    };
+    let metadata = CommandMetadata {
+        actor: Actor::Service(caller.service.clone()),
+        api_key_id: Some(caller.key_id),
+        ..request
+    };
 
     let mut errors = BTreeMap::new();
     let mut records = Vec::with_capacity(batch.len());
@@ -193,62 +279,79 @@ pub async fn record_batch(
         return Err(IngestError::Invalid(errors));
     }
 
-    // The same key twice in one batch must carry the same content.
-    let keys: Vec<String> = records.iter().map(stream_id).collect();
-    let mut first_of_key: HashMap<&str, usize> = HashMap::new();
-    for (index, key) in keys.iter().enumerate() {
-        match first_of_key.get(key.as_str()) {
-            Some(&first) if records[first].sent != records[index].sent => {
+    // Each key once; the same key twice in one batch must carry the same content.
+    let mut unique: Vec<usize> = Vec::with_capacity(records.len());
+    let mut index_of_key: HashMap<String, usize> = HashMap::new();
+    for (index, record) in records.iter().enumerate() {
+        match index_of_key.get(&stream_id(record)) {
+            Some(&first) if !same_content(&records[first].sent, &record.sent) => {
                 errors.insert(index, conflict());
             }
             Some(_) => {}
             None => {
-                first_of_key.insert(key, index);
+                index_of_key.insert(stream_id(record), index);
+                unique.push(index);
             }
         }
     }
     if !errors.is_empty() {
         return Err(IngestError::Invalid(errors));
     }
-
-    let payloads: Vec<String> = records
+    let keys: Vec<String> = unique.iter().map(|&i| stream_id(&records[i])).collect();
+    let payloads: Vec<String> = unique
         .iter()
-        .map(|record| serde_json::to_string(&UsageEvent::UsageRecorded(record.clone())))
+        .map(|&i| serde_json::to_string(&UsageEvent::UsageRecorded(records[i].clone())))
         .collect::<Result<_, _>>()
         .map_err(|e| IngestError::Database(sqlx::Error::Encode(Box::new(e))))?;
     let metadata = serde_json::to_string(&metadata.into_map())
         .map_err(|e| IngestError::Database(sqlx::Error::Encode(Box::new(e))))?;
 
-    let mut tx = pool.begin().await?;
-    let inserted: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
+    // One statement, so all or nothing without a transaction of our own.
+    let appended: Result<Vec<(String, DateTime<Utc>)>, sqlx::Error> = sqlx::query_as(
         "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
          SELECT $1, stream, 1, 'UsageRecorded', '1.0', payload::json, $4::json \
          FROM unnest($2::text[], $3::text[]) AS batch(stream, payload) \
-         ON CONFLICT DO NOTHING \
+         ON CONFLICT (aggregate_type, aggregate_id, sequence) DO UPDATE SET sequence = events.sequence \
+         WHERE NOT usage_retry_matches(events.payload, EXCLUDED.payload) \
          RETURNING aggregate_id, recorded_at",
     )
     .bind(USAGE_STREAM_TYPE)
     .bind(&keys)
     .bind(&payloads)
     .bind(&metadata)
-    .fetch_all(&mut *tx)
-    .await?;
-    let mut recorded_at: HashMap<String, DateTime<Utc>> = inserted.into_iter().collect();
+    .fetch_all(pool)
+    .await;
+    let appended = match appended {
+        Ok(rows) => rows,
+        Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some(RETRY_CONFLICT) => {
+            for position in conflicting(pool, &keys, &payloads).await? {
+                let key = &keys[position];
+                for (index, record) in records.iter().enumerate() {
+                    if &stream_id(record) == key {
+                        errors.insert(index, conflict());
+                    }
+                }
+            }
+            return Err(IngestError::Invalid(errors));
+        }
+        Err(error) => return Err(error.into()),
+    };
+    let mut recorded_at: HashMap<String, DateTime<Utc>> = appended.into_iter().collect();
 
-    // Keys already in the log: a retry if the content matches.
-    let existing_keys: Vec<&String> = keys
+    // Keys already in the log with the same content: answer with the original.
+    let retried: Vec<&String> = keys
         .iter()
         .filter(|k| !recorded_at.contains_key(*k))
         .collect();
     let mut originals: HashMap<String, UsageRecord> = HashMap::new();
-    if !existing_keys.is_empty() {
+    if !retried.is_empty() {
         let rows: Vec<(String, String, DateTime<Utc>)> = sqlx::query_as(
             "SELECT aggregate_id, payload::text, recorded_at FROM events \
              WHERE aggregate_type = $1 AND aggregate_id = ANY($2) AND sequence = 1",
         )
         .bind(USAGE_STREAM_TYPE)
-        .bind(&existing_keys)
-        .fetch_all(&mut *tx)
+        .bind(&retried)
+        .fetch_all(pool)
         .await?;
         for (key, payload, at) in rows {
             let UsageEvent::UsageRecorded(original) = serde_json::from_str(&payload)
@@ -257,28 +360,67 @@ pub async fn record_batch(
             originals.insert(key, original);
         }
     }
-    let mut result = Vec::with_capacity(records.len());
-    for (index, (record, key)) in records.into_iter().zip(&keys).enumerate() {
-        let record = match originals.get(key) {
-            Some(original) if original.sent != record.sent => {
-                errors.insert(index, conflict());
-                continue;
+    Ok(records
+        .into_iter()
+        .map(|record| {
+            let key = stream_id(&record);
+            let at = recorded_at.get(&key).copied().unwrap_or(now);
+            let record = originals.remove(&key).unwrap_or(record);
+            Recorded {
+                record,
+                recorded_at: at,
             }
-            Some(original) => original.clone(),
-            None => record,
-        };
-        let at = recorded_at.get(key).copied().unwrap_or(now);
-        result.push(Recorded {
-            record,
-            recorded_at: at,
-        });
+        })
+        .collect())
+}
+
+/// The SQLSTATE `usage_retry_matches` raises on a conflicting retry.
+const RETRY_CONFLICT: &str = "LU409";
+
+/// Positions (in `keys`) whose recorded content differs from `payloads`,
+/// compared by the same rule as `usage_retry_matches`.
+async fn conflicting(
+    pool: &PgPool,
+    keys: &[String],
+    payloads: &[String],
+) -> Result<Vec<usize>, sqlx::Error> {
+    let positions: Vec<i64> = sqlx::query_scalar(
+        "SELECT batch.ordinal - 1 FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS batch(stream, payload, ordinal) \
+         JOIN events e ON e.aggregate_type = $1 AND e.aggregate_id = batch.stream AND e.sequence = 1 \
+         WHERE (e.payload -> 'UsageRecorded' -> 'sent')::jsonb \
+               IS DISTINCT FROM (batch.payload::json -> 'UsageRecorded' -> 'sent')::jsonb",
+    )
+    .bind(USAGE_STREAM_TYPE)
+    .bind(keys)
+    .bind(payloads)
+    .fetch_all(pool)
+    .await?;
+    Ok(positions.into_iter().map(|p| p as usize).collect())
+}
+
+/// Whether two sent events are the same, by the rule the log applies to
+/// retries: JSON values, numbers compared as numbers.
+fn same_content(a: &SentUsage, b: &SentUsage) -> bool {
+    fn same(a: &Value, b: &Value) -> bool {
+        match (a, b) {
+            (Value::Number(x), Value::Number(y)) => {
+                aggregates::wire::parse_decimal(&x.to_string())
+                    == aggregates::wire::parse_decimal(&y.to_string())
+            }
+            (Value::Array(x), Value::Array(y)) => {
+                x.len() == y.len() && x.iter().zip(y).all(|(x, y)| same(x, y))
+            }
+            (Value::Object(x), Value::Object(y)) => {
+                x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same(v, w)))
+            }
+            _ => a == b,
+        }
     }
-    if !errors.is_empty() {
-        tx.rollback().await?;
-        return Err(IngestError::Invalid(errors));
-    }
-    tx.commit().await?;
-    Ok(result)
+    a.transaction_id == b.transaction_id
+        && a.external_subscription_id == b.external_subscription_id
+        && a.code == b.code
+        && same(&a.timestamp, &b.timestamp)
+        && same(&a.properties, &b.properties)
 }
 
 fn stream_id(record: &UsageRecord) -> String {

@@ -90,11 +90,30 @@ pub async fn read_after(
     .await
 }
 
+/// The most events [`count_after`] counts: a status report stays cheap
+/// however far behind a projection is.
+pub const LAG_COUNT_LIMIT: i64 = 100_000;
+
 /// How many committed events lie after `cursor` (including any the horizon
-/// still holds back): the lag a status report shows.
+/// still holds back), counted up to [`LAG_COUNT_LIMIT`]: the lag a status
+/// report shows.
 pub async fn count_after(conn: &mut PgConnection, cursor: LogCursor) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(
-        "SELECT count(*) FROM events WHERE (transaction_id, position) > ($1::text::xid8, $2)",
+        "SELECT count(*) FROM (SELECT 1 FROM events \
+         WHERE (transaction_id, position) > ($1::text::xid8, $2) \
+         ORDER BY transaction_id, position LIMIT $3) AS behind",
+    )
+    .bind(cursor.transaction_id.to_string())
+    .bind(cursor.position)
+    .bind(LAG_COUNT_LIMIT)
+    .fetch_one(conn)
+    .await
+}
+
+/// Whether any committed event lies after `cursor` (an index probe).
+pub async fn any_after(conn: &mut PgConnection, cursor: LogCursor) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM events WHERE (transaction_id, position) > ($1::text::xid8, $2))",
     )
     .bind(cursor.transaction_id.to_string())
     .bind(cursor.position)

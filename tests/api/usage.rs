@@ -536,3 +536,30 @@ async fn current_usage_prices_the_open_period_with_the_invoice_rules(pool: PgPoo
         json!({"external_subscription_id": ["value_is_mandatory"]})
     );
 }
+
+#[sqlx::test]
+async fn usage_needs_a_live_key_of_a_live_service(pool: PgPool) {
+    let app = spawn_app(pool.clone()).await;
+    let svc = setup(&app).await;
+    let body = json!({"event": event("tx_1", "dep_1", json!(1), ago(Duration::minutes(1)))});
+    let unauthorized = json!({"status": 401, "error": "Unauthorized"});
+    for key in [None, Some("ledger_nexacloud_forged")] {
+        let mut request = app
+            .client
+            .post(format!("{}/api/v1/events", app.address))
+            .json(&body);
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(response.json::<Value>().await.unwrap(), unauthorized);
+    }
+    app.post_admin("/admin/v1/services/nexacloud/deactivate", "")
+        .await;
+    let (status, response) = svc
+        .post("/events/batch", json!({"events": [body["event"]]}))
+        .await;
+    assert_eq!((status, response), (StatusCode::UNAUTHORIZED, unauthorized));
+    assert_eq!(usage_events(&pool).await, 0);
+}

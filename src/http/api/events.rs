@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use super::Tenant;
+use super::{PresentedKey, Tenant};
 use crate::http::error::{ApiError, ApiResult};
 use crate::http::extract::{LagoJson, LagoQuery, RequestContext};
 use crate::http::AppState;
@@ -38,17 +38,20 @@ struct BatchBody {
     events: Vec<SentUsage>,
 }
 
+/// Authentication happens with the subscription lookup, in one round trip.
 async fn record(
     state: &AppState,
-    tenant: &Tenant,
+    key: &PresentedKey,
     request: &RequestContext,
     events: Vec<SentUsage>,
 ) -> Result<Vec<Recorded>, IngestError> {
+    // The actor is filled in once the key is known.
+    let metadata = request.metadata(crate::event_store::Actor::Operator);
     record_batch(
         &state.pool,
-        &tenant.service,
+        &key.0,
         events,
-        tenant.metadata(request),
+        metadata,
         state.usage_limits,
         Utc::now(),
     )
@@ -56,12 +59,12 @@ async fn record(
 }
 
 async fn create(
-    tenant: Tenant,
+    key: PresentedKey,
     State(state): State<AppState>,
     request: RequestContext,
     LagoJson(body): LagoJson<EventBody>,
 ) -> ApiResult<Json<Value>> {
-    match record(&state, &tenant, &request, vec![body.event]).await {
+    match record(&state, &key, &request, vec![body.event]).await {
         Ok(recorded) => {
             let event = &recorded[0];
             Ok(Json(
@@ -72,12 +75,13 @@ async fn create(
             let errors = errors.remove(&0).unwrap_or_default();
             Err(ApiError::Validation(errors.fields().clone()))
         }
+        Err(IngestError::Unauthorized) => Err(ApiError::Unauthorized),
         Err(IngestError::Database(error)) => Err(error.into()),
     }
 }
 
 async fn create_batch(
-    tenant: Tenant,
+    key: PresentedKey,
     State(state): State<AppState>,
     request: RequestContext,
     LagoJson(body): LagoJson<BatchBody>,
@@ -88,7 +92,7 @@ async fn create_batch(
     if body.events.len() > MAX_BATCH {
         return Err(ApiError::invalid("events", "too_many_events"));
     }
-    match record(&state, &tenant, &request, body.events).await {
+    match record(&state, &key, &request, body.events).await {
         Ok(recorded) => {
             let events: Vec<Value> = recorded
                 .iter()
@@ -102,6 +106,7 @@ async fn create_batch(
                 .map(|(index, errors)| (index.to_string(), errors.fields().clone()))
                 .collect::<BTreeMap<_, _>>(),
         )),
+        Err(IngestError::Unauthorized) => Err(ApiError::Unauthorized),
         Err(IngestError::Database(error)) => Err(error.into()),
     }
 }

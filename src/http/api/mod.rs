@@ -59,10 +59,14 @@ impl Tenant {
     }
 }
 
-impl FromRequestParts<AppState> for Tenant {
+/// The digest of the bearer key a request presents, not yet checked (the
+/// usage endpoints check it together with their directory lookup).
+pub struct PresentedKey(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for PresentedKey {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
         let presented = parts
             .headers
             .get(AUTHORIZATION)
@@ -71,7 +75,15 @@ impl FromRequestParts<AppState> for Tenant {
             .map(str::trim)
             .filter(|key| !key.is_empty())
             .ok_or(ApiError::Unauthorized)?;
-        let digest = keys::digest(presented);
+        Ok(PresentedKey(keys::digest(presented)))
+    }
+}
+
+impl FromRequestParts<AppState> for Tenant {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let PresentedKey(digest) = PresentedKey::from_request_parts(parts, state).await?;
         let row: Option<(String, String, String)> = sqlx::query_as(
             "SELECT k.key_id, k.service_code, k.key_sha256 FROM api_keys k \
              JOIN service_directory s ON s.code = k.service_code \
