@@ -110,9 +110,7 @@ impl ProjectionRunner {
                 true => BatchOutcome::HeldBack,
             });
         };
-        for event in &events {
-            projection.apply(&mut tx, event).await?;
-        }
+        projection.apply_batch(&mut tx, &events).await?;
         sqlx::query(
             "UPDATE projection_checkpoints SET last_transaction_id = $2::text::xid8, \
              last_position = $3, events_applied = events_applied + $4, updated_at = now() \

@@ -51,4 +51,18 @@ pub trait Projection: Send + Sync {
     /// Fold one event into the projection's tables.
     async fn apply(&self, conn: &mut PgConnection, event: &LogEvent)
         -> Result<(), ProjectionError>;
+
+    /// Fold a batch of events, in log order, with the same result as
+    /// folding them one by one. High-volume projections override it with
+    /// set-based SQL.
+    async fn apply_batch(
+        &self,
+        conn: &mut PgConnection,
+        events: &[LogEvent],
+    ) -> Result<(), ProjectionError> {
+        for event in events {
+            self.apply(conn, event).await?;
+        }
+        Ok(())
+    }
 }

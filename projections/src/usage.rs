@@ -2,9 +2,14 @@
 //! and billing period, the running aggregates Lago's aggregation types need.
 //! Computed incrementally, one event at a time, in log order.
 
-use aggregates::usage::{UsageEvent, USAGE_STREAM_TYPE};
+use std::collections::BTreeMap;
+
+use aggregates::usage::{UsageEvent, UsageRecord, USAGE_STREAM_TYPE};
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
 use sqlx::PgConnection;
+use uuid::Uuid;
 
 use crate::log::LogEvent;
 use crate::projection::{Projection, ProjectionError};
@@ -20,6 +25,30 @@ impl Projection for Usage {
 
     fn tables(&self) -> &'static [&'static str] {
         &["usage_events", "usage_aggregates", "usage_unique_values"]
+    }
+
+    async fn apply_batch(
+        &self,
+        conn: &mut PgConnection,
+        events: &[LogEvent],
+    ) -> Result<(), ProjectionError> {
+        let mut records: Vec<(UsageRecord, &LogEvent)> = Vec::new();
+        for event in events
+            .iter()
+            .filter(|e| e.aggregate_type == USAGE_STREAM_TYPE)
+        {
+            let UsageEvent::UsageRecorded(record) =
+                serde_json::from_value(event.payload.clone())
+                    .map_err(|e| ProjectionError::unreadable(event, e))?;
+            records.push((record, event));
+        }
+        if records.is_empty() {
+            return Ok(());
+        }
+        insert_events(conn, &records).await?;
+        upsert_aggregates(conn, &fold_groups(&records)).await?;
+        add_unique_values(conn, &records).await?;
+        Ok(())
     }
 
     async fn apply(
@@ -108,4 +137,150 @@ impl Projection for Usage {
         }
         Ok(())
     }
+}
+
+/// One (subscription, metric, period) of a batch, folded in log order.
+struct Group {
+    period_end: DateTime<Utc>,
+    events_count: i64,
+    value_sum: Option<Decimal>,
+    value_max: Option<Decimal>,
+    latest: (DateTime<Utc>, i64, Option<Decimal>),
+}
+
+type GroupKey = (Uuid, String, DateTime<Utc>);
+
+/// The pure part of a batch fold: per group, what the batch adds.
+fn fold_groups(records: &[(UsageRecord, &LogEvent)]) -> BTreeMap<GroupKey, Group> {
+    let mut groups: BTreeMap<GroupKey, Group> = BTreeMap::new();
+    for (record, event) in records {
+        let key = (
+            record.subscription_lago_id,
+            record.sent.code.clone().unwrap_or_default(),
+            record.period.start,
+        );
+        let latest = (record.timestamp, event.position, record.value);
+        let group = groups.entry(key).or_insert(Group {
+            period_end: record.period.end,
+            events_count: 0,
+            value_sum: None,
+            value_max: None,
+            latest,
+        });
+        group.events_count += 1;
+        if let Some(value) = record.value {
+            group.value_sum = Some(group.value_sum.unwrap_or_default() + value);
+            group.value_max = Some(group.value_max.map_or(value, |max| max.max(value)));
+        }
+        if (latest.0, latest.1) > (group.latest.0, group.latest.1) {
+            group.latest = latest;
+        }
+    }
+    groups
+}
+
+async fn insert_events(
+    conn: &mut PgConnection,
+    records: &[(UsageRecord, &LogEvent)],
+) -> Result<(), sqlx::Error> {
+    let column = |f: &dyn Fn(&UsageRecord, &LogEvent) -> String| -> Vec<String> {
+        records.iter().map(|(r, e)| f(r, e)).collect()
+    };
+    sqlx::query(
+        "INSERT INTO usage_events (service_code, subscription_lago_id, external_subscription_id, metric_code, \
+         transaction_id, lago_id, customer_lago_id, \"timestamp\", value, unique_key, properties, period_start, \
+         period_end, position, recorded_at) \
+         SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::uuid[], $7::uuid[], \
+                              $8::timestamptz[], $9::numeric[], $10::text[], $11::jsonb[], $12::timestamptz[], \
+                              $13::timestamptz[], $14::bigint[], $15::timestamptz[])",
+    )
+    .bind(column(&|r, _| r.service.clone()))
+    .bind(records.iter().map(|(r, _)| r.subscription_lago_id).collect::<Vec<_>>())
+    .bind(column(&|r, _| r.sent.external_subscription_id.clone().unwrap_or_default()))
+    .bind(column(&|r, _| r.sent.code.clone().unwrap_or_default()))
+    .bind(column(&|r, _| r.sent.transaction_id.clone().unwrap_or_default()))
+    .bind(records.iter().map(|(r, _)| r.lago_id).collect::<Vec<_>>())
+    .bind(records.iter().map(|(r, _)| r.customer_lago_id).collect::<Vec<_>>())
+    .bind(records.iter().map(|(r, _)| r.timestamp).collect::<Vec<_>>())
+    .bind(records.iter().map(|(r, _)| r.value).collect::<Vec<_>>())
+    .bind(records.iter().map(|(r, _)| r.unique_key.clone()).collect::<Vec<_>>())
+    .bind(records.iter().map(|(r, _)| r.sent.properties.clone()).collect::<Vec<_>>())
+    .bind(records.iter().map(|(r, _)| r.period.start).collect::<Vec<_>>())
+    .bind(records.iter().map(|(r, _)| r.period.end).collect::<Vec<_>>())
+    .bind(records.iter().map(|(_, e)| e.position).collect::<Vec<_>>())
+    .bind(records.iter().map(|(_, e)| e.recorded_at).collect::<Vec<_>>())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+async fn upsert_aggregates(
+    conn: &mut PgConnection,
+    groups: &BTreeMap<GroupKey, Group>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO usage_aggregates AS a (subscription_lago_id, metric_code, period_start, period_end, \
+         events_count, value_sum, value_max, latest_value, latest_timestamp, latest_position) \
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::bigint[], \
+                              $6::numeric[], $7::numeric[], $8::numeric[], $9::timestamptz[], $10::bigint[]) \
+         ON CONFLICT (subscription_lago_id, metric_code, period_start) DO UPDATE SET \
+           events_count = a.events_count + EXCLUDED.events_count, \
+           value_sum = CASE WHEN EXCLUDED.value_sum IS NULL THEN a.value_sum \
+                            ELSE coalesce(a.value_sum, 0) + EXCLUDED.value_sum END, \
+           value_max = GREATEST(a.value_max, EXCLUDED.value_max), \
+           latest_value = CASE WHEN (EXCLUDED.latest_timestamp, EXCLUDED.latest_position) \
+                                    > (a.latest_timestamp, a.latest_position) \
+                               THEN EXCLUDED.latest_value ELSE a.latest_value END, \
+           latest_position = CASE WHEN (EXCLUDED.latest_timestamp, EXCLUDED.latest_position) \
+                                    > (a.latest_timestamp, a.latest_position) \
+                               THEN EXCLUDED.latest_position ELSE a.latest_position END, \
+           latest_timestamp = GREATEST(a.latest_timestamp, EXCLUDED.latest_timestamp)",
+    )
+    .bind(groups.keys().map(|k| k.0).collect::<Vec<_>>())
+    .bind(groups.keys().map(|k| k.1.clone()).collect::<Vec<_>>())
+    .bind(groups.keys().map(|k| k.2).collect::<Vec<_>>())
+    .bind(groups.values().map(|g| g.period_end).collect::<Vec<_>>())
+    .bind(groups.values().map(|g| g.events_count).collect::<Vec<_>>())
+    .bind(groups.values().map(|g| g.value_sum).collect::<Vec<_>>())
+    .bind(groups.values().map(|g| g.value_max).collect::<Vec<_>>())
+    .bind(groups.values().map(|g| g.latest.2).collect::<Vec<_>>())
+    .bind(groups.values().map(|g| g.latest.0).collect::<Vec<_>>())
+    .bind(groups.values().map(|g| g.latest.1).collect::<Vec<_>>())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Record the batch's distinct values and count the new ones per group.
+async fn add_unique_values(
+    conn: &mut PgConnection,
+    records: &[(UsageRecord, &LogEvent)],
+) -> Result<(), sqlx::Error> {
+    let unique: Vec<&UsageRecord> = records
+        .iter()
+        .map(|(r, _)| r)
+        .filter(|r| r.unique_key.is_some())
+        .collect();
+    if unique.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "WITH added AS ( \
+           INSERT INTO usage_unique_values (subscription_lago_id, metric_code, period_start, unique_key) \
+           SELECT * FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::text[]) \
+           ON CONFLICT DO NOTHING \
+           RETURNING subscription_lago_id, metric_code, period_start) \
+         UPDATE usage_aggregates a SET unique_count = a.unique_count + added.count \
+         FROM (SELECT subscription_lago_id, metric_code, period_start, count(*) AS count \
+               FROM added GROUP BY 1, 2, 3) AS added \
+         WHERE a.subscription_lago_id = added.subscription_lago_id AND a.metric_code = added.metric_code \
+           AND a.period_start = added.period_start",
+    )
+    .bind(unique.iter().map(|r| r.subscription_lago_id).collect::<Vec<_>>())
+    .bind(unique.iter().map(|r| r.sent.code.clone().unwrap_or_default()).collect::<Vec<_>>())
+    .bind(unique.iter().map(|r| r.period.start).collect::<Vec<_>>())
+    .bind(unique.iter().map(|r| r.unique_key.clone().unwrap_or_default()).collect::<Vec<_>>())
+    .execute(conn)
+    .await?;
+    Ok(())
 }

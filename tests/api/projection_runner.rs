@@ -40,15 +40,19 @@ async fn status_reports_checkpoint_and_lag(pool: PgPool) {
         .collect();
     assert_eq!(
         summary,
-        vec![("catalog", 0, 3), ("service_directory", 0, 3)]
+        vec![
+            ("catalog", 0, 3),
+            ("service_directory", 0, 3),
+            ("usage", 0, 3)
+        ]
     );
     assert_eq!(before[0].updated_at, None, "never run yet");
 
     let runner = ProjectionRunner::for_all(pool.clone()).await.unwrap();
     assert_eq!(
         runner.catch_up().await.unwrap(),
-        6,
-        "3 events into 2 projections"
+        9,
+        "3 events into 3 projections"
     );
     let after = projection_runner::status(&pool).await.unwrap();
     let summary: Vec<(&str, i64, i64, i64)> = after
@@ -57,7 +61,11 @@ async fn status_reports_checkpoint_and_lag(pool: PgPool) {
         .collect();
     assert_eq!(
         summary,
-        vec![("catalog", 3, 3, 0), ("service_directory", 3, 3, 0)]
+        vec![
+            ("catalog", 3, 3, 0),
+            ("service_directory", 3, 3, 0),
+            ("usage", 3, 3, 0)
+        ]
     );
     assert_eq!(
         directory_rows(&pool).await,

@@ -3,7 +3,7 @@
 
 use chrono::{Duration, Utc};
 use ledger::projection_runner::{self, ProjectionRunner};
-use projections::Usage;
+use projections::{Projection, Usage};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sqlx::PgPool;
@@ -474,6 +474,38 @@ async fn the_usage_projection_aggregates_every_type_and_rebuilds_identically(poo
         live,
         "rebuilt from the log: identical"
     );
+
+    // The set-based batch fold equals folding one event at a time.
+    projection_runner::reset(&pool, &Usage).await.unwrap();
+    ProjectionRunner::new(pool.clone(), vec![Box::new(OneByOne)])
+        .await
+        .unwrap()
+        .catch_up()
+        .await
+        .unwrap();
+    assert_eq!(aggregate_rows(&pool).await, live, "one by one: identical");
+}
+
+/// The usage projection folded strictly one event at a time.
+struct OneByOne;
+
+#[async_trait::async_trait]
+impl Projection for OneByOne {
+    fn name(&self) -> &'static str {
+        "usage"
+    }
+
+    fn tables(&self) -> &'static [&'static str] {
+        Usage.tables()
+    }
+
+    async fn apply(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        event: &projections::LogEvent,
+    ) -> Result<(), projections::ProjectionError> {
+        Usage.apply(conn, event).await
+    }
 }
 
 #[sqlx::test]
