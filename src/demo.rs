@@ -119,6 +119,8 @@ async fn demonstrate(database: &Database) -> anyhow::Result<()> {
             .unwrap_or_default()
             .to_string(),
     };
+    // The deployments have been running since yesterday.
+    let started = (chrono::Utc::now() - chrono::Duration::days(1)).to_rfc3339();
     let writes = [
         (
             "/api/v1/taxes",
@@ -140,12 +142,14 @@ async fn demonstrate(database: &Database) -> anyhow::Result<()> {
         (
             "/api/v1/subscriptions",
             json!({"subscription": {"external_customer_id": "cus_ada",
-            "plan_code": "starter", "external_id": "dep_web", "name": "web deployment"}}),
+            "plan_code": "starter", "external_id": "dep_web", "name": "web deployment",
+            "subscription_at": started}}),
         ),
         (
             "/api/v1/subscriptions",
             json!({"subscription": {"external_customer_id": "cus_ada",
-            "plan_code": "starter", "external_id": "dep_batch", "name": "batch deployment", "shadow": true}}),
+            "plan_code": "starter", "external_id": "dep_batch", "name": "batch deployment", "shadow": true,
+            "subscription_at": started}}),
         ),
         (
             "/api/v1/plans",
@@ -195,6 +199,65 @@ async fn demonstrate(database: &Database) -> anyhow::Result<()> {
             subscription["shadow"],
         );
     }
+    println!("\n== usage: NexaCloud reports CPU-seconds per deployment ==");
+    let at = chrono::Utc::now().timestamp() - 60;
+    let batch: Vec<Value> = (0..4)
+        .map(|i| {
+            json!({"transaction_id": format!("demo-web-{i}"), "external_subscription_id": "dep_web",
+                   "code": "cpu_seconds", "timestamp": at - i * 60, "properties": {"cpu_seconds": 99000}})
+        })
+        .collect();
+    let (status, _) = nexacloud
+        .post("/api/v1/events/batch", json!({ "events": batch }))
+        .await?;
+    println!(
+        "POST /api/v1/events/batch, 4 events of 99,000 CPU-s on dep_web -> {}",
+        status.as_u16()
+    );
+    let (status, _) = nexacloud
+        .post("/api/v1/events/batch", json!({ "events": batch }))
+        .await?;
+    println!(
+        "the same batch again (a client retry)                     -> {} (counted once)",
+        status.as_u16()
+    );
+    let mut conflicting = batch[0].clone();
+    conflicting["properties"]["cpu_seconds"] = json!(1);
+    let (status, body) = nexacloud
+        .post("/api/v1/events", json!({ "event": conflicting }))
+        .await?;
+    println!(
+        "demo-web-0 again with other content                       -> {} {}",
+        status.as_u16(),
+        body["error_details"]
+    );
+    let shadow_event = json!({"event": {"transaction_id": "demo-batch-0", "external_subscription_id": "dep_batch",
+        "code": "cpu_seconds", "timestamp": at, "properties": {"cpu_seconds": 500000}}});
+    let (status, _) = nexacloud.post("/api/v1/events", shadow_event).await?;
+    println!(
+        "POST /api/v1/events, 500,000 CPU-s on the shadow dep_batch -> {}",
+        status.as_u16()
+    );
+    wait_until_caught_up(&client).await?;
+    for deployment in ["dep_web", "dep_batch"] {
+        let (_, usage) = nexacloud
+            .get(&format!(
+                "/api/v1/customers/cus_ada/current_usage?external_subscription_id={deployment}"
+            ))
+            .await?;
+        let usage = &usage["customer_usage"];
+        let charge = &usage["charges_usage"][0];
+        println!(
+            "current usage {deployment:<9}: {} CPU-s in {} events -> {}¢ (precise ${}) + {}¢ HST = {}¢",
+            charge["units"].as_str().unwrap_or_default(),
+            charge["events_count"],
+            usage["amount_cents"],
+            charge["precise_amount"].as_str().unwrap_or_default(),
+            usage["taxes_amount_cents"],
+            usage["total_amount_cents"],
+        );
+    }
+
     let (_, desk_key) = client
         .post("/admin/v1/services/nexadesk/api_keys", json!({}))
         .await?;
