@@ -203,7 +203,7 @@ async fn demonstrate(database: &Database) -> anyhow::Result<()> {
     let at = chrono::Utc::now().timestamp() - 60;
     let batch: Vec<Value> = (0..4)
         .map(|i| {
-            json!({"transaction_id": format!("demo-web-{i}"), "external_subscription_id": "dep_web",
+            json!({"transaction_id": format!("demo-web-{at}-{i}"), "external_subscription_id": "dep_web",
                    "code": "cpu_seconds", "timestamp": at - i * 60, "properties": {"cpu_seconds": 99000}})
         })
         .collect();
@@ -227,11 +227,11 @@ async fn demonstrate(database: &Database) -> anyhow::Result<()> {
         .post("/api/v1/events", json!({ "event": conflicting }))
         .await?;
     println!(
-        "demo-web-0 again with other content                       -> {} {}",
+        "the first event again with other content                       -> {} {}",
         status.as_u16(),
         body["error_details"]
     );
-    let shadow_event = json!({"event": {"transaction_id": "demo-batch-0", "external_subscription_id": "dep_batch",
+    let shadow_event = json!({"event": {"transaction_id": format!("demo-batch-{at}"), "external_subscription_id": "dep_batch",
         "code": "cpu_seconds", "timestamp": at, "properties": {"cpu_seconds": 500000}}});
     let (status, _) = nexacloud.post("/api/v1/events", shadow_event).await?;
     println!(
