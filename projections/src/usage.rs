@@ -63,26 +63,16 @@ impl Projection for Usage {
             .map_err(|e| ProjectionError::unreadable(event, e))?;
         let metric = record.sent.code.as_deref().unwrap_or_default();
         sqlx::query(
-            "INSERT INTO usage_events (service_code, subscription_lago_id, external_subscription_id, metric_code, \
-             transaction_id, lago_id, customer_lago_id, \"timestamp\", value, unique_key, properties, period_start, \
-             period_end, position, recorded_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+            "INSERT INTO usage_events (subscription_lago_id, metric_code, transaction_id, \"timestamp\", value, \
+             period_start, position) VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
-        .bind(&record.service)
         .bind(record.subscription_lago_id)
-        .bind(record.sent.external_subscription_id.as_deref().unwrap_or_default())
         .bind(metric)
         .bind(record.sent.transaction_id.as_deref().unwrap_or_default())
-        .bind(record.lago_id)
-        .bind(record.customer_lago_id)
         .bind(record.timestamp)
         .bind(record.value)
-        .bind(&record.unique_key)
-        .bind(&record.sent.properties)
         .bind(record.period.start)
-        .bind(record.period.end)
         .bind(event.position)
-        .bind(event.recorded_at)
         .execute(&mut *conn)
         .await?;
         sqlx::query(
@@ -183,32 +173,19 @@ async fn insert_events(
     conn: &mut PgConnection,
     records: &[(UsageRecord, &LogEvent)],
 ) -> Result<(), sqlx::Error> {
-    let column = |f: &dyn Fn(&UsageRecord, &LogEvent) -> String| -> Vec<String> {
-        records.iter().map(|(r, e)| f(r, e)).collect()
-    };
     sqlx::query(
-        "INSERT INTO usage_events (service_code, subscription_lago_id, external_subscription_id, metric_code, \
-         transaction_id, lago_id, customer_lago_id, \"timestamp\", value, unique_key, properties, period_start, \
-         period_end, position, recorded_at) \
-         SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::uuid[], $7::uuid[], \
-                              $8::timestamptz[], $9::numeric[], $10::text[], $11::jsonb[], $12::timestamptz[], \
-                              $13::timestamptz[], $14::bigint[], $15::timestamptz[])",
+        "INSERT INTO usage_events (subscription_lago_id, metric_code, transaction_id, \"timestamp\", value, \
+         period_start, position) \
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[], $5::numeric[], \
+                              $6::timestamptz[], $7::bigint[])",
     )
-    .bind(column(&|r, _| r.service.clone()))
     .bind(records.iter().map(|(r, _)| r.subscription_lago_id).collect::<Vec<_>>())
-    .bind(column(&|r, _| r.sent.external_subscription_id.clone().unwrap_or_default()))
-    .bind(column(&|r, _| r.sent.code.clone().unwrap_or_default()))
-    .bind(column(&|r, _| r.sent.transaction_id.clone().unwrap_or_default()))
-    .bind(records.iter().map(|(r, _)| r.lago_id).collect::<Vec<_>>())
-    .bind(records.iter().map(|(r, _)| r.customer_lago_id).collect::<Vec<_>>())
+    .bind(records.iter().map(|(r, _)| r.sent.code.clone().unwrap_or_default()).collect::<Vec<_>>())
+    .bind(records.iter().map(|(r, _)| r.sent.transaction_id.clone().unwrap_or_default()).collect::<Vec<_>>())
     .bind(records.iter().map(|(r, _)| r.timestamp).collect::<Vec<_>>())
     .bind(records.iter().map(|(r, _)| r.value).collect::<Vec<_>>())
-    .bind(records.iter().map(|(r, _)| r.unique_key.clone()).collect::<Vec<_>>())
-    .bind(records.iter().map(|(r, _)| r.sent.properties.clone()).collect::<Vec<_>>())
     .bind(records.iter().map(|(r, _)| r.period.start).collect::<Vec<_>>())
-    .bind(records.iter().map(|(r, _)| r.period.end).collect::<Vec<_>>())
     .bind(records.iter().map(|(_, e)| e.position).collect::<Vec<_>>())
-    .bind(records.iter().map(|(_, e)| e.recorded_at).collect::<Vec<_>>())
     .execute(conn)
     .await?;
     Ok(())

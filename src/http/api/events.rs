@@ -3,14 +3,13 @@
 
 use std::collections::BTreeMap;
 
-use aggregates::usage::SentUsage;
+use aggregates::usage::{SentUsage, UsageEvent};
 use axum::extract::{Path, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use uuid::Uuid;
 
 use super::{PresentedKey, Tenant};
 use crate::http::error::{ApiError, ApiResult};
@@ -117,19 +116,6 @@ struct FindQuery {
     code: Option<String>,
 }
 
-#[derive(sqlx::FromRow)]
-struct EventRow {
-    lago_id: Uuid,
-    transaction_id: String,
-    customer_lago_id: Uuid,
-    metric_code: String,
-    timestamp: DateTime<Utc>,
-    properties: Value,
-    subscription_lago_id: Uuid,
-    external_subscription_id: String,
-    recorded_at: DateTime<Utc>,
-}
-
 /// Transaction ids are unique per subscription and metric, so the
 /// subscription is required; `code` picks the metric when the same
 /// transaction id was used for several.
@@ -145,12 +131,14 @@ async fn find(
             "value_is_mandatory",
         ));
     };
-    let row: Option<EventRow> = sqlx::query_as(
-        "SELECT lago_id, transaction_id, customer_lago_id, metric_code, \"timestamp\", properties, \
-                subscription_lago_id, external_subscription_id, recorded_at \
-         FROM usage_events WHERE service_code = $1 AND external_subscription_id = $2 AND transaction_id = $3 \
-           AND ($4::text IS NULL OR metric_code = $4) \
-         ORDER BY position LIMIT 1",
+    // The projection finds the event; the log holds it.
+    let found: Option<(String, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT e.payload::text, e.recorded_at FROM subscriptions s \
+         JOIN usage_events u ON u.subscription_lago_id = s.lago_id \
+         JOIN events e ON e.position = u.position \
+         WHERE s.service_code = $1 AND s.external_id = $2 AND u.transaction_id = $3 \
+           AND ($4::text IS NULL OR u.metric_code = $4) \
+         ORDER BY u.position LIMIT 1",
     )
     .bind(&tenant.service)
     .bind(&subscription)
@@ -158,16 +146,9 @@ async fn find(
     .bind(query.code)
     .fetch_optional(&state.pool)
     .await?;
-    let row = row.ok_or(ApiError::NotFound("event"))?;
-    Ok(Json(json!({ "event": {
-        "lago_id": row.lago_id,
-        "transaction_id": row.transaction_id,
-        "lago_customer_id": row.customer_lago_id,
-        "code": row.metric_code,
-        "timestamp": row.timestamp.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        "properties": row.properties,
-        "lago_subscription_id": row.subscription_lago_id,
-        "external_subscription_id": row.external_subscription_id,
-        "created_at": projections::catalog::timestamp(row.recorded_at),
-    }})))
+    let (payload, recorded_at) = found.ok_or(ApiError::NotFound("event"))?;
+    let UsageEvent::UsageRecorded(record) = serde_json::from_str(&payload).map_err(|e| {
+        ApiError::Unexpected(anyhow::Error::new(e).context("unreadable usage event"))
+    })?;
+    Ok(Json(json!({ "event": event_json(&record, recorded_at) })))
 }
