@@ -56,76 +56,7 @@ impl Projection for Usage {
         conn: &mut PgConnection,
         event: &LogEvent,
     ) -> Result<(), ProjectionError> {
-        if event.aggregate_type != USAGE_STREAM_TYPE {
-            return Ok(());
-        }
-        let UsageEvent::UsageRecorded(record) = serde_json::from_value(event.payload.clone())
-            .map_err(|e| ProjectionError::unreadable(event, e))?;
-        let metric = record.sent.code.as_deref().unwrap_or_default();
-        sqlx::query(
-            "INSERT INTO usage_events (subscription_lago_id, metric_code, transaction_id, \"timestamp\", value, \
-             period_start, position) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(record.subscription_lago_id)
-        .bind(metric)
-        .bind(record.sent.transaction_id.as_deref().unwrap_or_default())
-        .bind(record.timestamp)
-        .bind(record.value)
-        .bind(record.period.start)
-        .bind(event.position)
-        .execute(&mut *conn)
-        .await?;
-        sqlx::query(
-            "INSERT INTO usage_aggregates AS a (subscription_lago_id, metric_code, period_start, period_end, \
-             events_count, value_sum, value_max, latest_value, latest_timestamp, latest_position) \
-             VALUES ($1, $2, $3, $4, 1, $5, $5, $5, $6, $7) \
-             ON CONFLICT (subscription_lago_id, metric_code, period_start) DO UPDATE SET \
-               events_count = a.events_count + 1, \
-               value_sum = CASE WHEN EXCLUDED.value_sum IS NULL THEN a.value_sum \
-                                ELSE coalesce(a.value_sum, 0) + EXCLUDED.value_sum END, \
-               value_max = GREATEST(a.value_max, EXCLUDED.value_max), \
-               latest_value = CASE WHEN (EXCLUDED.latest_timestamp, EXCLUDED.latest_position) \
-                                        > (a.latest_timestamp, a.latest_position) \
-                                   THEN EXCLUDED.latest_value ELSE a.latest_value END, \
-               latest_position = CASE WHEN (EXCLUDED.latest_timestamp, EXCLUDED.latest_position) \
-                                        > (a.latest_timestamp, a.latest_position) \
-                                   THEN EXCLUDED.latest_position ELSE a.latest_position END, \
-               latest_timestamp = GREATEST(a.latest_timestamp, EXCLUDED.latest_timestamp)",
-        )
-        .bind(record.subscription_lago_id)
-        .bind(metric)
-        .bind(record.period.start)
-        .bind(record.period.end)
-        .bind(record.value)
-        .bind(record.timestamp)
-        .bind(event.position)
-        .execute(&mut *conn)
-        .await?;
-        if let Some(key) = &record.unique_key {
-            let new_value = sqlx::query(
-                "INSERT INTO usage_unique_values (subscription_lago_id, metric_code, period_start, unique_key) \
-                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-            )
-            .bind(record.subscription_lago_id)
-            .bind(metric)
-            .bind(record.period.start)
-            .bind(key)
-            .execute(&mut *conn)
-            .await?
-            .rows_affected();
-            if new_value == 1 {
-                sqlx::query(
-                    "UPDATE usage_aggregates SET unique_count = unique_count + 1 \
-                     WHERE subscription_lago_id = $1 AND metric_code = $2 AND period_start = $3",
-                )
-                .bind(record.subscription_lago_id)
-                .bind(metric)
-                .bind(record.period.start)
-                .execute(&mut *conn)
-                .await?;
-            }
-        }
-        Ok(())
+        self.apply_batch(conn, std::slice::from_ref(event)).await
     }
 }
 

@@ -1,17 +1,14 @@
 //! `/billable_metrics`: create, get by code, list.
 
 use aggregates::billable_metric::{BillableMetricCommand, MetricInput};
-use aggregates::BillableMetric;
 use axum::extract::{Path, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use cqrs_es::Aggregate;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use super::{find_resource, list_resources, Tenant};
-use crate::event_store;
+use super::{list_resources, read, write_then_read, Resource, Tenant};
 use crate::http::error::ApiResult;
 use crate::http::extract::{LagoJson, LagoQuery, RequestContext};
 use crate::http::pagination::PageRequest;
@@ -28,7 +25,10 @@ struct CreateBody {
     billable_metric: MetricInput,
 }
 
-const SELECT: &str = "SELECT resource FROM billable_metrics WHERE service_code = $1 AND code = $2";
+const METRIC: Resource = Resource {
+    name: "billable_metric",
+    select: "SELECT resource FROM billable_metrics WHERE service_code = $1 AND code = $2",
+};
 
 async fn create(
     tenant: Tenant,
@@ -37,21 +37,12 @@ async fn create(
     LagoJson(body): LagoJson<CreateBody>,
 ) -> ApiResult<Json<Value>> {
     let code = body.billable_metric.code.clone().unwrap_or_default();
-    let id = tenant.scoped(&code);
     let command = BillableMetricCommand::Create {
         lago_id: Uuid::new_v4(),
         input: body.billable_metric,
     };
-    event_store::execute(
-        &state.commands.billable_metrics,
-        &id,
-        command,
-        tenant.metadata(&request),
-    )
-    .await?;
-    state.await_projected(BillableMetric::TYPE, &id).await?;
-    let metric = find_resource(&state, SELECT, &tenant, &code, "billable_metric").await?;
-    Ok(Json(json!({ "billable_metric": metric })))
+    let handler = &state.commands.billable_metrics;
+    write_then_read(&state, &tenant, &request, handler, &code, command, &METRIC).await
 }
 
 async fn find(
@@ -59,8 +50,7 @@ async fn find(
     State(state): State<AppState>,
     Path(code): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let metric = find_resource(&state, SELECT, &tenant, &code, "billable_metric").await?;
-    Ok(Json(json!({ "billable_metric": metric })))
+    read(&state, &tenant, &code, &METRIC).await
 }
 
 async fn list(

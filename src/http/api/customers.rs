@@ -2,17 +2,16 @@
 //! matched regardless of case).
 
 use aggregates::customer::{normalized_email, CustomerCommand, CustomerInput};
-use aggregates::Customer;
 use axum::extract::{Path, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use cqrs_es::Aggregate;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use super::{find_resource, list_resources, unknown_tax_codes, Tenant};
-use crate::event_store;
+use super::{
+    find_resource, list_resources, read, unknown_tax_codes, write_then_read, Resource, Tenant,
+};
 use crate::http::error::{ApiError, ApiResult};
 use crate::http::extract::{LagoJson, LagoQuery, RequestContext};
 use crate::http::pagination::PageRequest;
@@ -30,7 +29,10 @@ struct UpsertBody {
     customer: Value,
 }
 
-const SELECT: &str = "SELECT resource FROM customers WHERE service_code = $1 AND external_id = $2";
+const CUSTOMER: Resource = Resource {
+    name: "customer",
+    select: "SELECT resource FROM customers WHERE service_code = $1 AND external_id = $2",
+};
 
 async fn upsert(
     tenant: Tenant,
@@ -50,22 +52,22 @@ async fn upsert(
         .map_err(|error| ApiError::BadRequest(format!("customer: {error}")))?;
     let tax_codes = input.tax_codes.clone().flatten();
     input.unknown_tax_codes = unknown_tax_codes(&state, &tenant, tax_codes.as_ref()).await?;
-    let id = tenant.scoped(&external_id);
     let command = CustomerCommand::Upsert {
         lago_id: Uuid::new_v4(),
         external_id: external_id.clone(),
         input,
     };
-    event_store::execute(
-        &state.commands.customers,
-        &id,
+    let handler = &state.commands.customers;
+    write_then_read(
+        &state,
+        &tenant,
+        &request,
+        handler,
+        &external_id,
         command,
-        tenant.metadata(&request),
+        &CUSTOMER,
     )
-    .await?;
-    state.await_projected(Customer::TYPE, &id).await?;
-    let customer = find_resource(&state, SELECT, &tenant, &external_id, "customer").await?;
-    Ok(Json(json!({ "customer": customer })))
+    .await
 }
 
 async fn find(
@@ -73,8 +75,7 @@ async fn find(
     State(state): State<AppState>,
     Path(external_id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let customer = find_resource(&state, SELECT, &tenant, &external_id, "customer").await?;
-    Ok(Json(json!({ "customer": customer })))
+    read(&state, &tenant, &external_id, &CUSTOMER).await
 }
 
 #[derive(Deserialize)]
@@ -124,7 +125,14 @@ async fn current_usage(
             "value_is_mandatory",
         ));
     };
-    let customer = find_resource(&state, SELECT, &tenant, &external_id, "customer").await?;
+    let customer = find_resource(
+        &state,
+        CUSTOMER.select,
+        &tenant,
+        &external_id,
+        CUSTOMER.name,
+    )
+    .await?;
     let directory = crate::usage::directory(
         &state.pool,
         &tenant.service,

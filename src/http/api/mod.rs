@@ -15,7 +15,8 @@ mod taxes;
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
-use axum::Router;
+use axum::{Json, Router};
+use cqrs_es::Aggregate;
 use serde_json::Value;
 use sqlx::{Postgres, QueryBuilder};
 
@@ -23,7 +24,8 @@ use super::error::{ApiError, ApiResult};
 use super::extract::RequestContext;
 use super::pagination::{Page, PageMeta};
 use super::AppState;
-use crate::event_store::{Actor, CommandMetadata};
+use crate::event_store::{self, Actor, CommandHandler, CommandMetadata};
+use crate::http::error::Refusal;
 use crate::keys;
 
 pub fn router() -> Router<AppState> {
@@ -99,6 +101,46 @@ impl FromRequestParts<AppState> for Tenant {
             _ => Err(ApiError::Unauthorized),
         }
     }
+}
+
+/// A resource of the Lago API: its name (the response's root key, and
+/// `<name>_not_found`) and the query reading it by (service, key).
+pub(super) struct Resource<'a> {
+    pub name: &'static str,
+    pub select: &'a str,
+}
+
+/// Run a command on the calling service's aggregate `key`, wait until the
+/// projections show it, and answer with the resource exactly as a GET would.
+async fn write_then_read<A>(
+    state: &AppState,
+    tenant: &Tenant,
+    request: &RequestContext,
+    handler: &CommandHandler<A>,
+    key: &str,
+    command: A::Command,
+    resource: &Resource<'_>,
+) -> ApiResult<Json<Value>>
+where
+    A: Aggregate,
+    A::Command: Clone,
+    A::Error: Refusal,
+{
+    let id = tenant.scoped(key);
+    event_store::execute(handler, &id, command, tenant.metadata(request)).await?;
+    state.await_projected(A::TYPE, &id).await?;
+    read(state, tenant, key, resource).await
+}
+
+/// The calling service's resource `key`, in its root key.
+async fn read(
+    state: &AppState,
+    tenant: &Tenant,
+    key: &str,
+    resource: &Resource<'_>,
+) -> ApiResult<Json<Value>> {
+    let found = find_resource(state, resource.select, tenant, key, resource.name).await?;
+    Ok(Json(serde_json::json!({ resource.name: found })))
 }
 
 /// One resource of the calling service from a projection table, by key.

@@ -3,17 +3,14 @@
 
 use aggregates::billable_metric::{AggregationType, MetricRef};
 use aggregates::plan::{PlanCommand, PlanInput};
-use aggregates::Plan;
 use axum::extract::{Path, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use cqrs_es::Aggregate;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use super::{find_resource, list_resources, unknown_tax_codes, Tenant};
-use crate::event_store;
+use super::{list_resources, read, unknown_tax_codes, write_then_read, Resource, Tenant};
 use crate::http::error::{ApiError, ApiResult};
 use crate::http::extract::{LagoJson, LagoQuery, RequestContext};
 use crate::http::pagination::PageRequest;
@@ -30,7 +27,10 @@ struct PlanBody {
     plan: PlanInput,
 }
 
-const SELECT: &str = "SELECT resource FROM plans WHERE service_code = $1 AND code = $2";
+const PLAN: Resource = Resource {
+    name: "plan",
+    select: "SELECT resource FROM plans WHERE service_code = $1 AND code = $2",
+};
 
 /// Resolve the charges' metrics and the tax codes inside the service.
 async fn resolve(state: &AppState, tenant: &Tenant, mut input: PlanInput) -> ApiResult<PlanInput> {
@@ -105,17 +105,16 @@ async fn respond(
     code: &str,
     command: PlanCommand,
 ) -> ApiResult<Json<Value>> {
-    let id = tenant.scoped(code);
-    event_store::execute(
+    write_then_read(
+        state,
+        tenant,
+        request,
         &state.commands.plans,
-        &id,
+        code,
         command,
-        tenant.metadata(request),
+        &PLAN,
     )
-    .await?;
-    state.await_projected(Plan::TYPE, &id).await?;
-    let plan = find_resource(state, SELECT, tenant, code, "plan").await?;
-    Ok(Json(json!({ "plan": plan })))
+    .await
 }
 
 async fn find(
@@ -123,8 +122,7 @@ async fn find(
     State(state): State<AppState>,
     Path(code): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let plan = find_resource(&state, SELECT, &tenant, &code, "plan").await?;
-    Ok(Json(json!({ "plan": plan })))
+    read(&state, &tenant, &code, &PLAN).await
 }
 
 async fn list(

@@ -3,17 +3,16 @@
 
 use aggregates::plan::PlanRef;
 use aggregates::subscription::{SubscriptionCommand, SubscriptionInput};
-use aggregates::{Customer, Plan, Subscription};
+use aggregates::{Customer, Plan};
 use axum::extract::{Path, RawQuery, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::Utc;
-use cqrs_es::Aggregate;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use super::{find_resource, list_resources, Tenant};
+use super::{list_resources, read, write_then_read, Resource, Tenant};
 use crate::event_store;
 use crate::http::error::{ApiError, ApiResult};
 use crate::http::extract::{LagoJson, RequestContext};
@@ -91,17 +90,22 @@ async fn run(
     external_id: &str,
     command: SubscriptionCommand,
 ) -> ApiResult<Json<Value>> {
-    let id = tenant.scoped(external_id);
-    event_store::execute(
-        &state.commands.subscriptions,
-        &id,
+    let select = select();
+    let resource = Resource {
+        name: "subscription",
+        select: &select,
+    };
+    let handler = &state.commands.subscriptions;
+    write_then_read(
+        state,
+        tenant,
+        request,
+        handler,
+        external_id,
         command,
-        tenant.metadata(request),
+        &resource,
     )
-    .await?;
-    state.await_projected(Subscription::TYPE, &id).await?;
-    let subscription = find_resource(state, &select(), tenant, external_id, "subscription").await?;
-    Ok(Json(json!({ "subscription": subscription })))
+    .await
 }
 
 async fn find(
@@ -109,9 +113,12 @@ async fn find(
     State(state): State<AppState>,
     Path(external_id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let subscription =
-        find_resource(&state, &select(), &tenant, &external_id, "subscription").await?;
-    Ok(Json(json!({ "subscription": subscription })))
+    let select = select();
+    let resource = Resource {
+        name: "subscription",
+        select: &select,
+    };
+    read(&state, &tenant, &external_id, &resource).await
 }
 
 async fn terminate(

@@ -1,17 +1,14 @@
 //! `/taxes`: create, get by code, list.
 
 use aggregates::tax::{TaxCommand, TaxInput};
-use aggregates::Tax;
 use axum::extract::{Path, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use cqrs_es::Aggregate;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use super::{find_resource, list_resources, Tenant};
-use crate::event_store;
+use super::{list_resources, read, write_then_read, Resource, Tenant};
 use crate::http::error::ApiResult;
 use crate::http::extract::{LagoJson, LagoQuery, RequestContext};
 use crate::http::pagination::PageRequest;
@@ -28,7 +25,10 @@ struct CreateBody {
     tax: TaxInput,
 }
 
-const SELECT: &str = "SELECT resource FROM taxes WHERE service_code = $1 AND code = $2";
+const TAX: Resource = Resource {
+    name: "tax",
+    select: "SELECT resource FROM taxes WHERE service_code = $1 AND code = $2",
+};
 
 async fn create(
     tenant: Tenant,
@@ -37,21 +37,20 @@ async fn create(
     LagoJson(body): LagoJson<CreateBody>,
 ) -> ApiResult<Json<Value>> {
     let code = body.tax.code.clone().unwrap_or_default();
-    let id = tenant.scoped(&code);
     let command = TaxCommand::Create {
         lago_id: Uuid::new_v4(),
         input: body.tax,
     };
-    event_store::execute(
+    write_then_read(
+        &state,
+        &tenant,
+        &request,
         &state.commands.taxes,
-        &id,
+        &code,
         command,
-        tenant.metadata(&request),
+        &TAX,
     )
-    .await?;
-    state.await_projected(Tax::TYPE, &id).await?;
-    let tax = find_resource(&state, SELECT, &tenant, &code, "tax").await?;
-    Ok(Json(json!({ "tax": tax })))
+    .await
 }
 
 async fn find(
@@ -59,8 +58,7 @@ async fn find(
     State(state): State<AppState>,
     Path(code): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let tax = find_resource(&state, SELECT, &tenant, &code, "tax").await?;
-    Ok(Json(json!({ "tax": tax })))
+    read(&state, &tenant, &code, &TAX).await
 }
 
 async fn list(
