@@ -21,13 +21,17 @@ pub struct TestApp {
 /// Start the API on a real socket (no projection runner: tests call
 /// `catch_up` when they need the read side, so nothing races them).
 pub async fn spawn_app(pool: PgPool) -> TestApp {
-    let state = AppState::new(
-        pool.clone(),
-        Some(AdminKey::new(ADMIN_KEY)),
-        Default::default(),
-    )
-    .await
-    .expect("state");
+    spawn_app_with_limits(pool, Default::default()).await
+}
+
+/// The API with other usage timestamp limits (e.g. a widened backfill window).
+pub async fn spawn_app_with_limits(
+    pool: PgPool,
+    limits: aggregates::usage::UsageLimits,
+) -> TestApp {
+    let state = AppState::new(pool.clone(), Some(AdminKey::new(ADMIN_KEY)), limits)
+        .await
+        .expect("state");
     let app = Application::build(state, SocketAddr::from(([127, 0, 0, 1], 0)))
         .await
         .expect("bind");

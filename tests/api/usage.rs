@@ -1,14 +1,14 @@
 //! Usage ingestion: idempotency as a database fact, batches all or nothing,
 //! per-event validation, the aggregation projection, and current usage.
 
-use chrono::{Duration, Utc};
+use chrono::{Duration, Timelike, Utc};
 use ledger::projection_runner::{self, ProjectionRunner};
 use projections::{Projection, Usage};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 
-use crate::helpers::{spawn_app, ServiceClient, TestApp};
+use crate::helpers::{spawn_app, spawn_app_with_limits, ServiceClient, TestApp};
 
 fn ago(duration: Duration) -> i64 {
     (Utc::now() - duration).timestamp()
@@ -594,4 +594,75 @@ async fn usage_needs_a_live_key_of_a_live_service(pool: PgPool) {
         .await;
     assert_eq!((status, response), (StatusCode::UNAUTHORIZED, unauthorized));
     assert_eq!(usage_events(&pool).await, 0);
+}
+
+#[sqlx::test]
+async fn operators_can_widen_the_acceptance_window_for_a_backfill(pool: PgPool) {
+    let limits = aggregates::usage::UsageLimits {
+        acceptance_window: Duration::days(400),
+        ..Default::default()
+    };
+    let app = spawn_app_with_limits(pool.clone(), limits).await;
+    let svc = app.service("nexacloud").await;
+    svc.nexacloud_catalog().await;
+    svc.created(
+        "/subscriptions",
+        json!({"subscription": {"external_customer_id": "cus_ada", "plan_code": "starter", "external_id": "dep_old",
+               "subscription_at": (Utc::now() - Duration::days(300)).to_rfc3339()}}),
+    )
+    .await;
+    let (status, body) = svc
+        .post(
+            "/events",
+            json!({"event": event("tx_old", "dep_old", json!(1), ago(Duration::days(200)))}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = svc
+        .post(
+            "/events",
+            json!({"event": event("tx_older", "dep_old", json!(1), ago(Duration::days(401)))}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        body["error_details"],
+        json!({"timestamp": ["older_than_acceptance_window"]})
+    );
+}
+
+#[sqlx::test]
+async fn an_events_period_is_decided_in_the_customers_time_zone(pool: PgPool) {
+    let app = spawn_app(pool.clone()).await;
+    let svc = setup(&app).await;
+    // The customer is in America/Toronto: the period starts at local midnight.
+    let at = Utc::now() - Duration::minutes(1);
+    svc.created(
+        "/events",
+        json!({"event": event("tx_tz", "dep_1", json!(1), at.timestamp())}),
+    )
+    .await;
+    app.catch_up().await;
+    let (start, end): (chrono::DateTime<Utc>, chrono::DateTime<Utc>) =
+        sqlx::query_as("SELECT period_start, period_end FROM usage_aggregates")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let toronto: chrono_tz::Tz = "America/Toronto".parse().unwrap();
+    for boundary in [start, end] {
+        let local = boundary.with_timezone(&toronto);
+        assert_eq!(
+            (local.format("%d %H:%M").to_string()),
+            "01 00:00",
+            "{boundary}"
+        );
+    }
+    assert!(start <= at.with_nanosecond(0).unwrap() && at < end);
+    let (_, usage) = svc
+        .get("/customers/cus_ada/current_usage?external_subscription_id=dep_1")
+        .await;
+    assert_eq!(
+        usage["customer_usage"]["from_datetime"],
+        start.format("%Y-%m-%dT%H:%M:%SZ").to_string()
+    );
 }
