@@ -251,3 +251,109 @@ async fn the_services_cli_issues_keys_that_the_api_accepts(
         )
     );
 }
+
+/// Secrets never reach the log: a `ledger serve` at debug level is given an
+/// operator key, issues a service key and serves requests with both; neither
+/// key appears anywhere in what it logged.
+#[tokio::test]
+async fn keys_never_appear_in_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin_key = format!("operator-secret-{}", uuid::Uuid::new_v4().simple());
+    let mut ledger = Command::new(env!("CARGO_BIN_EXE_ledger"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env_remove("DATABASE_URL")
+        .env("LEDGER_ADMIN_KEY", &admin_key)
+        .env("RUST_LOG", "debug")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Drain the log on its own thread so the ledger never blocks writing it.
+    let (line_sender, line_receiver) = std::sync::mpsc::channel::<String>();
+    let reader = BufReader::new(ledger.stderr.take().unwrap());
+    let drain = std::thread::spawn(move || {
+        for line in reader.lines().map_while(Result::ok) {
+            let _ = line_sender.send(line);
+        }
+    });
+    let mut log = String::new();
+    let address = loop {
+        let line = line_receiver
+            .recv_timeout(Duration::from_secs(60))
+            .expect("ledger started");
+        log.push_str(&line);
+        log.push('\n');
+        if line.contains("ledger is serving") {
+            let start = line.find("127.0.0.1:").expect("address logged");
+            let address: String = line[start..]
+                .chars()
+                .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+                .collect();
+            break address;
+        }
+    };
+    let base = format!("http://{address}");
+    let client = reqwest::Client::new();
+    let post = |path: &str, key: &str, body: serde_json::Value| {
+        client
+            .post(format!("{base}{path}"))
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+    };
+    post(
+        "/admin/v1/services",
+        &admin_key,
+        json!({"service": {"code": "nexacloud", "name": "N"}}),
+    )
+    .await
+    .unwrap();
+    let issued: serde_json::Value = post(
+        "/admin/v1/services/nexacloud/api_keys",
+        &admin_key,
+        json!({}),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let service_key = issued["api_key"]["key"].as_str().unwrap().to_string();
+    let response = post(
+        "/api/v1/billable_metrics",
+        &service_key,
+        json!({"billable_metric": {"name": "c", "code": "c", "aggregation_type": "count_agg"}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let refused = post(
+        "/api/v1/events",
+        "wrong-secret-key-123",
+        json!({"event": {}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(ledger.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert_eq!(ledger.wait().unwrap().code(), Some(0));
+    drain.join().unwrap();
+    for line in line_receiver.try_iter() {
+        log.push_str(&line);
+        log.push('\n');
+    }
+    assert!(log.contains("POST"), "the requests were logged: {log}");
+    for secret in [
+        admin_key.as_str(),
+        service_key.as_str(),
+        "wrong-secret-key-123",
+    ] {
+        assert!(!log.contains(secret), "a secret reached the log");
+    }
+}
