@@ -127,8 +127,3 @@ pub async fn migrations_applied(pool: &PgPool) -> Result<bool, sqlx::Error> {
         .iter()
         .all(|migration| applied.contains(&migration.version)))
 }
-
-/// The default data directory, relative to where the ledger is started.
-pub fn default_data_dir() -> &'static Path {
-    Path::new("ledger-data")
-}
