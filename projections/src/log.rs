@@ -113,7 +113,10 @@ pub async fn count_after(conn: &mut PgConnection, cursor: LogCursor) -> Result<i
 /// Whether any committed event lies after `cursor` (an index probe).
 pub async fn any_after(conn: &mut PgConnection, cursor: LogCursor) -> Result<bool, sqlx::Error> {
     sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM events WHERE (transaction_id, position) > ($1::text::xid8, $2))",
+        // A scalar subquery ordered by the log index: a probe. (EXISTS would
+        // drop the ORDER BY and may walk the log from its start.)
+        "SELECT (SELECT position FROM events WHERE (transaction_id, position) > ($1::text::xid8, $2) \
+         ORDER BY transaction_id, position LIMIT 1) IS NOT NULL",
     )
     .bind(cursor.transaction_id.to_string())
     .bind(cursor.position)
