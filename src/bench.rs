@@ -10,7 +10,6 @@
 //! its ratio, and the process's peak RSS (client, server and load generator
 //! share the process; PostgreSQL runs apart).
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,14 +18,12 @@ use anyhow::{bail, Context};
 use chrono::Utc;
 use serde_json::{json, Value};
 use sqlx::PgPool;
-use tokio::sync::watch;
 
 use crate::database::{pool_options, MIGRATOR};
 use crate::embedded::{ClusterSettings, EmbeddedPostgres};
 use crate::http::admin::AdminKey;
 use crate::http::AppState;
-use crate::projection_runner::ProjectionRunner;
-use crate::startup::Application;
+use crate::startup::LocalLedger;
 
 const SUBSCRIPTIONS: usize = 100;
 const BATCH: usize = 100;
@@ -69,14 +66,8 @@ async fn measure(cluster: &EmbeddedPostgres, options: &IngestBench) -> anyhow::R
         Default::default(),
     )
     .await?;
-    let app = Application::build(state, SocketAddr::from(([127, 0, 0, 1], 0))).await?;
-    let base = format!("http://{}", app.local_addr()?);
-    let (stop, stopped) = watch::channel(false);
-    let mut server_stop = stopped.clone();
-    tokio::spawn(app.run_until_stopped(async move {
-        let _ = server_stop.changed().await;
-    }));
-    tokio::spawn(ProjectionRunner::for_all(pool.clone()).await?.run(stopped));
+    let ledger = LocalLedger::start(state).await?;
+    let base = ledger.base_url.clone();
 
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
@@ -124,7 +115,7 @@ async fn measure(cluster: &EmbeddedPostgres, options: &IngestBench) -> anyhow::R
         "peak RSS of the ledger process (server + load generator): {} MiB",
         peak_rss_mib()
     );
-    let _ = stop.send(true);
+    ledger.stop().await;
     pool.close().await;
     raw_pool.close().await;
     Ok(())

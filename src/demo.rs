@@ -2,18 +2,15 @@
 //! and print what the ledger now knows — the log and the projections built
 //! from it. It grows as capabilities land.
 
-use std::net::SocketAddr;
-
 use anyhow::Context;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use tokio::sync::watch;
 
 use crate::database::{ClusterAccess, Database, DatabaseConfig};
 use crate::http::admin::AdminKey;
 use crate::http::AppState;
-use crate::projection_runner::{self, ProjectionRunner};
-use crate::startup::Application;
+use crate::projection_runner;
+use crate::startup::LocalLedger;
 
 const SERVICES: [(&str, &str); 3] = [
     ("nexacloud", "NexaCloud hosting"),
@@ -36,15 +33,8 @@ async fn demonstrate(database: &Database) -> anyhow::Result<()> {
         Default::default(),
     )
     .await?;
-    let app = Application::build(state, SocketAddr::from(([127, 0, 0, 1], 0))).await?;
-    let base = format!("http://{}", app.local_addr()?);
-    let (stop, stopped) = watch::channel(false);
-    let mut server_stopped = stopped.clone();
-    let server = tokio::spawn(app.run_until_stopped(async move {
-        let _ = server_stopped.changed().await;
-    }));
-    let runner = ProjectionRunner::for_all(database.pool.clone()).await?;
-    let runner = tokio::spawn(runner.run(stopped));
+    let ledger = LocalLedger::start(state).await?;
+    let base = ledger.base_url.clone();
 
     println!(
         "ledger serving at {base} (database: {})\n",
@@ -311,9 +301,7 @@ async fn demonstrate(database: &Database) -> anyhow::Result<()> {
     let (_, ready) = client.get("/ready").await?;
     println!("\nGET /ready -> {}", ready["status"]);
 
-    let _ = stop.send(true);
-    let _ = server.await;
-    let _ = runner.await;
+    ledger.stop().await;
     Ok(())
 }
 

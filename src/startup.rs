@@ -6,8 +6,10 @@ use std::future::Future;
 use std::net::SocketAddr;
 
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 use crate::http::{self, AppState};
+use crate::projection_runner::ProjectionRunner;
 
 pub struct Application {
     listener: TcpListener,
@@ -33,6 +35,43 @@ impl Application {
         axum::serve(self.listener, app)
             .with_graceful_shutdown(shutdown)
             .await
+    }
+}
+
+/// The whole ledger running inside this process on a free loopback port,
+/// with its projection runner (the demo and the benchmarks use it).
+pub struct LocalLedger {
+    /// `http://127.0.0.1:<port>`.
+    pub base_url: String,
+    stop: watch::Sender<bool>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    runner: tokio::task::JoinHandle<()>,
+}
+
+impl LocalLedger {
+    pub async fn start(state: AppState) -> anyhow::Result<Self> {
+        let pool = state.pool.clone();
+        let app = Application::build(state, SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+        let base_url = format!("http://{}", app.local_addr()?);
+        let (stop, stopped) = watch::channel(false);
+        let mut server_stopped = stopped.clone();
+        let server = tokio::spawn(app.run_until_stopped(async move {
+            let _ = server_stopped.changed().await;
+        }));
+        let runner = tokio::spawn(ProjectionRunner::for_all(pool).await?.run(stopped));
+        Ok(Self {
+            base_url,
+            stop,
+            server,
+            runner,
+        })
+    }
+
+    /// Stop serving (in-flight requests finish) and stop the runner.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.server.await;
+        let _ = self.runner.await;
     }
 }
 
