@@ -12,8 +12,10 @@
 #![warn(missing_docs, rust_2018_idioms)]
 
 pub mod billable_metric;
+pub mod billing;
 pub mod charge;
 pub mod customer;
+pub mod invoice;
 pub mod period;
 pub mod plan;
 pub mod pricing;

@@ -48,7 +48,7 @@ pub struct PeriodRule {
 
 /// Local midnight of `date` in `tz`, as an instant. Where midnight does not
 /// exist (a DST jump at midnight), the first instant of that day.
-fn local_midnight(date: NaiveDate, tz: Tz) -> DateTime<Utc> {
+pub(crate) fn local_midnight(date: NaiveDate, tz: Tz) -> DateTime<Utc> {
     let midnight = date.and_hms_opt(0, 0, 0).expect("midnight exists");
     match tz.from_local_datetime(&midnight) {
         chrono::LocalResult::Single(at) => at.with_timezone(&Utc),

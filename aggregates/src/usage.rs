@@ -584,3 +584,63 @@ pub fn period_units(
         AggregationType::WeightedSumAgg => weighted,
     }
 }
+
+/// One recorded usage event of a metric, as billing reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsagePoint {
+    /// When the usage happened.
+    pub timestamp: DateTime<Utc>,
+    /// Its global log position (orders events with equal timestamps).
+    pub position: i64,
+    /// The aggregated value (numeric aggregations).
+    pub value: Option<Decimal>,
+    /// The aggregated key (unique_count).
+    pub unique_key: Option<String>,
+}
+
+/// The usage of one metric in `window`, from its events (any order; those
+/// outside the window are ignored). This is the fold invoices and replays
+/// use; it yields the same [`PeriodAggregate`] the incremental projection
+/// keeps, and the units come from the one [`period_units`].
+pub fn usage_in_window(
+    aggregation: AggregationType,
+    window: BillingPeriod,
+    points: &[&UsagePoint],
+) -> crate::pricing::ChargeUsage {
+    let mut inside: Vec<&UsagePoint> = points
+        .iter()
+        .copied()
+        .filter(|p| window.contains(p.timestamp))
+        .collect();
+    inside.sort_by_key(|p| (p.timestamp, p.position));
+    let mut aggregate = PeriodAggregate {
+        events_count: inside.len() as i64,
+        ..Default::default()
+    };
+    let mut unique = std::collections::HashSet::new();
+    for point in &inside {
+        if let Some(value) = point.value {
+            aggregate.value_sum = Some(aggregate.value_sum.unwrap_or_default() + value);
+            aggregate.value_max = Some(aggregate.value_max.map_or(value, |max| max.max(value)));
+        }
+        if let Some(key) = &point.unique_key {
+            unique.insert(key.as_str());
+        }
+    }
+    aggregate.unique_count = unique.len() as i64;
+    aggregate.latest_value = inside.last().and_then(|p| p.value);
+    let values: Vec<(DateTime<Utc>, Decimal)> = inside
+        .iter()
+        .map(|p| (p.timestamp, p.value.unwrap_or_default()))
+        .collect();
+    let weighted = if aggregation == AggregationType::WeightedSumAgg {
+        weighted_sum(window, Decimal::ZERO, &values)
+    } else {
+        Decimal::ZERO
+    };
+    crate::pricing::ChargeUsage {
+        units: period_units(aggregation, &aggregate, weighted),
+        events_count: aggregate.events_count,
+        event_values: values.into_iter().map(|(_, value)| value).collect(),
+    }
+}
