@@ -83,6 +83,9 @@ pub enum Command {
             default_value_t = 35
         )]
         usage_acceptance_window_days: u32,
+        /// How often the period closer looks for invoices to draft and finalize.
+        #[arg(long, env = "LEDGER_CLOSE_INTERVAL_SECONDS", default_value_t = 60)]
+        close_interval_seconds: u64,
     },
     /// Apply the database migrations and exit.
     Migrate,
@@ -187,12 +190,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             admin_key,
             usage_future_skew_seconds,
             usage_acceptance_window_days,
+            close_interval_seconds,
         } => {
             let limits = UsageLimits {
                 future_skew: chrono::Duration::seconds(usage_future_skew_seconds.into()),
                 acceptance_window: chrono::Duration::days(usage_acceptance_window_days.into()),
             };
-            serve(&config, listen, admin_key, limits).await?;
+            let close_every = std::time::Duration::from_secs(close_interval_seconds.max(1));
+            serve(&config, listen, admin_key, limits, close_every).await?;
         }
         Command::Migrate => {
             let database = Database::open(&config, ClusterAccess::ShareIfRunning).await?;
@@ -239,6 +244,7 @@ async fn serve(
     listen: SocketAddr,
     admin_key: Option<String>,
     usage_limits: UsageLimits,
+    close_every: std::time::Duration,
 ) -> anyhow::Result<()> {
     let database = Database::open(config, ClusterAccess::Own).await?;
     let admin_key = match (admin_key, database.embedded_data_dir()) {
@@ -258,6 +264,15 @@ async fn serve(
         .await
         .context("cannot register the projections")?;
     let (stop_runner, runner_stopped) = watch::channel(false);
+    let closer = crate::invoicing::PeriodCloser {
+        pool: database.pool.clone(),
+        runner: ProjectionRunner::for_all(database.pool.clone())
+            .await
+            .context("cannot register the projections")?,
+        acceptance_window: usage_limits.acceptance_window,
+        interval: close_every,
+    };
+    let closer = tokio::spawn(closer.run(runner_stopped.clone()));
     let runner = tokio::spawn(runner.run(runner_stopped));
     let app = Application::build(state, listen)
         .await
@@ -266,6 +281,7 @@ async fn serve(
     let served = app.run_until_stopped(shutdown_signal()).await;
     let _ = stop_runner.send(true);
     let _ = runner.await;
+    let _ = closer.await;
     database.close().await;
     served.context("the HTTP server failed")
 }

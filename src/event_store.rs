@@ -22,6 +22,8 @@ pub enum Actor {
     Operator,
     /// A service, through its API key.
     Service(String),
+    /// The period closer inside `ledger serve`.
+    Closer,
 }
 
 impl fmt::Display for Actor {
@@ -29,6 +31,7 @@ impl fmt::Display for Actor {
         match self {
             Actor::Operator => f.write_str("operator"),
             Actor::Service(code) => write!(f, "service:{code}"),
+            Actor::Closer => f.write_str("period-closer"),
         }
     }
 }

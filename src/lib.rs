@@ -12,6 +12,7 @@ pub mod demo;
 pub mod embedded;
 pub mod event_store;
 pub mod http;
+pub mod invoicing;
 pub mod keys;
 pub mod projection_runner;
 pub mod service_admin;

@@ -234,7 +234,10 @@ impl BillingSchedule {
                 if days > 0 {
                     flat_fees.push(FlatFeeWindow {
                         segment,
-                        window: BillingPeriod { start: from, end: t },
+                        window: BillingPeriod {
+                            start: from,
+                            end: t,
+                        },
                         period,
                         days,
                         period_days: billed_days(period.start, period.end, tz, true),
@@ -243,10 +246,7 @@ impl BillingSchedule {
                 }
             } else if (terminating || plan_change) && t < period.end {
                 // Paid in advance from when this segment entered the period.
-                let paid_from = period
-                    .start
-                    .max(self.plans[segment].since)
-                    .max(trial_end);
+                let paid_from = period.start.max(self.plans[segment].since).max(trial_end);
                 let paid = billed_days(paid_from, period.end, tz, true);
                 let used = billed_days(paid_from, t, tz, !plan_change);
                 if paid > used {
@@ -328,7 +328,12 @@ fn is_local_midnight(at: DateTime<Utc>, tz: Tz) -> bool {
 /// The local days `[from, to)` touches, counted inclusively: the first day
 /// always; the last partial day when `bill_last_partial_day` (a
 /// termination), not when the next plan takes that day (a plan change).
-pub fn billed_days(from: DateTime<Utc>, to: DateTime<Utc>, tz: Tz, bill_last_partial_day: bool) -> i64 {
+pub fn billed_days(
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    tz: Tz,
+    bill_last_partial_day: bool,
+) -> i64 {
     if to <= from {
         return 0;
     }
@@ -419,9 +424,7 @@ pub struct AdjustedWindow {
 }
 
 /// A point in the log order (the writing transaction, then the position).
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Serialize, Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Serialize, Deserialize)]
 pub struct LogPosition {
     /// The writing transaction (xid8 as an integer).
     pub transaction_id: i64,
@@ -455,7 +458,7 @@ pub struct InvoiceTotals {
 pub type WindowUsage<'a> = dyn Fn(&str) -> Vec<&'a UsagePoint> + 'a;
 
 /// An earlier window with usage recorded after it was billed.
-pub struct LateWindow<'a> {
+pub struct LateWindow<'a, 'p> {
     /// The window.
     pub window: BillingPeriod,
     /// The plan version it billed on.
@@ -463,13 +466,16 @@ pub struct LateWindow<'a> {
     /// The position it was billed up to.
     pub billed_as_of: LogPosition,
     /// Its events up to that position, by metric code.
-    pub before: &'a WindowUsage<'a>,
+    pub before: &'a WindowUsage<'p>,
     /// Its events now, by metric code.
-    pub now: &'a WindowUsage<'a>,
+    pub now: &'a WindowUsage<'p>,
 }
 
 fn flat_amount(plan: &PlanDefinition) -> Decimal {
-    Decimal::new(plan.amount_cents, minor_unit_exponent(&plan.amount_currency))
+    Decimal::new(
+        plan.amount_cents,
+        minor_unit_exponent(&plan.amount_currency),
+    )
 }
 
 /// The fee lines of the invoice laid out by `layout`: flat fees, usage
@@ -479,14 +485,18 @@ pub fn invoice_fees(
     schedule: &BillingSchedule,
     layout: &InvoiceLayout,
     usage: &WindowUsage<'_>,
-    late: &[LateWindow<'_>],
+    late: &[LateWindow<'_, '_>],
     tax_rates: &[Decimal],
 ) -> Vec<Fee> {
     let mut fees = Vec::new();
     let flat_fee = |fee: &FlatFeeWindow| {
         let plan = &schedule.plans[fee.segment].plan;
         let share = Decimal::from(fee.days) / Decimal::from(fee.period_days.max(1));
-        let sign = if fee.credit { -Decimal::ONE } else { Decimal::ONE };
+        let sign = if fee.credit {
+            -Decimal::ONE
+        } else {
+            Decimal::ONE
+        };
         let precise = sign * flat_amount(plan) * share;
         let mut line = Fee::new(
             if fee.credit {
@@ -631,7 +641,10 @@ impl Fee {
 }
 
 /// The invoice's totals and applied taxes: sums of its fee lines.
-pub fn invoice_totals(fees: &[Fee], taxes: &[(String, Decimal)]) -> (InvoiceTotals, Vec<AppliedTax>) {
+pub fn invoice_totals(
+    fees: &[Fee],
+    taxes: &[(String, Decimal)],
+) -> (InvoiceTotals, Vec<AppliedTax>) {
     let fees_amount_cents: i64 = fees.iter().map(|f| f.amount_cents).sum();
     let taxes_amount_cents: i64 = fees.iter().map(|f| f.taxes_amount_cents).sum();
     let applied = taxes
@@ -749,8 +762,14 @@ mod tests {
             invoices(&s, "2027-01-01T00:00:00Z"),
             vec![
                 // 13th..30th inclusive = 18 days: $30 × 18/30.
-                (at("2026-12-01T00:00:00Z"), vec![(FeeKind::Subscription, 1800)]),
-                (at("2027-01-01T00:00:00Z"), vec![(FeeKind::Subscription, 3000)]),
+                (
+                    at("2026-12-01T00:00:00Z"),
+                    vec![(FeeKind::Subscription, 1800)]
+                ),
+                (
+                    at("2027-01-01T00:00:00Z"),
+                    vec![(FeeKind::Subscription, 3000)]
+                ),
             ]
         );
     }
@@ -781,9 +800,15 @@ mod tests {
         assert_eq!(
             all,
             vec![
-                (at("2026-11-01T00:00:00Z"), vec![(FeeKind::Subscription, 3000)]),
+                (
+                    at("2026-11-01T00:00:00Z"),
+                    vec![(FeeKind::Subscription, 3000)]
+                ),
                 // 1st..20th = 20 of 30 days.
-                (at("2026-11-20T15:00:00Z"), vec![(FeeKind::Subscription, 2000)]),
+                (
+                    at("2026-11-20T15:00:00Z"),
+                    vec![(FeeKind::Subscription, 2000)]
+                ),
             ]
         );
         let last = s.layouts(utc("2027-01-01T00:00:00Z")).pop().unwrap();
@@ -829,9 +854,15 @@ mod tests {
             invoices(&s, "2027-02-01T00:00:00Z"),
             vec![
                 // At the start: 13th..30th of November, in advance.
-                (at("2026-11-13T10:00:00Z"), vec![(FeeKind::Subscription, 1800)]),
+                (
+                    at("2026-11-13T10:00:00Z"),
+                    vec![(FeeKind::Subscription, 1800)]
+                ),
                 // December in advance (November's usage on the same invoice).
-                (at("2026-12-01T00:00:00Z"), vec![(FeeKind::Subscription, 3000)]),
+                (
+                    at("2026-12-01T00:00:00Z"),
+                    vec![(FeeKind::Subscription, 3000)]
+                ),
                 // Terminated on the 10th: 21 of 31 days back, $30 × 21/31 =
                 // 20.3225… → −20.32.
                 (at("2026-12-10T12:00:00Z"), vec![(FeeKind::Credit, -2032)]),
@@ -846,7 +877,11 @@ mod tests {
         let issued: Vec<String> = invoices(&s, "2026-05-31T00:00:00Z")
             .into_iter()
             .map(|(t, fees)| {
-                assert_eq!(fees, vec![(FeeKind::Subscription, 3000)], "{t}: whole periods");
+                assert_eq!(
+                    fees,
+                    vec![(FeeKind::Subscription, 3000)],
+                    "{t}: whole periods"
+                );
                 t
             })
             .collect();
@@ -896,12 +931,21 @@ mod tests {
         let mut s = schedule("2026-11-13T15:00:00Z", plan("cloud", 3000, false));
         s.timezone = tz;
         let layout = &s.layouts(utc("2026-12-01T05:00:00Z"))[0];
-        assert_eq!(layout.issued_at, utc("2026-12-01T05:00:00Z"), "local midnight, EST");
+        assert_eq!(
+            layout.issued_at,
+            utc("2026-12-01T05:00:00Z"),
+            "local midnight, EST"
+        );
         let fee = layout.flat_fees[0];
         assert_eq!((fee.days, fee.period_days), (18, 30));
         // March 2027 springs forward on the 14th: still 31 days.
         assert_eq!(
-            billed_days(utc("2027-03-01T05:00:00Z"), utc("2027-04-01T04:00:00Z"), tz, true),
+            billed_days(
+                utc("2027-03-01T05:00:00Z"),
+                utc("2027-04-01T04:00:00Z"),
+                tz,
+                true
+            ),
             31
         );
     }
@@ -962,7 +1006,10 @@ mod tests {
         // 9,000 s more instead: 0.7083¢ + 0.25¢ ... total 47,400 s = 2.375¢ → 2¢.
         let all = [billed[0].clone(), point("2026-11-30T23:00:00Z", 9, "9000")];
         let now = |_: &str| all.iter().collect();
-        let late = [LateWindow { now: &now, ..late[0] }];
+        let late = [LateWindow {
+            now: &now,
+            ..late[0]
+        }];
         let fees = invoice_fees(&s, &layouts[1], &|_| vec![], &late, &[]);
         let adjustment = fees.iter().find(|f| f.kind == FeeKind::Adjustment).unwrap();
         assert_eq!(adjustment.amount_cents, 1, "2¢ due, 1¢ billed");
@@ -992,7 +1039,11 @@ mod tests {
         // 75¢ of usage, 5.00 minimum: 4.25 true-up.
         assert_eq!(
             lines,
-            vec![(FeeKind::Subscription, 0), (FeeKind::Charge, 75), (FeeKind::TrueUp, 425)]
+            vec![
+                (FeeKind::Subscription, 0),
+                (FeeKind::Charge, 75),
+                (FeeKind::TrueUp, 425)
+            ]
         );
     }
 }

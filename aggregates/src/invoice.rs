@@ -22,7 +22,11 @@ use crate::period::BillingPeriod;
 pub const INVOICE_STREAM_TYPE: &str = "Invoice";
 
 /// The stream of a subscription's invoice at `issued_at`.
-pub fn invoice_stream_id(service: &str, subscription_lago_id: Uuid, issued_at: DateTime<Utc>) -> String {
+pub fn invoice_stream_id(
+    service: &str,
+    subscription_lago_id: Uuid,
+    issued_at: DateTime<Utc>,
+) -> String {
     format!(
         "{service}/{subscription_lago_id}/{}",
         issued_at.to_rfc3339_opts(SecondsFormat::Micros, true)
@@ -57,6 +61,8 @@ pub struct InvoiceHeader {
     pub external_customer_id: String,
     /// The issuing instant.
     pub issued_at: DateTime<Utc>,
+    /// The issuing instant's date in the customer's time zone.
+    pub issuing_date: chrono::NaiveDate,
     /// Why it was issued.
     pub reason: InvoicingReason,
     /// ISO 4217.
@@ -177,7 +183,10 @@ impl Invoice {
     }
 
     /// Finalize a draft.
-    pub fn finalize(&self, finalization: InvoiceFinalization) -> Result<InvoiceEvent, InvoiceError> {
+    pub fn finalize(
+        &self,
+        finalization: InvoiceFinalization,
+    ) -> Result<InvoiceEvent, InvoiceError> {
         if self.header.is_none() {
             return Err(InvoiceError::NotFound);
         }
@@ -202,6 +211,7 @@ mod tests {
             customer_lago_id: Uuid::nil(),
             external_customer_id: "cus_1".into(),
             issued_at: at,
+            issuing_date: at.date_naive(),
             reason: InvoicingReason::SubscriptionPeriodic,
             currency: "CAD".into(),
             shadow: false,
@@ -228,10 +238,17 @@ mod tests {
     #[test]
     fn a_draft_is_finalized_once_and_never_again() {
         let invoice = Invoice::default();
-        assert_eq!(invoice.finalize(finalization()), Err(InvoiceError::NotFound));
+        assert_eq!(
+            invoice.finalize(finalization()),
+            Err(InvoiceError::NotFound)
+        );
         let drafted = invoice.draft(header()).expect("first draft");
         let mut invoice = Invoice::from_events([drafted]);
-        assert_eq!(invoice.draft(header()), None, "drafting again changes nothing");
+        assert_eq!(
+            invoice.draft(header()),
+            None,
+            "drafting again changes nothing"
+        );
         let finalized = invoice.finalize(finalization()).unwrap();
         invoice.apply(finalized);
         assert_eq!(invoice.version(), 2);
@@ -244,13 +261,20 @@ mod tests {
     #[test]
     fn numbers_are_per_service_and_shadow_invoices_are_numbered_apart() {
         assert_eq!(invoice_number("nexacloud", false, 42), "NEXACLOUD-000042");
-        assert_eq!(invoice_number("nexacloud", true, 7), "SHADOW-NEXACLOUD-000007");
+        assert_eq!(
+            invoice_number("nexacloud", true, 7),
+            "SHADOW-NEXACLOUD-000007"
+        );
     }
 
     #[test]
     fn the_stream_id_names_the_service_subscription_and_instant() {
         assert_eq!(
-            invoice_stream_id("nexacloud", Uuid::nil(), "2026-12-01T05:00:00Z".parse().unwrap()),
+            invoice_stream_id(
+                "nexacloud",
+                Uuid::nil(),
+                "2026-12-01T05:00:00Z".parse().unwrap()
+            ),
             "nexacloud/00000000-0000-0000-0000-000000000000/2026-12-01T05:00:00.000000Z"
         );
     }

@@ -368,8 +368,10 @@ async fn apply_subscription(
         SubscriptionEvent::SubscriptionCreated(terms) => {
             sqlx::query(
                 "INSERT INTO subscriptions (service_code, external_id, lago_id, external_customer_id, \
-                 plan_code, plan_version, shadow, subscription_at, resource, created_at, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10)",
+                 plan_code, plan_version, shadow, subscription_at, resource, created_at, updated_at, \
+                 plan_history) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, \
+                 jsonb_build_array(jsonb_build_object('since', $8, 'code', $5::text, 'version', $6::int)))",
             )
             .bind(service)
             .bind(external_id)
@@ -418,9 +420,15 @@ async fn apply_subscription(
             .execute(conn)
             .await?;
         }
-        SubscriptionEvent::SubscriptionPlanChanged { previous, plan, .. } => {
+        SubscriptionEvent::SubscriptionPlanChanged {
+            previous,
+            plan,
+            changed_at,
+        } => {
             sqlx::query(&update(
-                "plan_code = $4, plan_version = $5, resource = resource || jsonb_build_object(\
+                "plan_code = $4, plan_version = $5, plan_history = plan_history || \
+                 jsonb_build_array(jsonb_build_object('since', $8::timestamptz, 'code', $4::text, \
+                 'version', $5::int)), resource = resource || jsonb_build_object(\
                  'plan_code', $4::text, 'plan_version', $5::int, 'lago_plan_id', $6::uuid, \
                  'previous_plan_code', $7::text)",
             ))
@@ -431,6 +439,7 @@ async fn apply_subscription(
             .bind(plan.version as i32)
             .bind(plan.lago_id)
             .bind(&previous.code)
+            .bind(changed_at)
             .execute(conn)
             .await?;
         }

@@ -10,12 +10,14 @@
 #![warn(missing_docs, rust_2018_idioms)]
 
 pub mod catalog;
+pub mod invoices;
 pub mod log;
 pub mod projection;
 pub mod service_directory;
 pub mod usage;
 
 pub use catalog::Catalog;
+pub use invoices::Invoices;
 pub use log::{LogCursor, LogEvent};
 pub use projection::{Projection, ProjectionError};
 pub use service_directory::ServiceDirectory;
@@ -27,5 +29,6 @@ pub fn all() -> Vec<Box<dyn Projection>> {
         Box::new(ServiceDirectory),
         Box::new(Catalog),
         Box::new(Usage),
+        Box::new(Invoices),
     ]
 }

@@ -106,9 +106,9 @@ async fn insert_events(
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO usage_events (subscription_lago_id, metric_code, transaction_id, \"timestamp\", value, \
-         period_start, position) \
+         period_start, position, log_transaction_id, unique_key) \
          SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[], $5::numeric[], \
-                              $6::timestamptz[], $7::bigint[])",
+                              $6::timestamptz[], $7::bigint[], $8::bigint[], $9::text[])",
     )
     .bind(records.iter().map(|(r, _)| r.subscription_lago_id).collect::<Vec<_>>())
     .bind(records.iter().map(|(r, _)| r.sent.code.clone().unwrap_or_default()).collect::<Vec<_>>())
@@ -117,6 +117,8 @@ async fn insert_events(
     .bind(records.iter().map(|(r, _)| r.value).collect::<Vec<_>>())
     .bind(records.iter().map(|(r, _)| r.period.start).collect::<Vec<_>>())
     .bind(records.iter().map(|(_, e)| e.position).collect::<Vec<_>>())
+    .bind(records.iter().map(|(_, e)| e.transaction_id).collect::<Vec<_>>())
+    .bind(records.iter().map(|(r, _)| r.unique_key.clone()).collect::<Vec<_>>())
     .execute(conn)
     .await?;
     Ok(())

@@ -7,6 +7,7 @@ mod catalog;
 mod embedded_cluster;
 mod event_log;
 mod helpers;
+mod invoicing;
 mod log_ordering;
 mod projection_runner;
 mod tenancy;

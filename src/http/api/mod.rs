@@ -8,6 +8,7 @@
 mod billable_metrics;
 mod customers;
 mod events;
+mod invoices;
 mod plans;
 mod subscriptions;
 mod taxes;
@@ -36,6 +37,7 @@ pub fn router() -> Router<AppState> {
         .merge(customers::router())
         .merge(subscriptions::router())
         .merge(events::router())
+        .merge(invoices::router())
 }
 
 /// The service a request acts for, proven by an active API key of an active
