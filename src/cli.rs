@@ -130,6 +130,16 @@ pub enum BenchCommand {
         #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
         concurrency: Vec<usize>,
     },
+    /// Time the period closer finalizing one invoice per subscription,
+    /// beside a raw read of the same usage rows, on a throwaway cluster.
+    Close {
+        /// Subscriptions to invoice.
+        #[arg(long, default_value_t = 10_000)]
+        subscriptions: usize,
+        /// Usage events per subscription.
+        #[arg(long, default_value_t = 100)]
+        events: usize,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -228,6 +238,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 data_dir: config.data_dir.clone(),
                 seconds,
                 concurrency,
+            })
+            .await?
+        }
+        Command::Bench {
+            command:
+                BenchCommand::Close {
+                    subscriptions,
+                    events,
+                },
+        } => {
+            crate::bench_close::run(crate::bench_close::CloseBench {
+                data_dir: config.data_dir.clone(),
+                subscriptions,
+                events_per_subscription: events,
             })
             .await?
         }
