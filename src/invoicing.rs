@@ -70,8 +70,9 @@ pub struct SubscriptionBilling {
     /// The customer's taxes: (code, rate in percent).
     pub taxes: Vec<(String, Decimal)>,
     pub schedule: BillingSchedule,
-    /// The latest finalized invoice's instant, per the `invoices` projection
-    /// (a hint: the log decides).
+    /// Everything issued up to here is finalized, per the `invoices`
+    /// projection (just before its oldest draft, else its latest finalized
+    /// invoice). A hint that saves reading old streams: the log decides.
     pub last_finalized_at: Option<DateTime<Utc>>,
 }
 
@@ -97,8 +98,10 @@ const BILLING_SELECT: &str = "SELECT s.service_code, s.lago_id, s.external_id, \
         coalesce((SELECT jsonb_agg(jsonb_build_array(t.code, t.rate::text) ORDER BY t.code) FROM taxes t \
            WHERE t.service_code = s.service_code \
              AND t.code IN (SELECT jsonb_array_elements_text(c.resource->'tax_codes'))), '[]') AS taxes, \
-        (SELECT max(i.issued_at) FROM invoices i WHERE i.subscription_lago_id = s.lago_id \
-           AND i.status = 'finalized') AS last_finalized_at \
+        coalesce((SELECT min(i.issued_at) - interval '1 microsecond' FROM invoices i \
+                  WHERE i.subscription_lago_id = s.lago_id AND i.status = 'draft'), \
+                 (SELECT max(i.issued_at) FROM invoices i WHERE i.subscription_lago_id = s.lago_id \
+                  AND i.status = 'finalized')) AS last_finalized_at \
     FROM subscriptions s \
     JOIN customers c ON c.service_code = s.service_code AND c.external_id = s.external_customer_id";
 

@@ -522,6 +522,7 @@ pub async fn current_usage(
     let currency = entry.plan.amount_currency.as_str();
     let mut charges = Vec::with_capacity(entry.plan.charges.len());
     let mut amount_cents = 0i64;
+    let mut taxes_amount_cents = 0i64;
     for charge in &entry.plan.charges {
         let usage = charge_usage(
             pool,
@@ -535,6 +536,8 @@ pub async fn current_usage(
         let precise = charge_amount(&charge.pricing, &usage);
         let cents = to_minor_units(precise, currency);
         amount_cents += cents;
+        // Tax per fee, as on the invoice (`aggregates::billing`).
+        taxes_amount_cents += tax_minor_units(cents, tax_rates);
         charges.push(json!({
             "units": usage.units.normalize().to_string(),
             "total_aggregated_units": usage.units.normalize().to_string(),
@@ -548,7 +551,6 @@ pub async fn current_usage(
             "filters": [],
         }));
     }
-    let taxes_amount_cents = tax_minor_units(amount_cents, tax_rates);
     Ok(json!({
         "from_datetime": projections::catalog::timestamp(period.start),
         "to_datetime": projections::catalog::timestamp(period.end),

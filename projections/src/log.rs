@@ -71,6 +71,10 @@ const SELECT_EVENTS: &str = "SELECT position, transaction_id::text::bigint AS tr
 
 /// The next `limit` events after `cursor` in log order, never returning an
 /// event while an older transaction that could still write below it runs.
+/// (The ORDER BY names the table's columns: the select list aliases
+/// `transaction_id` to an integer, and ordering by that alias would sort the
+/// whole remaining log instead of walking the `(transaction_id, position)`
+/// index.)
 pub async fn read_after(
     conn: &mut PgConnection,
     cursor: LogCursor,
@@ -80,7 +84,7 @@ pub async fn read_after(
         "{SELECT_EVENTS} \
          WHERE (transaction_id, position) > ($1::text::xid8, $2) \
            AND transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
-         ORDER BY transaction_id, position \
+         ORDER BY events.transaction_id, events.position \
          LIMIT $3"
     ))
     .bind(cursor.transaction_id.to_string())

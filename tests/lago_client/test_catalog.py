@@ -274,6 +274,52 @@ class CatalogThroughTheOfficialClient(unittest.TestCase):
         self.assertEqual(usage.total_amount_cents, 85)
         self.assertEqual(usage.charges_usage[0].units, "396000")
 
+    def test_invoices_find_all_find_and_finalize(self):
+        self.create_catalog()
+        # A long grace period keeps every closed period a draft.
+        self.client.customers.create(
+            Customer(
+                external_id="cus_ada",
+                billing_configuration=CustomerBillingConfiguration(invoice_grace_period=3650),
+            )
+        )
+        # Midnight, September 1st 2026, in Toronto.
+        self.client.subscriptions.create(
+            Subscription(
+                external_customer_id="cus_ada",
+                plan_code="starter",
+                external_id="dep_1",
+                subscription_at="2026-09-01T04:00:00Z",
+            )
+        )
+        september = {"external_customer_id": "cus_ada", "issuing_date_from": "2026-10-01",
+                     "issuing_date_to": "2026-10-01"}
+        deadline = time.time() + 30
+        while not self.client.invoices.find_all(september)["invoices"] and time.time() < deadline:
+            time.sleep(0.2)
+        drafts = self.client.invoices.find_all(september)["invoices"]
+        self.assertEqual(len(drafts), 1, "the period closer drafted September's invoice")
+        draft = drafts[0]
+        self.assertEqual((draft.status, draft.invoice_type, draft.currency), ("draft", "subscription", "CAD"))
+        self.assertEqual(draft.billing_periods.__root__[0].invoicing_reason, "subscription_periodic")
+        finalized = self.client.invoices.finalize(draft.lago_id)
+        self.assertEqual(finalized.status, "finalized")
+        self.assertTrue(finalized.number.endswith("-000001"))
+        # $19.00 for all of September, HST 13%: 247 cents.
+        self.assertEqual(
+            (finalized.fees_amount_cents, finalized.taxes_amount_cents, finalized.total_amount_cents),
+            (1900, 247, 2147),
+        )
+        fees = finalized.fees.__root__
+        self.assertEqual([(f.item.type, f.amount_cents) for f in fees], [("subscription", 1900), ("charge", 0)])
+        found = self.client.invoices.find(draft.lago_id)
+        self.assertEqual((found.status, found.number), ("finalized", finalized.number))
+        listed = self.client.invoices.find_all({"status": "finalized"})
+        self.assertEqual([i.lago_id for i in listed["invoices"]], [draft.lago_id])
+        with self.assertRaises(LagoApiError) as again:
+            self.client.invoices.finalize(draft.lago_id)
+        self.assertEqual(again.exception.status_code, 405)
+
     def test_another_services_key_finds_nothing(self):
         self.create_catalog()
         other = new_service_client()
