@@ -471,3 +471,116 @@ async fn invoices_of_another_service_are_not_found(pool: PgPool) {
     let (status, _) = svc.get("/invoices/not-a-uuid").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
+
+#[sqlx::test]
+async fn pay_in_advance_bills_the_flat_fee_at_the_start_of_each_period(pool: PgPool) {
+    let app = spawn_app_with_limits(pool, limits()).await;
+    let svc = app.service("nexacloud").await;
+    svc.nexacloud_catalog().await;
+    svc.put("/plans/starter", json!({"plan": {"pay_in_advance": true}}))
+        .await;
+    // 2026-09-13 10:00 in Toronto; September has 30 days.
+    subscribe(&svc, "dep_1", "cus_ada", "2026-09-13T14:00:00Z").await;
+    usage(&svc, "a", "dep_1", "2026-09-20T12:00:00Z", "39600").await;
+    close(&app, "2026-10-02T00:00:00Z").await;
+    let mut all = invoices(&svc, "").await;
+    all.reverse();
+    let reasons: Vec<&str> = all
+        .iter()
+        .map(|i| {
+            i["billing_periods"][0]["invoicing_reason"]
+                .as_str()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        reasons,
+        vec!["subscription_starting", "subscription_periodic"]
+    );
+    // At the start: September 13th..30th in advance, $19 × 18/30.
+    assert_eq!(
+        lines(&all[0]),
+        vec![line("subscription", "starter", 1140, 148)]
+    );
+    assert_eq!(all[0]["issuing_date"], "2026-09-13");
+    // October 1st: October in advance, and September's usage (3,600 s over: 1¢).
+    assert_eq!(
+        lines(&all[1]),
+        vec![
+            line("subscription", "starter", 1900, 247),
+            line("charge", "cpu_seconds", 1, 0)
+        ]
+    );
+    let period = &all[1]["billing_periods"][0];
+    assert_eq!(period["subscription_from_datetime"], "2026-10-01T04:00:00Z");
+    assert_eq!(period["subscription_to_datetime"], "2026-11-01T04:00:00Z");
+    assert_eq!(period["charges_from_datetime"], "2026-09-13T14:00:00Z");
+    assert_eq!(period["charges_to_datetime"], "2026-10-01T04:00:00Z");
+}
+
+#[sqlx::test]
+async fn a_plan_change_closes_the_old_plans_days_on_their_own_invoice(pool: PgPool) {
+    let app = spawn_app_with_limits(pool, limits()).await;
+    let svc = app.service("nexacloud").await;
+    let metric = svc.nexacloud_catalog().await;
+    svc.created(
+        "/customers",
+        json!({"customer": {"external_id": "cus_utc", "currency": "CAD", "timezone": "UTC"}}),
+    )
+    .await;
+    svc.created(
+        "/plans",
+        json!({"plan": {"name": "Pro", "code": "pro", "interval": "monthly", "amount_cents": 6000,
+            "amount_currency": "CAD", "charges": [{"billable_metric_id": metric["billable_metric"]["lago_id"],
+            "charge_model": "standard", "properties": {"amount": "0.0075", "unit_size": "3600", "free_units": "36000"}}]}}),
+    )
+    .await;
+    subscribe(
+        &svc,
+        "dep_1",
+        "cus_utc",
+        &(Utc::now() - Duration::days(70)).to_rfc3339(),
+    )
+    .await;
+    let (status, body) = svc
+        .post(
+            "/subscriptions/dep_1/change_plan",
+            json!({"subscription": {"plan_code": "pro"}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let changed_at = Utc::now();
+    close(&app, &(changed_at + Duration::seconds(5)).to_rfc3339()).await;
+    let all = invoices(&svc, "").await;
+    // The newest invoice closes the old plan at the change: days 1 to the
+    // day before the change (the change day is billed on the new plan).
+    let closing = &all[0];
+    let days = i64::from(changed_at.day()) - 1;
+    let fees = lines(closing);
+    if days == 0 {
+        // Changed on the 1st: the old plan has no days left to bill.
+        assert_eq!(fees, vec![line("charge", "cpu_seconds", 0, 0)]);
+    } else {
+        assert_eq!(fees[0].1, "starter");
+        assert_eq!(closing["fees"][0]["proration"]["days"], days);
+        assert_eq!(closing["fees"][0]["plan_code"], "starter");
+    }
+    // The next boundary bills the new plan from the change day on.
+    let next_month = (changed_at.date_naive().with_day(1).unwrap() + chrono::Months::new(1))
+        .and_hms_opt(0, 0, 0)
+        .unwrap()
+        .and_utc();
+    close(&app, &(next_month + Duration::seconds(1)).to_rfc3339()).await;
+    let next = invoices(&svc, "").await.remove(0);
+    let month_days = (next_month - Duration::days(1)).day() as i64;
+    let new_days = month_days - days;
+    assert_eq!(next["fees"][0]["plan_code"], "pro");
+    assert_eq!(next["fees"][0]["proration"]["days"], new_days);
+    let expected = (rust_decimal::Decimal::from(6000 * new_days)
+        / rust_decimal::Decimal::from(month_days))
+    .round_dp_with_strategy(0, rust_decimal::RoundingStrategy::MidpointAwayFromZero);
+    assert_eq!(
+        next["fees"][0]["amount_cents"].as_i64().unwrap(),
+        i64::try_from(expected).unwrap()
+    );
+}
