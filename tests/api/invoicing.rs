@@ -584,3 +584,68 @@ async fn a_plan_change_closes_the_old_plans_days_on_their_own_invoice(pool: PgPo
         i64::try_from(expected).unwrap()
     );
 }
+
+#[sqlx::test]
+async fn a_close_that_fails_midway_leaves_nothing_and_the_next_one_issues_everything_once(
+    pool: PgPool,
+) {
+    let app = spawn_app_with_limits(pool, limits()).await;
+    let svc = app.service("nexacloud").await;
+    svc.nexacloud_catalog().await;
+    for n in 0..3 {
+        subscribe(&svc, &format!("dep_{n}"), "cus_ada", "2026-09-01T04:00:00Z").await;
+    }
+    app.catch_up().await;
+    // The crash: the last write of the closing transaction fails, after the
+    // invoice events and numbers were written in it.
+    sqlx::raw_sql(
+        "CREATE FUNCTION crash() RETURNS trigger LANGUAGE plpgsql AS \
+           $$ BEGIN RAISE EXCEPTION 'crash mid-close'; END $$; \
+         CREATE TRIGGER crash BEFORE INSERT ON billed_windows FOR EACH ROW EXECUTE FUNCTION crash();",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let failed = close_due(
+        &app.pool,
+        None,
+        Duration::days(WINDOW_DAYS),
+        utc("2026-10-02T00:00:00Z"),
+    )
+    .await;
+    assert!(failed.is_err());
+    let count = |sql: &'static str| {
+        let pool = app.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        count("SELECT count(*) FROM events WHERE aggregate_type = 'Invoice'").await,
+        0
+    );
+    assert_eq!(
+        count("SELECT coalesce(sum(last_number), 0)::bigint FROM invoice_sequences").await,
+        0
+    );
+    sqlx::raw_sql("DROP TRIGGER crash ON billed_windows")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    // The restart.
+    let report = close(&app, "2026-10-02T00:00:00Z").await;
+    assert_eq!(report.finalized, 3);
+    assert_eq!(
+        close(&app, "2026-10-02T00:00:00Z").await,
+        CloseReport::default()
+    );
+    let numbers: Vec<i64> =
+        sqlx::query_scalar("SELECT sequential_number FROM invoices ORDER BY sequential_number")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(numbers, vec![1, 2, 3]);
+}
