@@ -76,9 +76,14 @@ async fn measure(cluster: &EmbeddedPostgres, options: &IngestBench) -> anyhow::R
     let raw_pool = pool_options(max_clients + 2)
         .connect_with(cluster.connect_options())
         .await?;
-    sqlx::query("CREATE TABLE bench_raw_events (LIKE events INCLUDING ALL)")
-        .execute(&raw_pool)
-        .await?;
+    // The same table, with the same per-row hash the log computes on insert.
+    sqlx::raw_sql(
+        "CREATE TABLE bench_raw_events (LIKE events INCLUDING ALL); \
+         CREATE TRIGGER bench_chain BEFORE INSERT ON bench_raw_events \
+           FOR EACH ROW EXECUTE FUNCTION events_chain();",
+    )
+    .execute(&raw_pool)
+    .await?;
 
     println!(
         "ingest benchmark: {} s per measurement, {SUBSCRIPTIONS} subscriptions, machine: {} cores",

@@ -101,6 +101,15 @@ pub enum Command {
     },
     /// Start the ledger, record a few facts through its API and print what it knows.
     Demo,
+    /// Seal the log now: a `LogSealed` event hashing every event since the last seal.
+    Seal,
+    /// Prove that no recorded event was altered, removed, inserted or
+    /// reordered: stream hash chains and seals. Exits 1 at the first break.
+    Verify {
+        /// Verify from this log position on.
+        #[arg(long, default_value_t = 0)]
+        from: i64,
+    },
     /// Measure throughput against PostgreSQL's own limit, in one run.
     Bench {
         #[command(subcommand)]
@@ -227,6 +236,42 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             result?;
         }
         Command::Demo => crate::demo::run(&config).await?,
+        Command::Seal => {
+            let database = Database::open(&config, ClusterAccess::ShareIfRunning).await?;
+            let sealed = crate::audit::seal(&database.pool).await;
+            database.close().await;
+            println!("{} seal(s) written", sealed?);
+        }
+        Command::Verify { from } => {
+            let database = Database::open(&config, ClusterAccess::ShareIfRunning).await?;
+            let started = std::time::Instant::now();
+            let verified = crate::audit::verify(&database.pool, from).await;
+            database.close().await;
+            let verified = verified?;
+            let seconds = started.elapsed().as_secs_f64();
+            println!(
+                "{} events chain-checked, {} seals checked, {} events after the last seal, in {seconds:.2} s ({:.0} events/s)",
+                verified.events_checked,
+                verified.seals_checked,
+                verified.unsealed,
+                verified.events_checked as f64 / seconds.max(1e-9)
+            );
+            if let Some(digest) = &verified.latest_digest {
+                println!("latest seal digest (keep it outside the database): {digest}");
+            }
+            match verified.first_break {
+                None => {
+                    println!("the log verifies: no event altered, removed, inserted or reordered")
+                }
+                Some(broken) => {
+                    println!(
+                        "the proof breaks at position {}: {broken:?}",
+                        broken.position()
+                    );
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
+        }
         Command::Bench {
             command:
                 BenchCommand::Ingest {
@@ -297,6 +342,11 @@ async fn serve(
         interval: close_every,
     };
     let closer = tokio::spawn(closer.run(runner_stopped.clone()));
+    let sealer = tokio::spawn(crate::audit::run_sealer(
+        database.pool.clone(),
+        std::time::Duration::from_secs(60),
+        runner_stopped.clone(),
+    ));
     let runner = tokio::spawn(runner.run(runner_stopped));
     let app = Application::build(state, listen)
         .await
@@ -306,6 +356,7 @@ async fn serve(
     let _ = stop_runner.send(true);
     let _ = runner.await;
     let _ = closer.await;
+    let _ = sealer.await;
     database.close().await;
     served.context("the HTTP server failed")
 }

@@ -24,6 +24,8 @@ pub enum Actor {
     Service(String),
     /// The period closer inside `ledger serve`.
     Closer,
+    /// The log sealer (`ledger serve`, `ledger seal`).
+    Sealer,
 }
 
 impl fmt::Display for Actor {
@@ -32,6 +34,7 @@ impl fmt::Display for Actor {
             Actor::Operator => f.write_str("operator"),
             Actor::Service(code) => write!(f, "service:{code}"),
             Actor::Closer => f.write_str("period-closer"),
+            Actor::Sealer => f.write_str("log-sealer"),
         }
     }
 }

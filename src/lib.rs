@@ -5,6 +5,7 @@
 //! `projections`; this crate is the I/O around them.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod bench;
 pub mod bench_close;
 pub mod cli;

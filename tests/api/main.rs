@@ -10,5 +10,6 @@ mod helpers;
 mod invoicing;
 mod log_ordering;
 mod projection_runner;
+mod tamper_evidence;
 mod tenancy;
 mod usage;
