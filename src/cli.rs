@@ -187,7 +187,14 @@ pub enum ProjectionsCommand {
     /// Empty a projection and replay the whole log into it.
     Rebuild {
         /// The projection's name (see `ledger projections status`).
-        name: String,
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        name: Option<String>,
+        /// Every projection.
+        #[arg(long)]
+        all: bool,
+        /// Rebuild into this schema beside the live tables (left untouched).
+        #[arg(long)]
+        into: Option<String>,
     },
 }
 
@@ -463,18 +470,44 @@ async fn projections(database: &Database, command: ProjectionsCommand) -> anyhow
                 );
             }
         }
-        ProjectionsCommand::Rebuild { name } => {
-            let Some(projection) = runner.projections().find(|p| p.name() == name) else {
-                let known: Vec<&str> = runner.projections().map(|p| p.name()).collect();
-                bail!("no projection named '{name}' (known: {})", known.join(", "));
+        ProjectionsCommand::Rebuild { name, all, into } => {
+            let chosen: Vec<&dyn projections::Projection> = match name {
+                _ if all => runner.projections().collect(),
+                Some(name) => match runner.projections().find(|p| p.name() == name) {
+                    Some(projection) => vec![projection],
+                    None => {
+                        let known: Vec<&str> = runner.projections().map(|p| p.name()).collect();
+                        bail!("no projection named '{name}' (known: {})", known.join(", "));
+                    }
+                },
+                None => bail!("name a projection or pass --all"),
             };
+            let names: Vec<&str> = chosen.iter().map(|p| p.name()).collect();
             let started = std::time::Instant::now();
-            projection_runner::reset(&database.pool, projection).await?;
-            let applied = runner.catch_up_one(projection).await?;
-            println!(
-                "rebuilt {name}: {applied} events replayed in {:.2?}",
-                started.elapsed()
-            );
+            match into {
+                Some(schema) => {
+                    let (read, cursor) =
+                        projection_runner::rebuild_into(&database.pool, &chosen, &schema).await?;
+                    println!(
+                        "rebuilt {} into schema {schema}: {read} events read up to position {} in {:.2?}; live tables untouched",
+                        names.join(", "),
+                        cursor.position,
+                        started.elapsed()
+                    );
+                }
+                None => {
+                    let mut applied = 0;
+                    for projection in chosen {
+                        projection_runner::reset(&database.pool, projection).await?;
+                        applied += runner.catch_up_one(projection).await?;
+                    }
+                    println!(
+                        "rebuilt {}: {applied} events replayed in {:.2?}",
+                        names.join(", "),
+                        started.elapsed()
+                    );
+                }
+            }
         }
     }
     Ok(())

@@ -321,3 +321,80 @@ pub async fn reset(pool: &PgPool, projection: &dyn Projection) -> Result<(), sql
     .await?;
     tx.commit().await
 }
+
+/// Why a side-by-side rebuild was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RebuildError {
+    /// The schema name is not a plain lower-case identifier, or is `public`.
+    #[error("'{0}' is not a schema a rebuild may write to (lower-case letters, digits and _, not public)")]
+    InvalidSchema(String),
+    #[error(transparent)]
+    Projection(#[from] ProjectionError),
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+/// Rebuild `projections` from the whole log into `schema`, beside the live
+/// tables, which are left untouched: each table is recreated there like
+/// its live twin and the same folds write to it (through the connection's
+/// `search_path`). Returns the events read and the log position reached.
+/// This is how a rebuild is compared with live, and how alternative
+/// computations run next to the real ones.
+pub async fn rebuild_into(
+    pool: &PgPool,
+    projections: &[&dyn Projection],
+    schema: &str,
+) -> Result<(usize, LogCursor), RebuildError> {
+    let valid = !schema.is_empty()
+        && schema != "public"
+        && !schema.starts_with("pg_")
+        && schema
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && !schema.starts_with(|c: char| c.is_ascii_digit());
+    if !valid {
+        return Err(RebuildError::InvalidSchema(schema.to_string()));
+    }
+    let mut conn = pool.acquire().await?;
+    let mut ddl = format!("CREATE SCHEMA IF NOT EXISTS {schema};");
+    for projection in projections {
+        for table in projection.tables() {
+            ddl.push_str(&format!(
+                "DROP TABLE IF EXISTS {schema}.{table}; \
+                 CREATE TABLE {schema}.{table} (LIKE public.{table} INCLUDING ALL);"
+            ));
+        }
+    }
+    sqlx::raw_sql(&ddl).execute(&mut *conn).await?;
+    sqlx::query(&format!("SET search_path TO {schema}, public"))
+        .execute(&mut *conn)
+        .await?;
+    let mut cursor = LogCursor::START;
+    let mut read = 0;
+    let result: Result<(), RebuildError> = async {
+        loop {
+            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+            let events = log::read_after(&mut tx, cursor, BATCH_SIZE).await?;
+            let Some(last) = events.last().map(|e| e.cursor()) else {
+                let held_back = log::any_after(&mut tx, cursor).await?;
+                tx.commit().await?;
+                if held_back {
+                    tokio::time::sleep(HELD_BACK_RETRY).await;
+                    continue;
+                }
+                return Ok(());
+            };
+            for projection in projections {
+                projection.apply_batch(&mut tx, &events).await?;
+            }
+            tx.commit().await?;
+            read += events.len();
+            cursor = last;
+        }
+    }
+    .await;
+    // The connection goes back to the pool: give it back its own path.
+    sqlx::query("RESET search_path").execute(&mut *conn).await?;
+    result?;
+    Ok((read, cursor))
+}

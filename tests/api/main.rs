@@ -10,6 +10,7 @@ mod helpers;
 mod invoicing;
 mod log_ordering;
 mod projection_runner;
+mod rebuild;
 mod tamper_evidence;
 mod tenancy;
 mod usage;
