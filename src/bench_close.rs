@@ -50,7 +50,7 @@ pub async fn run(options: CloseBench) -> anyhow::Result<()> {
     result
 }
 
-const CLIENTS: usize = 8;
+pub(crate) const CLIENTS: usize = 8;
 
 async fn measure(cluster: &EmbeddedPostgres, options: &CloseBench) -> anyhow::Result<()> {
     let pool = pool_options(CLIENTS as u32 + 8)
@@ -177,7 +177,7 @@ async fn post(
     Ok(body)
 }
 
-async fn setup_catalog(
+pub(crate) async fn setup_catalog(
     http: &reqwest::Client,
     base: &str,
     admin_key: &str,
@@ -240,7 +240,7 @@ async fn setup_catalog(
     Ok(key)
 }
 
-async fn record_usage(
+pub(crate) async fn record_usage(
     http: &reqwest::Client,
     base: &str,
     key: &str,

@@ -149,6 +149,16 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 100)]
         events: usize,
     },
+    /// Time rebuilding the usage and invoices projections, sealing and
+    /// verifying, beside a raw read of the log, on a throwaway cluster.
+    Rebuild {
+        /// Subscriptions.
+        #[arg(long, default_value_t = 1_000)]
+        subscriptions: usize,
+        /// Usage events per subscription.
+        #[arg(long, default_value_t = 1_000)]
+        events: usize,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -301,6 +311,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
         } => {
             crate::bench_close::run(crate::bench_close::CloseBench {
+                data_dir: config.data_dir.clone(),
+                subscriptions,
+                events_per_subscription: events,
+            })
+            .await?
+        }
+        Command::Bench {
+            command:
+                BenchCommand::Rebuild {
+                    subscriptions,
+                    events,
+                },
+        } => {
+            crate::bench_rebuild::run(crate::bench_rebuild::RebuildBench {
                 data_dir: config.data_dir.clone(),
                 subscriptions,
                 events_per_subscription: events,

@@ -8,6 +8,7 @@
 pub mod audit;
 pub mod bench;
 pub mod bench_close;
+pub mod bench_rebuild;
 pub mod cli;
 pub mod database;
 pub mod demo;

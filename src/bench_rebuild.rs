@@ -1,0 +1,179 @@
+//! `ledger bench rebuild`: rebuilding the usage and invoices projections
+//! from a log of a million usage events, beside a raw sequential read of the
+//! same rows; and `ledger verify` on that log.
+//!
+//! On a throwaway embedded cluster (durable settings) it records N × M usage
+//! events through the HTTP API (the set-up of `bench close`), closes last
+//! month (N invoices), then measures, in one run: a raw read of every event
+//! row in log order (the columns a projection reads, as text, streamed); the
+//! in-place rebuild of `usage` and of `invoices` (reset, then replay the
+//! whole log — what `ledger projections rebuild` does); both rebuilt side by
+//! side in one pass (`--into`); sealing and verifying the log. Peak RSS is
+//! printed with the figures.
+
+use std::time::Instant;
+
+use chrono::{Datelike, TimeZone, Utc};
+use futures_util::TryStreamExt;
+
+use crate::bench::peak_rss_mib;
+use crate::bench_close::{record_usage, setup_catalog};
+use crate::database::{pool_options, MIGRATOR};
+use crate::embedded::{ClusterSettings, EmbeddedPostgres};
+use crate::http::admin::AdminKey;
+use crate::http::AppState;
+use crate::projection_runner::{self, rebuild_into, ProjectionRunner};
+use crate::startup::LocalLedger;
+use projections::Projection;
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct RebuildBench {
+    pub data_dir: std::path::PathBuf,
+    pub subscriptions: usize,
+    pub events_per_subscription: usize,
+}
+
+pub async fn run(options: RebuildBench) -> anyhow::Result<()> {
+    let dir = options
+        .data_dir
+        .join(format!("bench-rebuild-{}", std::process::id()));
+    let settings = ClusterSettings {
+        max_connections: 100,
+        durability_off: false,
+    };
+    let mut cluster = EmbeddedPostgres::open(&dir, settings).await?;
+    cluster.start().await?;
+    let result = measure(&cluster, &options).await;
+    cluster.stop().await?;
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn rate(events: i64, seconds: f64) -> f64 {
+    events as f64 / seconds.max(1e-9)
+}
+
+async fn measure(cluster: &EmbeddedPostgres, options: &RebuildBench) -> anyhow::Result<()> {
+    let pool = pool_options(crate::bench_close::CLIENTS as u32 + 8)
+        .connect_with(cluster.connect_options())
+        .await?;
+    MIGRATOR.run(&pool).await?;
+    let admin_key = uuid::Uuid::new_v4().to_string();
+    let window = chrono::Duration::days(400);
+    let limits = aggregates::usage::UsageLimits {
+        acceptance_window: window,
+        ..Default::default()
+    };
+    let state = AppState::new(pool.clone(), Some(AdminKey::new(&admin_key)), limits).await?;
+    let ledger = LocalLedger::start(state).await?;
+    let http = reqwest::Client::new();
+    let this_month = Utc.from_utc_datetime(
+        &Utc::now()
+            .date_naive()
+            .with_day(1)
+            .expect("day 1")
+            .and_hms_opt(0, 0, 0)
+            .expect("midnight"),
+    );
+    let last_month = this_month - chrono::Months::new(1);
+    let (n, m) = (options.subscriptions, options.events_per_subscription);
+    println!(
+        "rebuild benchmark: {n} subscriptions × {m} usage events, machine: {} cores",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    );
+    let setup = Instant::now();
+    let key = setup_catalog(&http, &ledger.base_url, &admin_key, n, last_month).await?;
+    // Spread over the month: at most one event a minute per subscription.
+    record_usage(&http, &ledger.base_url, &key, n, m, last_month).await?;
+    let runner = ProjectionRunner::for_all(pool.clone()).await?;
+    runner.catch_up().await?;
+    ledger.stop().await;
+    let closed = crate::invoicing::close_due(
+        &pool,
+        None,
+        window,
+        this_month + chrono::Duration::seconds(1),
+    )
+    .await?;
+    runner.catch_up().await?;
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&pool)
+        .await?;
+    println!(
+        "set-up: {events} events in the log ({} invoices), {:.1} s",
+        closed.finalized,
+        setup.elapsed().as_secs_f64()
+    );
+
+    let started = Instant::now();
+    let mut rows = sqlx::query_as::<_, (i64, String, String, String, String, String)>(
+        "SELECT position, aggregate_type, aggregate_id, event_type, payload::text, metadata::text \
+         FROM events ORDER BY transaction_id, position",
+    )
+    .fetch(&pool);
+    let mut read = 0i64;
+    while rows.try_next().await?.is_some() {
+        read += 1;
+    }
+    let raw = started.elapsed().as_secs_f64();
+    let raw_rate = rate(read, raw);
+
+    println!(
+        "{:<58} {:>9} {:>12} {:>7}",
+        "measure", "seconds", "events/s", "vs raw"
+    );
+    let row = |name: &str, seconds: f64, count: i64| {
+        let r = rate(count, seconds);
+        println!("{name:<58} {seconds:>9.2} {r:>12.0} {:>7.2}", r / raw_rate);
+    };
+    row(
+        "raw read of every event row in log order (reference)",
+        raw,
+        read,
+    );
+    for name in ["usage", "invoices"] {
+        let projection = runner
+            .projections()
+            .find(|p| p.name() == name)
+            .expect("known");
+        let started = Instant::now();
+        projection_runner::reset(&pool, projection).await?;
+        let applied = runner.catch_up_one(projection).await? as i64;
+        row(
+            &format!("rebuild {name} in place"),
+            started.elapsed().as_secs_f64(),
+            applied,
+        );
+    }
+    let both: Vec<&dyn Projection> = runner
+        .projections()
+        .filter(|p| ["usage", "invoices"].contains(&p.name()))
+        .collect();
+    let started = Instant::now();
+    let (applied, _) = rebuild_into(&pool, &both, "bench_rebuilt").await?;
+    row(
+        "rebuild usage + invoices side by side (one pass)",
+        started.elapsed().as_secs_f64(),
+        applied as i64,
+    );
+    let started = Instant::now();
+    crate::audit::seal(&pool).await?;
+    row("seal the log", started.elapsed().as_secs_f64(), events);
+    let started = Instant::now();
+    let verified = crate::audit::verify(&pool, 0).await?;
+    row(
+        "verify the log (chains and seals)",
+        started.elapsed().as_secs_f64(),
+        verified.events_checked,
+    );
+    if let Some(broken) = verified.first_break {
+        anyhow::bail!("the fresh log does not verify: {broken:?}");
+    }
+    println!("peak RSS of the ledger process: {} MiB", peak_rss_mib());
+    pool.close().await;
+    Ok(())
+}
