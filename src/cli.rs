@@ -103,6 +103,11 @@ pub enum Command {
     Demo,
     /// Seal the log now: a `LogSealed` event hashing every event since the last seal.
     Seal,
+    /// Explain a finalized invoice: every fee's events and arithmetic.
+    Explain {
+        #[command(subcommand)]
+        command: ExplainCommand,
+    },
     /// Prove that no recorded event was altered, removed, inserted or
     /// reordered: stream hash chains and seals. Exits 1 at the first break.
     Verify {
@@ -158,6 +163,15 @@ pub enum BenchCommand {
         /// Usage events per subscription.
         #[arg(long, default_value_t = 1_000)]
         events: usize,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ExplainCommand {
+    /// An invoice, by its lago_id (JSON on stdout).
+    Invoice {
+        /// The invoice's lago_id.
+        lago_id: uuid::Uuid,
     },
 }
 
@@ -253,6 +267,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             result?;
         }
         Command::Demo => crate::demo::run(&config).await?,
+        Command::Explain {
+            command: ExplainCommand::Invoice { lago_id },
+        } => {
+            let database = Database::open(&config, ClusterAccess::ShareIfRunning).await?;
+            let explained = crate::explain::explain_invoice(&database.pool, lago_id).await;
+            database.close().await;
+            match explained? {
+                Some(explained) => println!("{}", serde_json::to_string_pretty(&explained)?),
+                None => bail!("no invoice {lago_id}"),
+            }
+        }
         Command::Seal => {
             let database = Database::open(&config, ClusterAccess::ShareIfRunning).await?;
             let sealed = crate::audit::seal(&database.pool).await;

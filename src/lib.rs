@@ -14,6 +14,7 @@ pub mod database;
 pub mod demo;
 pub mod embedded;
 pub mod event_store;
+pub mod explain;
 pub mod http;
 pub mod invoicing;
 pub mod keys;

@@ -79,6 +79,7 @@ pub fn router() -> Router<AppState> {
             post(issue_api_key).get(list_api_keys),
         )
         .route("/services/{code}/api_keys/{key_id}", delete(revoke_api_key))
+        .route("/invoices/{lago_id}/explain", get(explain_invoice))
 }
 
 #[derive(Debug, Deserialize)]
@@ -308,4 +309,20 @@ async fn revoke_api_key(
     .fetch_one(&state.pool)
     .await?;
     Ok(Json(json!({ "api_key": key })))
+}
+
+/// Why an invoice says what it says (any service's invoice: an auditor's view).
+async fn explain_invoice(
+    _: Operator,
+    State(state): State<AppState>,
+    Path(lago_id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let lago_id: uuid::Uuid = lago_id.parse().map_err(|_| ApiError::NotFound("invoice"))?;
+    let explained = crate::explain::explain_invoice(&state.pool, lago_id)
+        .await
+        .map_err(ApiError::Unexpected)?
+        .ok_or(ApiError::NotFound("invoice"))?;
+    Ok(Json(
+        serde_json::json!({ "invoice_explanation": explained }),
+    ))
 }

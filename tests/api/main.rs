@@ -6,6 +6,7 @@ mod admin_services;
 mod catalog;
 mod embedded_cluster;
 mod event_log;
+mod explain;
 mod helpers;
 mod invoicing;
 mod log_ordering;
