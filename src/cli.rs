@@ -101,6 +101,26 @@ pub enum Command {
     },
     /// Start the ledger, record a few facts through its API and print what it knows.
     Demo,
+    /// Recompute a period's invoices from the log alone and compare them
+    /// with the finalized ones; exits 1 when anything differs.
+    Replay {
+        /// YYYY-MM: invoices whose usage window starts in that month.
+        #[arg(long)]
+        period: String,
+        /// Only this service.
+        #[arg(long)]
+        service: Option<String>,
+        /// Only this subscription (external id).
+        #[arg(long)]
+        subscription: Option<String>,
+        /// Replay as of this log position or RFC 3339 time (default: each
+        /// invoice's own recorded position).
+        #[arg(long)]
+        as_of: Option<crate::replay::AsOf>,
+        /// table or json.
+        #[arg(long, default_value = "table")]
+        format: String,
+    },
     /// Seal the log now: a `LogSealed` event hashing every event since the last seal.
     Seal,
     /// Explain a finalized invoice: every fee's events and arithmetic.
@@ -276,6 +296,35 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             match explained? {
                 Some(explained) => println!("{}", serde_json::to_string_pretty(&explained)?),
                 None => bail!("no invoice {lago_id}"),
+            }
+        }
+        Command::Replay {
+            period,
+            service,
+            subscription,
+            as_of,
+            format,
+        } => {
+            if format != "table" && format != "json" {
+                bail!("--format is table or json");
+            }
+            let database = Database::open(&config, ClusterAccess::ShareIfRunning).await?;
+            let request = crate::replay::ReplayRequest {
+                period,
+                service,
+                subscription,
+                as_of,
+            };
+            let report = crate::replay::replay(&database.pool, &request).await;
+            database.close().await;
+            let report = report?;
+            if format == "json" {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", crate::replay::table(&report));
+            }
+            if !report.differences.is_empty() {
+                return Ok(ExitCode::FAILURE);
             }
         }
         Command::Seal => {

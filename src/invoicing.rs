@@ -350,25 +350,25 @@ pub async fn usage_position(conn: &mut PgConnection) -> Result<LogPosition, sqlx
 /// A window of a subscription already billed, with the position it was
 /// billed up to.
 #[derive(Debug, Clone, sqlx::FromRow)]
-struct BilledWindow {
-    subscription_lago_id: Uuid,
-    window_start: DateTime<Utc>,
-    window_end: DateTime<Utc>,
-    plan_code: String,
-    plan_version: i32,
-    as_of_transaction_id: i64,
-    as_of_position: i64,
+pub(crate) struct BilledWindow {
+    pub subscription_lago_id: Uuid,
+    pub window_start: DateTime<Utc>,
+    pub window_end: DateTime<Utc>,
+    pub plan_code: String,
+    pub plan_version: i32,
+    pub as_of_transaction_id: i64,
+    pub as_of_position: i64,
 }
 
 impl BilledWindow {
-    fn window(&self) -> BillingPeriod {
+    pub(crate) fn window(&self) -> BillingPeriod {
         BillingPeriod {
             start: self.window_start,
             end: self.window_end,
         }
     }
 
-    fn as_of(&self) -> LogPosition {
+    pub(crate) fn as_of(&self) -> LogPosition {
         LogPosition {
             transaction_id: self.as_of_transaction_id,
             position: self.as_of_position,
@@ -399,10 +399,10 @@ async fn late_windows(
 }
 
 /// A usage event with the log position it was recorded at.
-struct LoggedPoint {
-    metric_code: String,
-    as_of: LogPosition,
-    point: UsagePoint,
+pub(crate) struct LoggedPoint {
+    pub metric_code: String,
+    pub as_of: LogPosition,
+    pub point: UsagePoint,
 }
 
 #[derive(sqlx::FromRow)]
@@ -417,7 +417,7 @@ struct PointRow {
 }
 
 /// The usage events of each (subscription, window), up to `as_of`.
-async fn window_points(
+pub(crate) async fn window_points(
     conn: &mut PgConnection,
     windows: &[(Uuid, BillingPeriod)],
     as_of: LogPosition,
@@ -483,7 +483,7 @@ pub struct ComputedInvoice {
 
 /// Compute one invoice of `billing` (the invoice at `layout`, with the late
 /// windows given) from usage read as of `as_of`.
-fn compute(
+pub(crate) fn compute(
     billing: &SubscriptionBilling,
     layout: InvoiceLayout,
     late: &[BilledWindow],

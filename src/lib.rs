@@ -19,6 +19,7 @@ pub mod http;
 pub mod invoicing;
 pub mod keys;
 pub mod projection_runner;
+pub mod replay;
 pub mod service_admin;
 pub mod startup;
 pub mod telemetry;

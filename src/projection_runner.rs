@@ -345,6 +345,17 @@ pub async fn rebuild_into(
     projections: &[&dyn Projection],
     schema: &str,
 ) -> Result<(usize, LogCursor), RebuildError> {
+    rebuild_into_upto(pool, projections, schema, None).await
+}
+
+/// [`rebuild_into`], folding only the log up to `upto` (inclusive): the
+/// projections as they stood at that point of the log.
+pub async fn rebuild_into_upto(
+    pool: &PgPool,
+    projections: &[&dyn Projection],
+    schema: &str,
+    upto: Option<LogCursor>,
+) -> Result<(usize, LogCursor), RebuildError> {
     let valid = !schema.is_empty()
         && schema != "public"
         && !schema.starts_with("pg_")
@@ -369,32 +380,75 @@ pub async fn rebuild_into(
     sqlx::query(&format!("SET search_path TO {schema}, public"))
         .execute(&mut *conn)
         .await?;
-    let mut cursor = LogCursor::START;
-    let mut read = 0;
-    let result: Result<(), RebuildError> = async {
-        loop {
-            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-            let events = log::read_after(&mut tx, cursor, BATCH_SIZE).await?;
-            let Some(last) = events.last().map(|e| e.cursor()) else {
-                let held_back = log::any_after(&mut tx, cursor).await?;
-                tx.commit().await?;
-                if held_back {
-                    tokio::time::sleep(HELD_BACK_RETRY).await;
-                    continue;
-                }
-                return Ok(());
-            };
-            for projection in projections {
-                projection.apply_batch(&mut tx, &events).await?;
-            }
-            tx.commit().await?;
-            read += events.len();
-            cursor = last;
-        }
-    }
-    .await;
+    let result = fold_log(&mut conn, projections, upto).await;
     // The connection goes back to the pool: give it back its own path.
     sqlx::query("RESET search_path").execute(&mut *conn).await?;
-    result?;
-    Ok((read, cursor))
+    result
+}
+
+/// Fold the log from its start (up to `upto`) into `projections` on `conn`,
+/// one transaction per batch (explicit `BEGIN`/`COMMIT` on the borrowed
+/// connection; rolled back on a failure).
+async fn fold_log(
+    conn: &mut sqlx::PgConnection,
+    projections: &[&dyn Projection],
+    upto: Option<LogCursor>,
+) -> Result<(usize, LogCursor), RebuildError> {
+    let mut cursor = LogCursor::START;
+    let mut read = 0;
+    loop {
+        sqlx::raw_sql("BEGIN").execute(&mut *conn).await?;
+        let step = fold_batch(conn, projections, cursor, upto).await;
+        let step = match step {
+            Ok(step) => step,
+            Err(error) => {
+                let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
+                return Err(error);
+            }
+        };
+        sqlx::raw_sql("COMMIT").execute(&mut *conn).await?;
+        match step {
+            FoldStep::Applied(count, last, done) => {
+                read += count;
+                cursor = last;
+                if done {
+                    return Ok((read, cursor));
+                }
+            }
+            FoldStep::HeldBack => tokio::time::sleep(HELD_BACK_RETRY).await,
+            FoldStep::Done => return Ok((read, cursor)),
+        }
+    }
+}
+
+enum FoldStep {
+    Applied(usize, LogCursor, bool),
+    HeldBack,
+    Done,
+}
+
+async fn fold_batch(
+    conn: &mut sqlx::PgConnection,
+    projections: &[&dyn Projection],
+    cursor: LogCursor,
+    upto: Option<LogCursor>,
+) -> Result<FoldStep, RebuildError> {
+    let mut events = log::read_after(&mut *conn, cursor, BATCH_SIZE).await?;
+    // The end is reached once a batch holds it or reads past it (an empty
+    // batch may only mean the horizon holds events back).
+    let reached_end = upto.is_some_and(|end| {
+        let past = events.iter().any(|e| e.cursor() >= end);
+        events.retain(|e| e.cursor() <= end);
+        past
+    });
+    let Some(last) = events.last().map(|e| e.cursor()) else {
+        if reached_end || !log::any_after(&mut *conn, cursor).await? {
+            return Ok(FoldStep::Done);
+        }
+        return Ok(FoldStep::HeldBack);
+    };
+    for projection in projections {
+        projection.apply_batch(&mut *conn, &events).await?;
+    }
+    Ok(FoldStep::Applied(events.len(), last, reached_end))
 }

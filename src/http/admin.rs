@@ -80,6 +80,7 @@ pub fn router() -> Router<AppState> {
         )
         .route("/services/{code}/api_keys/{key_id}", delete(revoke_api_key))
         .route("/invoices/{lago_id}/explain", get(explain_invoice))
+        .route("/replay", get(replay_period))
 }
 
 #[derive(Debug, Deserialize)]
@@ -325,4 +326,53 @@ async fn explain_invoice(
     Ok(Json(
         serde_json::json!({ "invoice_explanation": explained }),
     ))
+}
+
+#[derive(Deserialize)]
+struct ReplayQuery {
+    period: Option<String>,
+    service: Option<String>,
+    subscription: Option<String>,
+    as_of: Option<String>,
+}
+
+/// `ledger replay` over HTTP: the period recomputed from the log, compared
+/// with what was billed.
+async fn replay_period(
+    _: Operator,
+    State(state): State<AppState>,
+    crate::http::extract::LagoQuery(query): crate::http::extract::LagoQuery<ReplayQuery>,
+) -> ApiResult<Json<Value>> {
+    let period = query
+        .period
+        .filter(|p| p.len() == 7)
+        .ok_or_else(|| ApiError::invalid("period", "value_is_invalid"))?;
+    let as_of = query
+        .as_of
+        .map(|text| text.parse::<crate::replay::AsOf>())
+        .transpose()
+        .map_err(|_| ApiError::invalid("as_of", "value_is_invalid"))?;
+    let request = crate::replay::ReplayRequest {
+        period,
+        service: query.service,
+        subscription: query.subscription,
+        as_of,
+    };
+    // The replay's future is not provably `Send` (a compiler limitation with
+    // higher-ranked lifetimes over `&[&dyn Projection]`), so it runs on a
+    // blocking thread of its own rather than on the request's task.
+    let pool = state.pool.clone();
+    let report = tokio::task::spawn_blocking(move || {
+        tokio::runtime::Handle::current().block_on(crate::replay::replay(&pool, &request))
+    })
+    .await
+    .map_err(|e| ApiError::Unexpected(anyhow::Error::new(e)))?
+    .map_err(|e| {
+        if e.to_string().contains("YYYY-MM") || e.to_string().contains("no event at") {
+            ApiError::invalid("period", "value_is_invalid")
+        } else {
+            ApiError::Unexpected(e)
+        }
+    })?;
+    Ok(Json(json!({ "replay": report })))
 }

@@ -12,6 +12,7 @@ mod invoicing;
 mod log_ordering;
 mod projection_runner;
 mod rebuild;
+mod replay;
 mod tamper_evidence;
 mod tenancy;
 mod usage;

@@ -1,0 +1,444 @@
+//! Replaying a billing period from the log alone and comparing it with what
+//! was billed.
+//!
+//! The catalog and usage projections are rebuilt from the log — up to the
+//! chosen log position — into a scratch schema beside the live tables
+//! (dropped afterwards; nothing live is written). Each finalized invoice of
+//! the period is then recomputed with the same billing code the period
+//! closer uses ([`crate::invoicing`], [`aggregates::billing`]): usage read as
+//! of the invoice's recorded log position (or the one asked for), and the
+//! windows already billed before it derived from the earlier invoices in the
+//! log. Every fee whose cents differ is reported.
+
+use std::collections::{BTreeMap, HashMap};
+
+use aggregates::billing::{Fee, InvoiceLayout, InvoicingReason, LogPosition};
+use aggregates::invoice::{Invoice, InvoiceEvent, INVOICE_STREAM_TYPE};
+use aggregates::period::BillingPeriod;
+use anyhow::{bail, Context};
+use chrono::{DateTime, Datelike, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::invoicing::{compute, subscription_billing, window_points, BilledWindow};
+use crate::projection_runner::rebuild_into_upto;
+use projections::catalog::timestamp;
+use projections::{Catalog, LogCursor, Projection, Usage};
+
+/// The log position to replay as of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AsOf {
+    /// A global position.
+    Position(i64),
+    /// The last event recorded at or before this time.
+    Time(DateTime<Utc>),
+}
+
+impl std::str::FromStr for AsOf {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        if let Ok(position) = text.parse::<i64>() {
+            return Ok(AsOf::Position(position));
+        }
+        DateTime::parse_from_rfc3339(text)
+            .map(|at| AsOf::Time(at.with_timezone(&Utc)))
+            .map_err(|_| format!("'{text}' is neither a log position nor an RFC 3339 time"))
+    }
+}
+
+/// What to replay.
+#[derive(Debug, Clone)]
+pub struct ReplayRequest {
+    /// `YYYY-MM`: invoices whose usage window starts in that month (in the
+    /// customer's time zone).
+    pub period: String,
+    pub service: Option<String>,
+    pub subscription: Option<String>,
+    pub as_of: Option<AsOf>,
+}
+
+/// One fee, as recorded and as replayed.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct FeeComparison {
+    pub fee: String,
+    pub from_datetime: String,
+    pub to_datetime: String,
+    pub recorded_cents: Option<i64>,
+    pub replayed_cents: Option<i64>,
+}
+
+/// One invoice, as recorded and as replayed.
+#[derive(Debug, Clone, Serialize)]
+pub struct InvoiceComparison {
+    pub lago_id: Uuid,
+    pub number: String,
+    pub service: String,
+    pub external_subscription_id: String,
+    pub recorded_as_of: i64,
+    pub replayed_as_of: i64,
+    pub recorded_total_cents: i64,
+    pub replayed_total_cents: i64,
+    pub fees: Vec<FeeComparison>,
+}
+
+/// A fee whose replayed cents differ from the recorded ones.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Difference {
+    pub service: String,
+    pub external_subscription_id: String,
+    pub number: String,
+    pub fee: String,
+    pub expected_cents: i64,
+    pub recorded_cents: i64,
+}
+
+/// The replay of a period.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplayReport {
+    pub period: String,
+    pub invoices: Vec<InvoiceComparison>,
+    pub differences: Vec<Difference>,
+}
+
+fn parse_period(period: &str) -> anyhow::Result<(i32, u32)> {
+    let (year, month) = period.split_once('-').context("--period is YYYY-MM")?;
+    let (year, month): (i32, u32) = (year.parse()?, month.parse()?);
+    if !(1..=12).contains(&month) || year.to_string().len() != 4 || period.len() != 7 {
+        bail!("--period is YYYY-MM, e.g. 2026-09");
+    }
+    Ok((year, month))
+}
+
+async fn resolve(pool: &PgPool, as_of: AsOf) -> anyhow::Result<LogCursor> {
+    let row: Option<(i64, i64)> = match as_of {
+        AsOf::Position(position) => {
+            sqlx::query_as(
+                "SELECT transaction_id::text::bigint, position FROM events WHERE position = $1",
+            )
+            .bind(position)
+            .fetch_optional(pool)
+            .await?
+        }
+        AsOf::Time(at) => sqlx::query_as(
+            "SELECT transaction_id::text::bigint, position FROM events WHERE recorded_at <= $1 \
+             ORDER BY events.transaction_id DESC, events.position DESC LIMIT 1",
+        )
+        .bind(at)
+        .fetch_optional(pool)
+        .await?,
+    };
+    let (transaction_id, position) =
+        row.context("no event at that log position or before that time")?;
+    Ok(LogCursor {
+        transaction_id,
+        position,
+    })
+}
+
+fn fee_key(fee: &Fee) -> (String, String, String) {
+    let kind = serde_json::to_value(fee.kind)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default();
+    (
+        format!("{kind} {}", fee.code),
+        timestamp(fee.from),
+        timestamp(fee.to),
+    )
+}
+
+/// Replay a period (see the module documentation).
+pub async fn replay(pool: &PgPool, request: &ReplayRequest) -> anyhow::Result<ReplayReport> {
+    let (year, month) = parse_period(&request.period)?;
+    // Every invoice in the log, in log order.
+    let rows: Vec<(String, Value)> = sqlx::query_as(
+        "SELECT aggregate_id, payload::jsonb FROM events WHERE aggregate_type = $1 \
+         ORDER BY events.transaction_id, events.position",
+    )
+    .bind(INVOICE_STREAM_TYPE)
+    .fetch_all(pool)
+    .await?;
+    let mut invoices: HashMap<String, Invoice> = HashMap::new();
+    let mut finalized_order: Vec<String> = Vec::new();
+    for (stream, payload) in rows {
+        let event: InvoiceEvent = serde_json::from_value(payload)?;
+        if matches!(event, InvoiceEvent::InvoiceFinalized(_)) {
+            finalized_order.push(stream.clone());
+        }
+        invoices.entry(stream).or_default().apply(event);
+    }
+    let finalized: Vec<&Invoice> = finalized_order.iter().map(|s| &invoices[s]).collect();
+    let selected: Vec<&Invoice> = finalized
+        .iter()
+        .copied()
+        .filter(|invoice| {
+            let header = invoice.header().expect("finalized invoices are drafted");
+            request
+                .service
+                .as_ref()
+                .is_none_or(|s| s == &header.service)
+                && request
+                    .subscription
+                    .as_ref()
+                    .is_none_or(|s| s == &header.external_subscription_id)
+        })
+        .collect();
+    let requested = match request.as_of {
+        Some(as_of) => Some(resolve(pool, as_of).await?),
+        None => None,
+    };
+    let upto = requested.or_else(|| {
+        selected
+            .iter()
+            .filter_map(|i| i.finalization())
+            .map(|f| LogCursor {
+                transaction_id: f.as_of.transaction_id,
+                position: f.as_of.position,
+            })
+            .max()
+    });
+    let mut report = ReplayReport {
+        period: request.period.clone(),
+        invoices: vec![],
+        differences: vec![],
+    };
+    let Some(upto) = upto else {
+        return Ok(report);
+    };
+    let schema = format!("replay_{}", &Uuid::new_v4().simple().to_string()[..12]);
+    let scratch: [&dyn Projection; 2] = [&Catalog, &Usage];
+    rebuild_into_upto(pool, &scratch, &schema, Some(upto)).await?;
+    let result = compare(
+        pool,
+        &schema,
+        &selected,
+        &finalized,
+        requested,
+        (year, month),
+        &mut report,
+    )
+    .await;
+    sqlx::raw_sql(&format!("DROP SCHEMA {schema} CASCADE"))
+        .execute(pool)
+        .await?;
+    result?;
+    Ok(report)
+}
+
+async fn compare(
+    pool: &PgPool,
+    schema: &str,
+    selected: &[&Invoice],
+    finalized: &[&Invoice],
+    requested: Option<LogCursor>,
+    (year, month): (i32, u32),
+    report: &mut ReplayReport,
+) -> anyhow::Result<()> {
+    let mut conn = pool.acquire().await?;
+    sqlx::query(&format!("SET search_path TO {schema}, public"))
+        .execute(&mut *conn)
+        .await?;
+    let outcome = compare_in(
+        &mut conn,
+        selected,
+        finalized,
+        requested,
+        (year, month),
+        report,
+    )
+    .await;
+    sqlx::query("RESET search_path").execute(&mut *conn).await?;
+    outcome
+}
+
+async fn compare_in(
+    conn: &mut sqlx::PgConnection,
+    selected: &[&Invoice],
+    finalized: &[&Invoice],
+    requested: Option<LogCursor>,
+    (year, month): (i32, u32),
+    report: &mut ReplayReport,
+) -> anyhow::Result<()> {
+    for invoice in selected {
+        let header = invoice.header().expect("drafted");
+        let recorded = invoice.finalization().expect("finalized");
+        let Some(billing) =
+            subscription_billing(&mut *conn, &header.service, header.subscription_lago_id).await?
+        else {
+            continue;
+        };
+        let tz = billing.schedule.timezone;
+        let starts = header
+            .charges_window
+            .map(|w| w.start)
+            .unwrap_or(header.issued_at)
+            .with_timezone(&tz);
+        if (starts.year(), starts.month()) != (year, month) {
+            continue;
+        }
+        let as_of = requested
+            .map(|c| LogPosition {
+                transaction_id: c.transaction_id,
+                position: c.position,
+            })
+            .unwrap_or(recorded.as_of);
+        // What was billed before this invoice, from the earlier ones.
+        let mut billed: BTreeMap<DateTime<Utc>, BilledWindow> = BTreeMap::new();
+        for earlier in finalized
+            .iter()
+            .take_while(|i| !std::ptr::eq(**i, *invoice))
+        {
+            let (h, f) = (
+                earlier.header().expect("drafted"),
+                earlier.finalization().expect("finalized"),
+            );
+            if h.subscription_lago_id != header.subscription_lago_id {
+                continue;
+            }
+            let mut mark = |window: BillingPeriod, plan_code: &str, plan_version: u32| {
+                billed.insert(
+                    window.start,
+                    BilledWindow {
+                        subscription_lago_id: h.subscription_lago_id,
+                        window_start: window.start,
+                        window_end: window.end,
+                        plan_code: plan_code.to_string(),
+                        plan_version: plan_version as i32,
+                        as_of_transaction_id: f.as_of.transaction_id,
+                        as_of_position: f.as_of.position,
+                    },
+                );
+            };
+            if let Some(window) = h.charges_window {
+                let fee = f.fees.iter().find(|fee| fee.from == window.start);
+                let (code, version) = fee.map_or((String::new(), 0), |fee| {
+                    (fee.plan_code.clone(), fee.plan_version)
+                });
+                mark(window, &code, version);
+            }
+            for fee in &f.fees {
+                if let Some(adjusted) = fee.adjusts {
+                    mark(adjusted.window, &fee.plan_code, fee.plan_version);
+                }
+            }
+        }
+        let layout = if header.reason == InvoicingReason::Adjustment {
+            Some(InvoiceLayout {
+                issued_at: header.issued_at,
+                reason: InvoicingReason::Adjustment,
+                usage: None,
+                flat_fees: vec![],
+            })
+        } else {
+            billing
+                .schedule
+                .layouts(header.issued_at)
+                .into_iter()
+                .find(|l| l.issued_at == header.issued_at)
+        };
+        let Some(layout) = layout else { continue };
+        let mut windows: Vec<(Uuid, BillingPeriod)> = billed
+            .values()
+            .map(|b| (b.subscription_lago_id, b.window()))
+            .collect();
+        windows.extend(layout.usage.map(|(w, _)| (billing.lago_id, w)));
+        let mut points = window_points(&mut *conn, &windows, as_of).await?;
+        let points = points.remove(&billing.lago_id).unwrap_or_default();
+        let late: Vec<BilledWindow> = billed
+            .into_values()
+            .filter(|b| {
+                points.iter().any(|p| {
+                    b.window().contains(p.point.timestamp)
+                        && p.as_of > b.as_of()
+                        && p.as_of <= as_of
+                })
+            })
+            .collect();
+        let replayed = compute(&billing, layout, &late, &points, as_of);
+        let mut fees: BTreeMap<(String, String, String), FeeComparison> = BTreeMap::new();
+        for fee in &recorded.fees {
+            let (name, from, to) = fee_key(fee);
+            fees.entry((name.clone(), from.clone(), to.clone()))
+                .or_insert(FeeComparison {
+                    fee: name,
+                    from_datetime: from,
+                    to_datetime: to,
+                    recorded_cents: None,
+                    replayed_cents: None,
+                })
+                .recorded_cents = Some(fee.amount_cents);
+        }
+        for fee in &replayed.fees {
+            let (name, from, to) = fee_key(fee);
+            fees.entry((name.clone(), from.clone(), to.clone()))
+                .or_insert(FeeComparison {
+                    fee: name,
+                    from_datetime: from,
+                    to_datetime: to,
+                    recorded_cents: None,
+                    replayed_cents: None,
+                })
+                .replayed_cents = Some(fee.amount_cents);
+        }
+        let fees: Vec<FeeComparison> = fees.into_values().collect();
+        for fee in &fees {
+            if fee.recorded_cents != fee.replayed_cents {
+                report.differences.push(Difference {
+                    service: header.service.clone(),
+                    external_subscription_id: header.external_subscription_id.clone(),
+                    number: recorded.number.clone(),
+                    fee: format!("{} [{}, {})", fee.fee, fee.from_datetime, fee.to_datetime),
+                    expected_cents: fee.replayed_cents.unwrap_or(0),
+                    recorded_cents: fee.recorded_cents.unwrap_or(0),
+                });
+            }
+        }
+        report.invoices.push(InvoiceComparison {
+            lago_id: header.lago_id,
+            number: recorded.number.clone(),
+            service: header.service.clone(),
+            external_subscription_id: header.external_subscription_id.clone(),
+            recorded_as_of: recorded.as_of.position,
+            replayed_as_of: as_of.position,
+            recorded_total_cents: recorded.totals.total_amount_cents,
+            replayed_total_cents: replayed.totals.total_amount_cents,
+            fees,
+        });
+    }
+    Ok(())
+}
+
+/// The report as a table.
+pub fn table(report: &ReplayReport) -> String {
+    let mut out = format!(
+        "replay of {}: {} invoice(s), {} difference(s)\n",
+        report.period,
+        report.invoices.len(),
+        report.differences.len()
+    );
+    for invoice in &report.invoices {
+        out.push_str(&format!(
+            "{:<24} {:<24} recorded as of {:>8}: {:>10}  replayed as of {:>8}: {:>10}\n",
+            invoice.number,
+            invoice.external_subscription_id,
+            invoice.recorded_as_of,
+            invoice.recorded_total_cents,
+            invoice.replayed_as_of,
+            invoice.replayed_total_cents
+        ));
+    }
+    for d in &report.differences {
+        out.push_str(&format!(
+            "DIFFERENCE {} {} {}: expected {} cents, recorded {} cents ({:+})\n",
+            d.number,
+            d.external_subscription_id,
+            d.fee,
+            d.expected_cents,
+            d.recorded_cents,
+            d.expected_cents - d.recorded_cents
+        ));
+    }
+    out
+}
