@@ -120,6 +120,10 @@ pub enum Command {
         /// table or json.
         #[arg(long, default_value = "table")]
         format: String,
+        /// What-if: bill the period with this price book instead
+        /// (`{"plans": [...]}`, the plan API's format; needs --service).
+        #[arg(long)]
+        pricing: Option<std::path::PathBuf>,
     },
     /// Seal the log now: a `LogSealed` event hashing every event since the last seal.
     Seal,
@@ -304,16 +308,35 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             subscription,
             as_of,
             format,
+            pricing,
         } => {
             if format != "table" && format != "json" {
                 bail!("--format is table or json");
             }
+            let pricing = match pricing {
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path)
+                        .with_context(|| format!("cannot read {}", path.display()))?;
+                    Some(
+                        serde_json::from_str::<crate::replay::PriceBook>(&text).with_context(
+                            || {
+                                format!(
+                                    "{} is not a price book ({{\"plans\": [...]}})",
+                                    path.display()
+                                )
+                            },
+                        )?,
+                    )
+                }
+                None => None,
+            };
             let database = Database::open(&config, ClusterAccess::ShareIfRunning).await?;
             let request = crate::replay::ReplayRequest {
                 period,
                 service,
                 subscription,
                 as_of,
+                pricing,
             };
             let report = crate::replay::replay(&database.pool, &request).await;
             database.close().await;
@@ -323,7 +346,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 print!("{}", crate::replay::table(&report));
             }
-            if !report.differences.is_empty() {
+            // A what-if replay's differences are its answer, not a failure.
+            if !report.differences.is_empty() && !report.what_if {
                 return Ok(ExitCode::FAILURE);
             }
         }

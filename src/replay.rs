@@ -22,6 +22,9 @@ use serde_json::Value;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use aggregates::billable_metric::{AggregationType, MetricRef};
+use aggregates::plan::{validate_plan, PlanDefinition, PlanInput};
+
 use crate::invoicing::{compute, subscription_billing, window_points, BilledWindow};
 use crate::projection_runner::rebuild_into_upto;
 use projections::catalog::timestamp;
@@ -57,6 +60,17 @@ pub struct ReplayRequest {
     pub service: Option<String>,
     pub subscription: Option<String>,
     pub as_of: Option<AsOf>,
+    /// What-if pricing: plan changes (the plan API's format, by code) to
+    /// bill the period with instead of the plans it was billed on.
+    pub pricing: Option<PriceBook>,
+}
+
+/// An alternative price book: `{"plans": [<plan objects as POST /plans
+/// takes them>]}`. Each entry changes the plan of that code (only the keys
+/// given, as `PUT /plans/{code}` would).
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+pub struct PriceBook {
+    pub plans: Vec<PlanInput>,
 }
 
 /// One fee, as recorded and as replayed.
@@ -98,8 +112,15 @@ pub struct Difference {
 #[derive(Debug, Clone, Serialize)]
 pub struct ReplayReport {
     pub period: String,
+    /// Whether an alternative price book was applied (differences are then
+    /// what the price change would do, not errors).
+    pub what_if: bool,
     pub invoices: Vec<InvoiceComparison>,
     pub differences: Vec<Difference>,
+    /// Sum of the recorded invoices' totals.
+    pub recorded_total_cents: i64,
+    /// Sum of the replayed invoices' totals.
+    pub replayed_total_cents: i64,
 }
 
 fn parse_period(period: &str) -> anyhow::Result<(i32, u32)> {
@@ -147,6 +168,65 @@ fn fee_key(fee: &Fee) -> (String, String, String) {
         timestamp(fee.from),
         timestamp(fee.to),
     )
+}
+
+/// The price book's plans, each validated over the service's current
+/// version of the plan (only the keys given change it), with charges'
+/// `billable_metric_id` resolved among the service's metrics.
+async fn price_book(
+    pool: &PgPool,
+    service: &str,
+    book: &PriceBook,
+) -> anyhow::Result<HashMap<String, PlanDefinition>> {
+    let mut plans = HashMap::new();
+    for (index, input) in book.plans.iter().enumerate() {
+        let mut input = input.clone();
+        let code = input
+            .code
+            .clone()
+            .with_context(|| format!("plans[{index}].code is mandatory"))?;
+        let current: Option<Value> = sqlx::query_scalar(
+            "SELECT pv.definition FROM plans p JOIN plan_versions pv ON pv.service_code = p.service_code \
+               AND pv.code = p.code AND pv.version = p.version \
+             WHERE p.service_code = $1 AND p.code = $2",
+        )
+        .bind(service)
+        .bind(&code)
+        .fetch_optional(pool)
+        .await?;
+        let base: Option<PlanDefinition> = current.map(serde_json::from_value).transpose()?;
+        for charge in input.charges.iter_mut().flatten() {
+            let Some(id) = charge.billable_metric_id.as_deref() else {
+                continue;
+            };
+            let lago_id: Uuid = id.trim().parse().with_context(|| {
+                format!("plans[{index}]: billable_metric_id {id} is not a lago_id")
+            })?;
+            let (metric_code, aggregation): (String, String) = sqlx::query_as(
+                "SELECT code, resource->>'aggregation_type' FROM billable_metrics \
+                 WHERE service_code = $1 AND lago_id = $2",
+            )
+            .bind(service)
+            .bind(lago_id)
+            .fetch_optional(pool)
+            .await?
+            .with_context(|| {
+                format!("plans[{index}]: no billable metric {lago_id} in {service}")
+            })?;
+            charge.metric = Some(MetricRef {
+                lago_id,
+                code: metric_code,
+                aggregation_type: AggregationType::parse(&aggregation)
+                    .with_context(|| format!("stored aggregation {aggregation}"))?,
+            });
+        }
+        let lago_id = base.as_ref().map_or_else(Uuid::new_v4, |b| b.lago_id);
+        let version = base.as_ref().map_or(1, |b| b.version);
+        let plan = validate_plan(lago_id, version, input, base.as_ref())
+            .map_err(|e| anyhow::anyhow!("plans[{index}] ({code}): {e}"))?;
+        plans.insert(code, plan);
+    }
+    Ok(plans)
 }
 
 /// Replay a period (see the module documentation).
@@ -199,10 +279,23 @@ pub async fn replay(pool: &PgPool, request: &ReplayRequest) -> anyhow::Result<Re
             })
             .max()
     });
+    let what_if = match &request.pricing {
+        Some(book) => {
+            let service = request
+                .service
+                .as_deref()
+                .context("--pricing needs --service (plans belong to a service)")?;
+            price_book(pool, service, book).await?
+        }
+        None => HashMap::new(),
+    };
     let mut report = ReplayReport {
         period: request.period.clone(),
+        what_if: request.pricing.is_some(),
         invoices: vec![],
         differences: vec![],
+        recorded_total_cents: 0,
+        replayed_total_cents: 0,
     };
     let Some(upto) = upto else {
         return Ok(report);
@@ -217,6 +310,7 @@ pub async fn replay(pool: &PgPool, request: &ReplayRequest) -> anyhow::Result<Re
         &finalized,
         requested,
         (year, month),
+        &what_if,
         &mut report,
     )
     .await;
@@ -234,6 +328,7 @@ async fn compare(
     finalized: &[&Invoice],
     requested: Option<LogCursor>,
     (year, month): (i32, u32),
+    what_if: &HashMap<String, PlanDefinition>,
     report: &mut ReplayReport,
 ) -> anyhow::Result<()> {
     let mut conn = pool.acquire().await?;
@@ -246,6 +341,7 @@ async fn compare(
         finalized,
         requested,
         (year, month),
+        what_if,
         report,
     )
     .await;
@@ -259,16 +355,22 @@ async fn compare_in(
     finalized: &[&Invoice],
     requested: Option<LogCursor>,
     (year, month): (i32, u32),
+    what_if: &HashMap<String, PlanDefinition>,
     report: &mut ReplayReport,
 ) -> anyhow::Result<()> {
     for invoice in selected {
         let header = invoice.header().expect("drafted");
         let recorded = invoice.finalization().expect("finalized");
-        let Some(billing) =
+        let Some(mut billing) =
             subscription_billing(&mut *conn, &header.service, header.subscription_lago_id).await?
         else {
             continue;
         };
+        for segment in &mut billing.schedule.plans {
+            if let Some(plan) = what_if.get(&segment.plan.code) {
+                segment.plan = plan.clone();
+            }
+        }
         let tz = billing.schedule.timezone;
         let starts = header
             .charges_window
@@ -395,6 +497,8 @@ async fn compare_in(
                 });
             }
         }
+        report.recorded_total_cents += recorded.totals.total_amount_cents;
+        report.replayed_total_cents += replayed.totals.total_amount_cents;
         report.invoices.push(InvoiceComparison {
             lago_id: header.lago_id,
             number: recorded.number.clone(),
@@ -412,11 +516,16 @@ async fn compare_in(
 
 /// The report as a table.
 pub fn table(report: &ReplayReport) -> String {
-    let mut out = format!(
-        "replay of {}: {} invoice(s), {} difference(s)\n",
+    let mut out =
+        format!(
+        "{} of {}: {} invoice(s), {} difference(s); billed {} cents, replayed {} cents ({:+})\n",
+        if report.what_if { "what-if replay" } else { "replay" },
         report.period,
         report.invoices.len(),
-        report.differences.len()
+        report.differences.len(),
+        report.recorded_total_cents,
+        report.replayed_total_cents,
+        report.replayed_total_cents - report.recorded_total_cents
     );
     for invoice in &report.invoices {
         out.push_str(&format!(

@@ -357,6 +357,7 @@ async fn replay_period(
         service: query.service,
         subscription: query.subscription,
         as_of,
+        pricing: None,
     };
     // The replay's future is not provably `Send` (a compiler limitation with
     // higher-ranked lifetimes over `&[&dyn Projection]`), so it runs on a

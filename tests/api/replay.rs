@@ -36,6 +36,7 @@ fn request(period: &str, as_of: Option<AsOf>) -> ReplayRequest {
         service: Some("nexacloud".into()),
         subscription: None,
         as_of,
+        pricing: None,
     }
 }
 
@@ -152,4 +153,80 @@ async fn a_replayed_period_matches_to_the_cent_and_shows_what_late_usage_changed
             .await
             .unwrap();
     assert_eq!(scratch, 0);
+}
+
+#[sqlx::test]
+async fn a_what_if_price_book_shows_each_subscriptions_and_the_total_difference(pool: PgPool) {
+    let limits = UsageLimits {
+        acceptance_window: Duration::days(3650),
+        ..Default::default()
+    };
+    let app = spawn_app_with_limits(pool, limits).await;
+    let svc = app.service("nexacloud").await;
+    svc.nexacloud_catalog().await;
+    for sub in ["dep_1", "dep_2"] {
+        svc.created(
+            "/subscriptions",
+            json!({"subscription": {"external_customer_id": "cus_ada", "plan_code": "starter",
+                   "external_id": sub, "subscription_at": "2026-09-13T14:00:00Z"}}),
+        )
+        .await;
+    }
+    usage(&svc, "a", "dep_1", "2026-09-20T12:00:00Z", "420000").await;
+    close(&app, "2026-10-02T00:00:00Z").await;
+
+    let book: ledger::replay::PriceBook =
+        serde_json::from_value(json!({"plans": [{"code": "starter", "amount_cents": 2100}]}))
+            .unwrap();
+    let what_if = replay(
+        &app.pool,
+        &ReplayRequest {
+            pricing: Some(book),
+            ..request("2026-09", None)
+        },
+    )
+    .await
+    .unwrap();
+    assert!(what_if.what_if);
+    // $21.00 × 18/30 = $12.60 instead of $11.40, on both subscriptions.
+    let mut changes: Vec<(String, String, i64, i64)> = what_if
+        .differences
+        .iter()
+        .map(|d| {
+            (
+                d.external_subscription_id.clone(),
+                d.fee.split(' ').take(2).collect::<Vec<_>>().join(" "),
+                d.recorded_cents,
+                d.expected_cents,
+            )
+        })
+        .collect();
+    changes.sort();
+    assert_eq!(
+        changes,
+        vec![
+            ("dep_1".into(), "subscription starter".into(), 1140, 1260),
+            ("dep_2".into(), "subscription starter".into(), 1140, 1260),
+        ]
+    );
+    // Billed: (1140 + 80 + 148 + 10) + (1140 + 0 + 148 + 0) = 2666.
+    // What if: (1260 + 80 + 164 + 10) + (1260 + 0 + 164 + 0) = 2938.
+    assert_eq!(
+        (what_if.recorded_total_cents, what_if.replayed_total_cents),
+        (2666, 2938)
+    );
+    // A price book is validated like the plan API.
+    let bad: ledger::replay::PriceBook =
+        serde_json::from_value(json!({"plans": [{"code": "starter", "interval": "fortnightly"}]}))
+            .unwrap();
+    let refused = replay(
+        &app.pool,
+        &ReplayRequest {
+            pricing: Some(bad),
+            ..request("2026-09", None)
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(refused.to_string().contains("interval"), "{refused}");
 }
