@@ -303,17 +303,14 @@ pub async fn replay(pool: &PgPool, request: &ReplayRequest) -> anyhow::Result<Re
     let schema = format!("replay_{}", &Uuid::new_v4().simple().to_string()[..12]);
     let scratch: [&dyn Projection; 2] = [&Catalog, &Usage];
     rebuild_into_upto(pool, &scratch, &schema, Some(upto)).await?;
-    let result = compare(
-        pool,
-        &schema,
-        &selected,
-        &finalized,
+    let scope = Scope {
+        selected: &selected,
+        finalized: &finalized,
         requested,
-        (year, month),
-        &what_if,
-        &mut report,
-    )
-    .await;
+        period: (year, month),
+        what_if: &what_if,
+    };
+    let result = compare(pool, &schema, &scope, &mut report).await;
     sqlx::raw_sql(&format!("DROP SCHEMA {schema} CASCADE"))
         .execute(pool)
         .await?;
@@ -321,44 +318,42 @@ pub async fn replay(pool: &PgPool, request: &ReplayRequest) -> anyhow::Result<Re
     Ok(report)
 }
 
+/// What a replay compares.
+struct Scope<'a> {
+    /// The finalized invoices to replay, in log order.
+    selected: &'a [&'a Invoice],
+    /// Every finalized invoice, in log order (what was billed before).
+    finalized: &'a [&'a Invoice],
+    /// The position asked for (`None`: each invoice's own).
+    requested: Option<LogCursor>,
+    /// (year, month).
+    period: (i32, u32),
+    /// What-if plans by code.
+    what_if: &'a HashMap<String, PlanDefinition>,
+}
+
 async fn compare(
     pool: &PgPool,
     schema: &str,
-    selected: &[&Invoice],
-    finalized: &[&Invoice],
-    requested: Option<LogCursor>,
-    (year, month): (i32, u32),
-    what_if: &HashMap<String, PlanDefinition>,
+    scope: &Scope<'_>,
     report: &mut ReplayReport,
 ) -> anyhow::Result<()> {
     let mut conn = pool.acquire().await?;
     sqlx::query(&format!("SET search_path TO {schema}, public"))
         .execute(&mut *conn)
         .await?;
-    let outcome = compare_in(
-        &mut conn,
-        selected,
-        finalized,
-        requested,
-        (year, month),
-        what_if,
-        report,
-    )
-    .await;
+    let outcome = compare_in(&mut conn, scope, report).await;
     sqlx::query("RESET search_path").execute(&mut *conn).await?;
     outcome
 }
 
 async fn compare_in(
     conn: &mut sqlx::PgConnection,
-    selected: &[&Invoice],
-    finalized: &[&Invoice],
-    requested: Option<LogCursor>,
-    (year, month): (i32, u32),
-    what_if: &HashMap<String, PlanDefinition>,
+    scope: &Scope<'_>,
     report: &mut ReplayReport,
 ) -> anyhow::Result<()> {
-    for invoice in selected {
+    let (year, month) = scope.period;
+    for invoice in scope.selected {
         let header = invoice.header().expect("drafted");
         let recorded = invoice.finalization().expect("finalized");
         let Some(mut billing) =
@@ -367,7 +362,7 @@ async fn compare_in(
             continue;
         };
         for segment in &mut billing.schedule.plans {
-            if let Some(plan) = what_if.get(&segment.plan.code) {
+            if let Some(plan) = scope.what_if.get(&segment.plan.code) {
                 segment.plan = plan.clone();
             }
         }
@@ -380,7 +375,8 @@ async fn compare_in(
         if (starts.year(), starts.month()) != (year, month) {
             continue;
         }
-        let as_of = requested
+        let as_of = scope
+            .requested
             .map(|c| LogPosition {
                 transaction_id: c.transaction_id,
                 position: c.position,
@@ -388,7 +384,8 @@ async fn compare_in(
             .unwrap_or(recorded.as_of);
         // What was billed before this invoice, from the earlier ones.
         let mut billed: BTreeMap<DateTime<Utc>, BilledWindow> = BTreeMap::new();
-        for earlier in finalized
+        for earlier in scope
+            .finalized
             .iter()
             .take_while(|i| !std::ptr::eq(**i, *invoice))
         {
