@@ -618,6 +618,13 @@ async fn projections(database: &Database, command: ProjectionsCommand) -> anyhow
                     );
                 }
                 None => {
+                    let runner = ProjectionRunner::for_all(database.pool.clone())
+                        .await?
+                        .rebuilding();
+                    let chosen: Vec<&dyn projections::Projection> = runner
+                        .projections()
+                        .filter(|p| names.contains(&p.name()))
+                        .collect();
                     let mut applied = 0;
                     for projection in chosen {
                         projection_runner::reset(&database.pool, projection).await?;

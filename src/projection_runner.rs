@@ -20,6 +20,8 @@ use tokio::sync::watch;
 
 /// Events folded per transaction.
 const BATCH_SIZE: i64 = 1000;
+/// Events folded per transaction by a rebuild (far behind, nobody waiting).
+const REBUILD_BATCH_SIZE: i64 = 10_000;
 /// The channel the `events_appended` trigger notifies.
 const APPENDED_CHANNEL: &str = "ledger_events_appended";
 /// The longest a runner waits without a notification.
@@ -58,6 +60,10 @@ pub struct ProjectionStatus {
 pub struct ProjectionRunner {
     pool: PgPool,
     projections: Vec<Box<dyn Projection>>,
+    /// Rebuilding: bigger batches, committed without waiting for the disk
+    /// (a crash loses at most the last batches, and their checkpoint with
+    /// them, so they are simply applied again).
+    rebuilding: bool,
 }
 
 impl ProjectionRunner {
@@ -70,7 +76,17 @@ impl ProjectionRunner {
         for projection in &projections {
             register(&pool, projection.name()).await?;
         }
-        Ok(Self { pool, projections })
+        Ok(Self {
+            pool,
+            projections,
+            rebuilding: false,
+        })
+    }
+
+    /// The same runner in rebuild mode (see `rebuilding`).
+    pub fn rebuilding(mut self) -> Self {
+        self.rebuilding = true;
+        self
     }
 
     /// A runner for every projection of the ledger.
@@ -103,7 +119,15 @@ impl ProjectionRunner {
             transaction_id,
             position,
         };
-        let events = log::read_after(&mut tx, cursor, BATCH_SIZE).await?;
+        let batch = if self.rebuilding {
+            sqlx::query("SET LOCAL synchronous_commit = off")
+                .execute(&mut *tx)
+                .await?;
+            REBUILD_BATCH_SIZE
+        } else {
+            BATCH_SIZE
+        };
+        let events = log::read_after(&mut tx, cursor, batch).await?;
         let Some(last) = events.last().map(|event| event.cursor()) else {
             return Ok(match log::any_after(&mut tx, cursor).await? {
                 false => BatchOutcome::CaughtUp,
@@ -397,7 +421,9 @@ async fn fold_log(
     let mut cursor = LogCursor::START;
     let mut read = 0;
     loop {
-        sqlx::raw_sql("BEGIN").execute(&mut *conn).await?;
+        sqlx::raw_sql("BEGIN; SET LOCAL synchronous_commit = off")
+            .execute(&mut *conn)
+            .await?;
         let step = fold_batch(conn, projections, cursor, upto).await;
         let step = match step {
             Ok(step) => step,
@@ -433,7 +459,7 @@ async fn fold_batch(
     cursor: LogCursor,
     upto: Option<LogCursor>,
 ) -> Result<FoldStep, RebuildError> {
-    let mut events = log::read_after(&mut *conn, cursor, BATCH_SIZE).await?;
+    let mut events = log::read_after(&mut *conn, cursor, REBUILD_BATCH_SIZE).await?;
     // The end is reached once a batch holds it or reads past it (an empty
     // batch may only mean the horizon holds events back).
     let reached_end = upto.is_some_and(|end| {

@@ -173,7 +173,7 @@ pub fn subscription_resource(terms: &SubscriptionTerms, created_at: DateTime<Utc
 }
 
 fn decode<E: DeserializeOwned>(event: &LogEvent) -> Result<E, ProjectionError> {
-    serde_json::from_value(event.payload.clone())
+    serde::Deserialize::deserialize(&event.payload)
         .map_err(|error| ProjectionError::unreadable(event, error))
 }
 

@@ -30,7 +30,7 @@ impl Projection for Invoices {
         if event.aggregate_type != INVOICE_STREAM_TYPE {
             return Ok(());
         }
-        let invoice_event: InvoiceEvent = serde_json::from_value(event.payload.clone())
+        let invoice_event: InvoiceEvent = serde::Deserialize::deserialize(&event.payload)
             .map_err(|e| ProjectionError::unreadable(event, e))?;
         match invoice_event {
             InvoiceEvent::InvoiceDrafted(header) => {

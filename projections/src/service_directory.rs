@@ -54,7 +54,7 @@ pub fn directory_change(event: &LogEvent) -> Result<Option<DirectoryChange>, Pro
     if event.aggregate_type != Service::TYPE {
         return Ok(None);
     }
-    let service_event: ServiceEvent = serde_json::from_value(event.payload.clone())
+    let service_event: ServiceEvent = serde::Deserialize::deserialize(&event.payload)
         .map_err(|error| ProjectionError::unreadable(event, error))?;
     let code = event.aggregate_id.clone();
     Ok(Some(match service_event {

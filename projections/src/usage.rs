@@ -37,9 +37,8 @@ impl Projection for Usage {
             .iter()
             .filter(|e| e.aggregate_type == USAGE_STREAM_TYPE)
         {
-            let UsageEvent::UsageRecorded(record) =
-                serde_json::from_value(event.payload.clone())
-                    .map_err(|e| ProjectionError::unreadable(event, e))?;
+            let UsageEvent::UsageRecorded(record) = serde::Deserialize::deserialize(&event.payload)
+                .map_err(|e| ProjectionError::unreadable(event, e))?;
             records.push((record, event));
         }
         if records.is_empty() {
