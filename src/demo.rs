@@ -259,6 +259,8 @@ async fn demonstrate(database: &Database) -> anyhow::Result<()> {
         body["code"]
     );
 
+    invoicing(database, &client, &nexacloud).await?;
+
     wait_until_caught_up(&client).await?;
     println!("\n== what the ledger knows (GET /admin/v1/services, from the service_directory projection) ==");
     let (_, body) = client.get("/admin/v1/services").await?;
@@ -302,6 +304,116 @@ async fn demonstrate(database: &Database) -> anyhow::Result<()> {
     println!("\nGET /ready -> {}", ready["status"]);
 
     ledger.stop().await;
+    Ok(())
+}
+
+/// Last month, closed: a deployment that ran all of it is invoiced by one
+/// pass of the period closer (as `ledger serve` runs it every minute), and
+/// the invoice is explained; then the log is sealed and verified.
+async fn invoicing(database: &Database, client: &Client, nexacloud: &Client) -> anyhow::Result<()> {
+    use chrono::{Datelike, TimeZone};
+    println!("\n== invoicing: last month closes (customer in Toronto, 3-day grace period) ==");
+    let toronto = chrono_tz::America::Toronto;
+    let today = chrono::Utc::now().with_timezone(&toronto).date_naive();
+    let this_month = today.with_day(1).context("day 1")?;
+    let last_month = this_month - chrono::Months::new(1);
+    let local = |date: chrono::NaiveDate, hour: u32| {
+        toronto
+            .from_local_datetime(&date.and_hms_opt(hour, 0, 0).expect("valid hour"))
+            .earliest()
+            .map(|at| at.with_timezone(&chrono::Utc))
+            .context("a local time")
+    };
+    let (status, _) = nexacloud
+        .post(
+            "/api/v1/subscriptions",
+            json!({"subscription": {"external_customer_id": "cus_ada",
+            "plan_code": "starter", "external_id": "dep_api", "name": "api deployment",
+            "subscription_at": local(last_month, 0)?.to_rfc3339()}}),
+        )
+        .await?;
+    println!(
+        "dep_api subscribed since {last_month} (local midnight) -> {}",
+        status.as_u16()
+    );
+    // 23:30 on the month's last day, local time: still last month's usage.
+    let last_day = this_month.pred_opt().context("a day before")?;
+    let at = local(last_day, 23)? + chrono::Duration::minutes(30);
+    let (status, _) = nexacloud
+        .post("/api/v1/events", json!({"event": {"transaction_id": format!("demo-api-{last_month}"),
+            "external_subscription_id": "dep_api", "code": "cpu_seconds", "timestamp": at.timestamp(),
+            "properties": {"cpu_seconds": 432000}}}))
+        .await?;
+    println!(
+        "432,000 CPU-s on dep_api at {last_day} 23:30 local -> {}",
+        status.as_u16()
+    );
+    wait_until_caught_up(client).await?;
+    let report = crate::invoicing::close_due(
+        &database.pool,
+        None,
+        aggregates::usage::UsageLimits::default().acceptance_window,
+        chrono::Utc::now(),
+    )
+    .await?;
+    println!(
+        "period closer: {} drafted, {} finalized (grace period: drafts until the 4th)",
+        report.drafted, report.finalized
+    );
+    wait_until_caught_up(client).await?;
+    let (_, invoices) = nexacloud
+        .get("/api/v1/invoices?external_customer_id=cus_ada")
+        .await?;
+    for invoice in invoices["invoices"].as_array().into_iter().flatten() {
+        let period = &invoice["billing_periods"][0];
+        if period["external_subscription_id"] != "dep_api" {
+            continue;
+        }
+        println!(
+            "invoice {} {} for {} to {}: fees {}¢ + tax {}¢ = {}¢ (shadow={})",
+            invoice["number"].as_str().unwrap_or_default(),
+            invoice["status"].as_str().unwrap_or_default(),
+            period["charges_from_datetime"].as_str().unwrap_or_default(),
+            period["charges_to_datetime"].as_str().unwrap_or_default(),
+            invoice["fees_amount_cents"],
+            invoice["taxes_amount_cents"],
+            invoice["total_amount_cents"],
+            invoice["shadow"],
+        );
+        for fee in invoice["fees"].as_array().into_iter().flatten() {
+            println!(
+                "  {:<12} {:<12} {:>10} units -> {:>5}¢ (precise {}) + {}¢ tax",
+                fee["fee_type"].as_str().unwrap_or_default(),
+                fee["item"]["code"].as_str().unwrap_or_default(),
+                fee["units"].as_str().unwrap_or_default(),
+                fee["amount_cents"],
+                fee["precise_amount"].as_str().unwrap_or_default(),
+                fee["taxes_amount_cents"],
+            );
+        }
+        if invoice["status"] == "finalized" {
+            let id = invoice["lago_id"].as_str().unwrap_or_default();
+            let (_, explained) = client
+                .get(&format!("/admin/v1/invoices/{id}/explain"))
+                .await?;
+            let fees = &explained["invoice_explanation"]["fees"];
+            println!("  why (GET /admin/v1/invoices/{id}/explain):");
+            for line in fees[1]["arithmetic"].as_array().into_iter().flatten() {
+                println!("    {}", line.as_str().unwrap_or_default());
+            }
+        }
+    }
+    crate::audit::seal(&database.pool).await?;
+    let verified = crate::audit::verify(&database.pool, 0).await?;
+    println!(
+        "ledger verify: {} events chain-checked, {} seal(s) checked -> {}",
+        verified.events_checked,
+        verified.seals_checked,
+        match verified.first_break {
+            None => "no event altered, removed, inserted or reordered".to_string(),
+            Some(broken) => format!("BROKEN at position {}", broken.position()),
+        }
+    );
     Ok(())
 }
 
