@@ -492,12 +492,14 @@ pub async fn charge_usage(
     let events: Vec<(DateTime<Utc>, Decimal)> = if needs_events && aggregate.events_count > 0 {
         sqlx::query_as(
             "SELECT \"timestamp\", coalesce(value, 0) FROM usage_events \
-             WHERE subscription_lago_id = $1 AND metric_code = $2 AND period_start = $3 \
+             WHERE subscription_lago_id = $1 AND \"timestamp\" >= $3 AND \"timestamp\" < $4 \
+               AND metric_code = $2 AND period_start = $3 \
              ORDER BY \"timestamp\", position",
         )
         .bind(subscription_lago_id)
         .bind(metric_code)
         .bind(period.start)
+        .bind(period.end)
         .fetch_all(pool)
         .await?
     } else {
