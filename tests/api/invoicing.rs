@@ -649,3 +649,70 @@ async fn a_close_that_fails_midway_leaves_nothing_and_the_next_one_issues_everyt
             .unwrap();
     assert_eq!(numbers, vec![1, 2, 3]);
 }
+
+#[sqlx::test]
+async fn an_early_termination_credits_the_unused_days_paid_in_advance(pool: PgPool) {
+    let app = spawn_app_with_limits(pool, limits()).await;
+    let svc = app.service("nexacloud").await;
+    svc.nexacloud_catalog().await;
+    svc.put("/plans/starter", json!({"plan": {"pay_in_advance": true}}))
+        .await;
+    svc.created(
+        "/customers",
+        json!({"customer": {"external_id": "cus_utc", "currency": "CAD", "timezone": "UTC"}}),
+    )
+    .await;
+    subscribe(
+        &svc,
+        "dep_1",
+        "cus_utc",
+        &(Utc::now() - Duration::days(70)).to_rfc3339(),
+    )
+    .await;
+    let (status, body) = svc.delete("/subscriptions/dep_1").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let terminated_at: DateTime<Utc> = body["subscription"]["terminated_at"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    close(&app, &(terminated_at + Duration::seconds(1)).to_rfc3339()).await;
+    let closing = invoices(&svc, "").await.remove(0);
+    assert_eq!(
+        closing["billing_periods"][0]["invoicing_reason"],
+        "subscription_terminating"
+    );
+    let credit = closing["fees"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["fee_type"] == "credit")
+        .cloned();
+    // The month was paid in full at its start; the days after the
+    // termination day come back: $19.00 × (days in month − day) ÷ days.
+    let day = i64::from(terminated_at.day());
+    let month_days = i64::from(
+        (terminated_at.date_naive().with_day(1).unwrap() + chrono::Months::new(1))
+            .pred_opt()
+            .unwrap()
+            .day(),
+    );
+    let unused = month_days - day;
+    if unused == 0 {
+        assert_eq!(
+            credit, None,
+            "terminated on the month's last day: nothing unused"
+        );
+        return;
+    }
+    let credit = credit.expect("a credit line");
+    assert_eq!(credit["proration"]["days"], unused);
+    let expected = -(rust_decimal::Decimal::from(1900 * unused)
+        / rust_decimal::Decimal::from(month_days))
+    .round_dp_with_strategy(0, rust_decimal::RoundingStrategy::MidpointAwayFromZero);
+    assert_eq!(
+        credit["amount_cents"].as_i64().unwrap(),
+        i64::try_from(expected).unwrap()
+    );
+    assert!(credit["amount_cents"].as_i64().unwrap() < 0);
+}
