@@ -215,6 +215,10 @@ pub struct CloseReport {
     pub finalized: usize,
     /// Of those, adjustment invoices of terminated subscriptions.
     pub adjustment_invoices: usize,
+    /// Invoices not issued because their usage window overlaps one already
+    /// billed (e.g. after the customer's time zone changed): they would bill
+    /// the same usage twice. Logged as errors, for an operator.
+    pub refused: usize,
 }
 
 impl std::ops::AddAssign for CloseReport {
@@ -222,6 +226,7 @@ impl std::ops::AddAssign for CloseReport {
         self.drafted += other.drafted;
         self.finalized += other.finalized;
         self.adjustment_invoices += other.adjustment_invoices;
+        self.refused += other.refused;
     }
 }
 
@@ -396,6 +401,17 @@ async fn late_windows(
     .bind(as_of.position)
     .fetch_all(conn)
     .await
+}
+
+/// Every window of `subscriptions` billed so far.
+async fn billed_windows(
+    conn: &mut PgConnection,
+    subscriptions: &[Uuid],
+) -> Result<Vec<BilledWindow>, sqlx::Error> {
+    sqlx::query_as("SELECT * FROM billed_windows WHERE subscription_lago_id = ANY($1)")
+        .bind(subscriptions)
+        .fetch_all(conn)
+        .await
 }
 
 /// A usage event with the log position it was recorded at.
@@ -686,11 +702,41 @@ async fn close_chunk(
             .or_default()
             .push(window);
     }
+    let mut billed_before: HashMap<Uuid, Vec<BilledWindow>> = HashMap::new();
+    for window in billed_windows(conn, &ids).await? {
+        billed_before
+            .entry(window.subscription_lago_id)
+            .or_default()
+            .push(window);
+    }
+    let mut refused = 0;
     let planned: Vec<(&SubscriptionBilling, Vec<Action>)> = subscriptions
         .iter()
         .map(|b| {
             let has_late = late.contains_key(&b.lago_id);
-            (*b, actions(b, &existing, now, finalize_early, has_late))
+            let mut actions = actions(b, &existing, now, finalize_early, has_late);
+            // Never bill a window of usage twice: an invoice whose usage
+            // window overlaps one already billed stops this subscription's
+            // invoicing until an operator looks.
+            let billed = billed_before.get(&b.lago_id).map(Vec::as_slice).unwrap_or(&[]);
+            if let Some(index) = actions.iter().position(|action| {
+                let (Action::Draft(layout) | Action::Finalize(layout)) = action else {
+                    return false;
+                };
+                layout.usage.is_some_and(|(w, _)| {
+                    billed.iter().any(|b| b.window_start < w.end && w.start < b.window_end)
+                })
+            }) {
+                tracing::error!(
+                    subscription = %b.lago_id,
+                    service = %b.service,
+                    "an invoice's usage window overlaps one already billed (did the customer's time zone change?); \
+                     not invoicing this subscription further"
+                );
+                actions.truncate(index);
+                refused += 1;
+            }
+            (*b, actions)
         })
         .collect();
     let mut windows: Vec<(Uuid, BillingPeriod)> = Vec::new();
@@ -710,7 +756,10 @@ async fn close_chunk(
     let points = window_points(conn, &windows, as_of).await?;
     let mut writer = EventWriter::default();
     let mut billed: Vec<BilledWindow> = Vec::new();
-    let mut report = CloseReport::default();
+    let mut report = CloseReport {
+        refused,
+        ..CloseReport::default()
+    };
     for (billing, actions) in planned {
         let mut late_left = late.remove(&billing.lago_id).unwrap_or_default();
         let no_points = Vec::new();

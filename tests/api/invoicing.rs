@@ -110,7 +110,8 @@ async fn a_period_closes_into_one_invoice_per_subscription_to_the_cent(pool: PgP
         CloseReport {
             drafted: 0,
             finalized: 2,
-            adjustment_invoices: 0
+            adjustment_invoices: 0,
+            refused: 0,
         }
     );
     let all = invoices(&svc, "?external_customer_id=cus_ada").await;
@@ -715,4 +716,33 @@ async fn an_early_termination_credits_the_unused_days_paid_in_advance(pool: PgPo
         i64::try_from(expected).unwrap()
     );
     assert!(credit["amount_cents"].as_i64().unwrap() < 0);
+}
+
+#[sqlx::test]
+async fn a_window_already_billed_is_never_billed_again_even_after_a_time_zone_change(pool: PgPool) {
+    let app = spawn_app_with_limits(pool, limits()).await;
+    let svc = app.service("nexacloud").await;
+    svc.nexacloud_catalog().await;
+    svc.created(
+        "/customers",
+        json!({"customer": {"external_id": "cus_utc", "currency": "CAD", "timezone": "UTC"}}),
+    )
+    .await;
+    subscribe(&svc, "dep_1", "cus_utc", "2026-09-01T00:00:00Z").await;
+    usage(&svc, "a", "dep_1", "2026-09-15T12:00:00Z", "400000").await;
+    close(&app, "2026-10-02T00:00:00Z").await;
+    // Periods now end at Toronto's midnight: the next window would start at
+    // 2026-09-01T04:00Z, inside September as already billed (UTC).
+    svc.created(
+        "/customers",
+        json!({"customer": {"external_id": "cus_utc", "timezone": "America/Toronto"}}),
+    )
+    .await;
+    let report = close(&app, "2026-11-02T00:00:00Z").await;
+    assert_eq!((report.finalized, report.refused), (0, 1));
+    assert_eq!(
+        invoices(&svc, "").await.len(),
+        1,
+        "September is billed once"
+    );
 }
