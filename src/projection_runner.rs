@@ -127,7 +127,7 @@ impl ProjectionRunner {
         } else {
             BATCH_SIZE
         };
-        let events = log::read_after(&mut tx, cursor, batch).await?;
+        let events = log::read_after(&mut tx, cursor, batch, projection.reads()).await?;
         let Some(last) = events.last().map(|event| event.cursor()) else {
             return Ok(match log::any_after(&mut tx, cursor).await? {
                 false => BatchOutcome::CaughtUp,
@@ -459,7 +459,14 @@ async fn fold_batch(
     cursor: LogCursor,
     upto: Option<LogCursor>,
 ) -> Result<FoldStep, RebuildError> {
-    let mut events = log::read_after(&mut *conn, cursor, REBUILD_BATCH_SIZE).await?;
+    // The union of what the projections read (all, if one reads all).
+    let reads: Option<Vec<&str>> = projections
+        .iter()
+        .map(|p| p.reads())
+        .collect::<Option<Vec<_>>>()
+        .map(|types| types.into_iter().flatten().copied().collect());
+    let mut events =
+        log::read_after(&mut *conn, cursor, REBUILD_BATCH_SIZE, reads.as_deref()).await?;
     // The end is reached once a batch holds it or reads past it (an empty
     // batch may only mean the horizon holds events back).
     let reached_end = upto.is_some_and(|end| {

@@ -202,6 +202,16 @@ impl Projection for Catalog {
         ]
     }
 
+    fn reads(&self) -> Option<&'static [&'static str]> {
+        Some(&[
+            BillableMetric::TYPE,
+            Tax::TYPE,
+            Plan::TYPE,
+            Customer::TYPE,
+            Subscription::TYPE,
+        ])
+    }
+
     async fn apply(
         &self,
         conn: &mut PgConnection,

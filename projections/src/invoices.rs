@@ -22,6 +22,10 @@ impl Projection for Invoices {
         &["invoices"]
     }
 
+    fn reads(&self) -> Option<&'static [&'static str]> {
+        Some(&[INVOICE_STREAM_TYPE])
+    }
+
     async fn apply(
         &self,
         conn: &mut PgConnection,

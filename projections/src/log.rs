@@ -65,12 +65,20 @@ impl LogEvent {
     }
 }
 
+/// The log's columns; `payload` and `metadata` only for the aggregate types
+/// in `$4` (all when it is null): a fold never pays for decoding events it
+/// skips (most of the log is usage, which most projections skip).
 const SELECT_EVENTS: &str = "SELECT position, transaction_id::text::bigint AS transaction_id, \
-     aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, recorded_at \
+     aggregate_type, aggregate_id, sequence, event_type, event_version, \
+     CASE WHEN $4::text[] IS NULL OR aggregate_type = ANY($4) THEN payload ELSE 'null'::json END AS payload, \
+     CASE WHEN $4::text[] IS NULL OR aggregate_type = ANY($4) THEN metadata ELSE 'null'::json END AS metadata, \
+     recorded_at \
      FROM events";
 
 /// The next `limit` events after `cursor` in log order, never returning an
 /// event while an older transaction that could still write below it runs.
+/// Events of aggregate types outside `reads` (when given) come with null
+/// payload and metadata.
 /// (The ORDER BY names the table's columns: the select list aliases
 /// `transaction_id` to an integer, and ordering by that alias would sort the
 /// whole remaining log instead of walking the `(transaction_id, position)`
@@ -79,6 +87,7 @@ pub async fn read_after(
     conn: &mut PgConnection,
     cursor: LogCursor,
     limit: i64,
+    reads: Option<&[&str]>,
 ) -> Result<Vec<LogEvent>, sqlx::Error> {
     sqlx::query_as::<_, LogEvent>(&format!(
         "{SELECT_EVENTS} \
@@ -90,6 +99,7 @@ pub async fn read_after(
     .bind(cursor.transaction_id.to_string())
     .bind(cursor.position)
     .bind(limit)
+    .bind(reads)
     .fetch_all(conn)
     .await
 }

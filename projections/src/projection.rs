@@ -48,6 +48,13 @@ pub trait Projection: Send + Sync {
     /// The tables this projection owns; a rebuild empties exactly these.
     fn tables(&self) -> &'static [&'static str];
 
+    /// The aggregate types whose events the fold reads (`None`: all).
+    /// Events of other types reach it with null payloads, which saves
+    /// decoding every usage event for projections that skip them.
+    fn reads(&self) -> Option<&'static [&'static str]> {
+        None
+    }
+
     /// Fold one event into the projection's tables.
     async fn apply(&self, conn: &mut PgConnection, event: &LogEvent)
         -> Result<(), ProjectionError>;

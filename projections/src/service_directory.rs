@@ -91,6 +91,10 @@ impl Projection for ServiceDirectory {
         &["service_directory", "api_keys"]
     }
 
+    fn reads(&self) -> Option<&'static [&'static str]> {
+        Some(&[Service::TYPE])
+    }
+
     async fn apply(
         &self,
         conn: &mut PgConnection,

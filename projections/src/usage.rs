@@ -27,6 +27,10 @@ impl Projection for Usage {
         &["usage_events", "usage_aggregates", "usage_unique_values"]
     }
 
+    fn reads(&self) -> Option<&'static [&'static str]> {
+        Some(&[USAGE_STREAM_TYPE])
+    }
+
     async fn apply_batch(
         &self,
         conn: &mut PgConnection,
