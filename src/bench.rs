@@ -37,20 +37,42 @@ pub struct IngestBench {
 }
 
 pub async fn run(options: IngestBench) -> anyhow::Result<()> {
-    let dir = options
-        .data_dir
-        .join(format!("bench-{}", std::process::id()));
-    let settings = ClusterSettings {
-        max_connections: 200,
-        durability_off: false,
-    };
-    let mut cluster = EmbeddedPostgres::open(&dir, settings).await?;
-    cluster.start().await?;
-    let result = measure(&cluster, &options).await;
-    cluster.stop().await?;
-    drop(cluster);
-    let _ = std::fs::remove_dir_all(&dir);
+    let cluster = Throwaway::start(&options.data_dir, "bench", 200).await?;
+    let result = measure(&cluster.cluster, &options).await;
+    cluster.remove().await?;
     result
+}
+
+/// A throwaway embedded cluster for a benchmark, with production's durable
+/// settings, in its own directory under the data directory.
+pub(crate) struct Throwaway {
+    pub cluster: EmbeddedPostgres,
+    dir: std::path::PathBuf,
+}
+
+impl Throwaway {
+    pub(crate) async fn start(
+        data_dir: &std::path::Path,
+        name: &str,
+        max_connections: u32,
+    ) -> anyhow::Result<Self> {
+        let dir = data_dir.join(format!("{name}-{}", std::process::id()));
+        let settings = ClusterSettings {
+            max_connections,
+            durability_off: false,
+        };
+        let mut cluster = EmbeddedPostgres::open(&dir, settings).await?;
+        cluster.start().await?;
+        Ok(Self { cluster, dir })
+    }
+
+    /// Stop the cluster and delete its directory.
+    pub(crate) async fn remove(mut self) -> anyhow::Result<()> {
+        self.cluster.stop().await?;
+        drop(self.cluster);
+        let _ = std::fs::remove_dir_all(&self.dir);
+        Ok(())
+    }
 }
 
 async fn measure(cluster: &EmbeddedPostgres, options: &IngestBench) -> anyhow::Result<()> {

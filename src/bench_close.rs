@@ -18,8 +18,9 @@ use futures_util::TryStreamExt;
 use serde_json::{json, Value};
 
 use crate::bench::peak_rss_mib;
+use crate::bench::Throwaway;
 use crate::database::{pool_options, MIGRATOR};
-use crate::embedded::{ClusterSettings, EmbeddedPostgres};
+use crate::embedded::EmbeddedPostgres;
 use crate::http::admin::AdminKey;
 use crate::http::AppState;
 use crate::projection_runner::ProjectionRunner;
@@ -34,25 +35,30 @@ pub struct CloseBench {
 }
 
 pub async fn run(options: CloseBench) -> anyhow::Result<()> {
-    let dir = options
-        .data_dir
-        .join(format!("bench-close-{}", std::process::id()));
-    let settings = ClusterSettings {
-        max_connections: 100,
-        durability_off: false,
-    };
-    let mut cluster = EmbeddedPostgres::open(&dir, settings).await?;
-    cluster.start().await?;
-    let result = measure(&cluster, &options).await;
-    cluster.stop().await?;
-    drop(cluster);
-    let _ = std::fs::remove_dir_all(&dir);
+    let cluster = Throwaway::start(&options.data_dir, "bench-close", 100).await?;
+    let result = measure(&cluster.cluster, &options).await;
+    cluster.remove().await?;
     result
 }
 
 pub(crate) const CLIENTS: usize = 8;
 
-async fn measure(cluster: &EmbeddedPostgres, options: &CloseBench) -> anyhow::Result<()> {
+/// What the period benchmarks start from: N subscriptions that started on
+/// the 1st of last month (UTC), M usage events each recorded over HTTP, the
+/// projections drained and the HTTP server stopped.
+pub(crate) struct Backfilled {
+    pub pool: sqlx::PgPool,
+    /// The acceptance window the usage was recorded under (a backfill).
+    pub window: chrono::Duration,
+    pub this_month: chrono::DateTime<Utc>,
+    pub last_month: chrono::DateTime<Utc>,
+}
+
+pub(crate) async fn backfill(
+    cluster: &EmbeddedPostgres,
+    subscriptions: usize,
+    events_per_subscription: usize,
+) -> anyhow::Result<Backfilled> {
     let pool = pool_options(CLIENTS as u32 + 8)
         .connect_with(cluster.connect_options())
         .await?;
@@ -66,27 +72,55 @@ async fn measure(cluster: &EmbeddedPostgres, options: &CloseBench) -> anyhow::Re
     let state = AppState::new(pool.clone(), Some(AdminKey::new(&admin_key)), limits).await?;
     let ledger = LocalLedger::start(state).await?;
     let http = reqwest::Client::new();
-    let base = ledger.base_url.clone();
-
-    let today = Utc::now().date_naive();
     let this_month = Utc.from_utc_datetime(
-        &today
+        &Utc::now()
+            .date_naive()
             .with_day(1)
             .expect("day 1")
             .and_hms_opt(0, 0, 0)
             .expect("midnight"),
     );
     let last_month = this_month - chrono::Months::new(1);
-    let (n, m) = (options.subscriptions, options.events_per_subscription);
-    println!("close benchmark: {n} subscriptions × {m} usage events, period {last_month} to {this_month}");
-    let setup = Instant::now();
-    let key = setup_catalog(&http, &base, &admin_key, n, last_month).await?;
-    record_usage(&http, &base, &key, n, m, last_month).await?;
+    let key = setup_catalog(
+        &http,
+        &ledger.base_url,
+        &admin_key,
+        subscriptions,
+        last_month,
+    )
+    .await?;
+    record_usage(
+        &http,
+        &ledger.base_url,
+        &key,
+        subscriptions,
+        events_per_subscription,
+        last_month,
+    )
+    .await?;
     ProjectionRunner::for_all(pool.clone())
         .await?
         .catch_up()
         .await?;
     ledger.stop().await;
+    Ok(Backfilled {
+        pool,
+        window,
+        this_month,
+        last_month,
+    })
+}
+
+async fn measure(cluster: &EmbeddedPostgres, options: &CloseBench) -> anyhow::Result<()> {
+    let (n, m) = (options.subscriptions, options.events_per_subscription);
+    let setup = Instant::now();
+    let Backfilled {
+        pool,
+        window,
+        this_month,
+        last_month,
+    } = backfill(cluster, n, m).await?;
+    println!("close benchmark: {n} subscriptions × {m} usage events, period {last_month} to {this_month}");
     println!(
         "set-up (catalog, subscriptions, usage over HTTP): {:.1} s",
         setup.elapsed().as_secs_f64()
@@ -177,7 +211,7 @@ async fn post(
     Ok(body)
 }
 
-pub(crate) async fn setup_catalog(
+async fn setup_catalog(
     http: &reqwest::Client,
     base: &str,
     admin_key: &str,
@@ -240,7 +274,7 @@ pub(crate) async fn setup_catalog(
     Ok(key)
 }
 
-pub(crate) async fn record_usage(
+async fn record_usage(
     http: &reqwest::Client,
     base: &str,
     key: &str,

@@ -13,17 +13,13 @@
 
 use std::time::Instant;
 
-use chrono::{Datelike, TimeZone, Utc};
 use futures_util::TryStreamExt;
 
 use crate::bench::peak_rss_mib;
-use crate::bench_close::{record_usage, setup_catalog};
-use crate::database::{pool_options, MIGRATOR};
-use crate::embedded::{ClusterSettings, EmbeddedPostgres};
-use crate::http::admin::AdminKey;
-use crate::http::AppState;
+use crate::bench::Throwaway;
+use crate::bench_close::{backfill, Backfilled};
+use crate::embedded::EmbeddedPostgres;
 use crate::projection_runner::{self, rebuild_into, ProjectionRunner};
-use crate::startup::LocalLedger;
 use projections::Projection;
 
 /// What to measure.
@@ -35,19 +31,9 @@ pub struct RebuildBench {
 }
 
 pub async fn run(options: RebuildBench) -> anyhow::Result<()> {
-    let dir = options
-        .data_dir
-        .join(format!("bench-rebuild-{}", std::process::id()));
-    let settings = ClusterSettings {
-        max_connections: 100,
-        durability_off: false,
-    };
-    let mut cluster = EmbeddedPostgres::open(&dir, settings).await?;
-    cluster.start().await?;
-    let result = measure(&cluster, &options).await;
-    cluster.stop().await?;
-    drop(cluster);
-    let _ = std::fs::remove_dir_all(&dir);
+    let cluster = Throwaway::start(&options.data_dir, "bench-rebuild", 100).await?;
+    let result = measure(&cluster.cluster, &options).await;
+    cluster.remove().await?;
     result
 }
 
@@ -56,28 +42,6 @@ fn rate(events: i64, seconds: f64) -> f64 {
 }
 
 async fn measure(cluster: &EmbeddedPostgres, options: &RebuildBench) -> anyhow::Result<()> {
-    let pool = pool_options(crate::bench_close::CLIENTS as u32 + 8)
-        .connect_with(cluster.connect_options())
-        .await?;
-    MIGRATOR.run(&pool).await?;
-    let admin_key = uuid::Uuid::new_v4().to_string();
-    let window = chrono::Duration::days(400);
-    let limits = aggregates::usage::UsageLimits {
-        acceptance_window: window,
-        ..Default::default()
-    };
-    let state = AppState::new(pool.clone(), Some(AdminKey::new(&admin_key)), limits).await?;
-    let ledger = LocalLedger::start(state).await?;
-    let http = reqwest::Client::new();
-    let this_month = Utc.from_utc_datetime(
-        &Utc::now()
-            .date_naive()
-            .with_day(1)
-            .expect("day 1")
-            .and_hms_opt(0, 0, 0)
-            .expect("midnight"),
-    );
-    let last_month = this_month - chrono::Months::new(1);
     let (n, m) = (options.subscriptions, options.events_per_subscription);
     println!(
         "rebuild benchmark: {n} subscriptions × {m} usage events, machine: {} cores",
@@ -86,12 +50,13 @@ async fn measure(cluster: &EmbeddedPostgres, options: &RebuildBench) -> anyhow::
             .unwrap_or(1)
     );
     let setup = Instant::now();
-    let key = setup_catalog(&http, &ledger.base_url, &admin_key, n, last_month).await?;
-    // Spread over the month: at most one event a minute per subscription.
-    record_usage(&http, &ledger.base_url, &key, n, m, last_month).await?;
+    let Backfilled {
+        pool,
+        window,
+        this_month,
+        ..
+    } = backfill(cluster, n, m).await?;
     let runner = ProjectionRunner::for_all(pool.clone()).await?;
-    runner.catch_up().await?;
-    ledger.stop().await;
     let closed = crate::invoicing::close_due(
         &pool,
         None,
