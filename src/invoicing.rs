@@ -492,6 +492,8 @@ pub struct ComputedInvoice {
     pub fees: Vec<Fee>,
     pub totals: InvoiceTotals,
     pub taxes: Vec<aggregates::billing::AppliedTax>,
+    /// The log position its usage was read as of.
+    pub as_of: LogPosition,
     /// The billed windows it moves forward (its own usage window and every
     /// late window it adjusts).
     billed: Vec<BilledWindow>,
@@ -590,6 +592,7 @@ pub(crate) fn compute(
         fees,
         totals,
         taxes,
+        as_of,
         billed,
     }
 }
@@ -597,7 +600,6 @@ pub(crate) fn compute(
 fn header(
     billing: &SubscriptionBilling,
     layout: &InvoiceLayout,
-    reason: InvoicingReason,
     now: DateTime<Utc>,
 ) -> InvoiceHeader {
     let segment = billing.schedule.segment_at(layout.issued_at);
@@ -614,7 +616,7 @@ fn header(
             .issued_at
             .with_timezone(&billing.schedule.timezone)
             .date_naive(),
-        reason,
+        reason: layout.reason,
         currency: plan.amount_currency.clone(),
         shadow: billing.shadow,
         lago_plan_id: plan.lago_id,
@@ -784,7 +786,7 @@ async fn close_chunk(
             let header = match invoice.header() {
                 Some(header) => header.clone(),
                 None => {
-                    let header = header(billing, &layout, layout.reason, now);
+                    let header = header(billing, &layout, now);
                     let event = invoice.draft(header.clone()).expect("not drafted yet");
                     version += 1;
                     writer.push(&stream, version, &event);

@@ -159,12 +159,8 @@ async fn resolve(pool: &PgPool, as_of: AsOf) -> anyhow::Result<LogCursor> {
 }
 
 fn fee_key(fee: &Fee) -> (String, String, String) {
-    let kind = serde_json::to_value(fee.kind)
-        .ok()
-        .and_then(|v| v.as_str().map(String::from))
-        .unwrap_or_default();
     (
-        format!("{kind} {}", fee.code),
+        format!("{} {}", fee.kind.as_str(), fee.code),
         timestamp(fee.from),
         timestamp(fee.to),
     )

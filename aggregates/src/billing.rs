@@ -361,6 +361,19 @@ pub enum FeeKind {
     Credit,
 }
 
+impl FeeKind {
+    /// The name on the wire (`fee_type`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Subscription => "subscription",
+            Self::Charge => "charge",
+            Self::TrueUp => "true_up",
+            Self::Adjustment => "adjustment",
+            Self::Credit => "credit",
+        }
+    }
+}
+
 /// How a flat fee was prorated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Proration {
@@ -1013,6 +1026,19 @@ mod tests {
         let fees = invoice_fees(&s, &layouts[1], &|_| vec![], &late, &[]);
         let adjustment = fees.iter().find(|f| f.kind == FeeKind::Adjustment).unwrap();
         assert_eq!(adjustment.amount_cents, 1, "2¢ due, 1¢ billed");
+    }
+
+    #[test]
+    fn fee_kinds_are_named_on_the_wire_as_serialized() {
+        for kind in [
+            FeeKind::Subscription,
+            FeeKind::Charge,
+            FeeKind::TrueUp,
+            FeeKind::Adjustment,
+            FeeKind::Credit,
+        ] {
+            assert_eq!(serde_json::to_value(kind).unwrap(), kind.as_str());
+        }
     }
 
     #[test]

@@ -89,6 +89,23 @@ fn totals(invoice: &Value) -> (i64, i64, i64) {
     )
 }
 
+/// Days in the UTC month of `at`.
+fn days_in_month(at: DateTime<Utc>) -> i64 {
+    let first = at.date_naive().with_day(1).unwrap();
+    i64::from((first + chrono::Months::new(1)).pred_opt().unwrap().day())
+}
+
+/// `amount_cents × days ÷ period_days`, rounded half away from zero: the
+/// expected prorated flat fee, computed here independently of the ledger.
+fn prorated(amount_cents: i64, days: i64, period_days: i64) -> i64 {
+    let exact =
+        rust_decimal::Decimal::from(amount_cents * days) / rust_decimal::Decimal::from(period_days);
+    i64::try_from(
+        exact.round_dp_with_strategy(0, rust_decimal::RoundingStrategy::MidpointAwayFromZero),
+    )
+    .unwrap()
+}
+
 #[sqlx::test]
 async fn a_period_closes_into_one_invoice_per_subscription_to_the_cent(pool: PgPool) {
     let app = spawn_app_with_limits(pool, limits()).await;
@@ -374,20 +391,12 @@ async fn a_termination_closes_the_partial_period_and_late_usage_gets_its_own_inv
         .expect("a closing invoice");
     // Days 1..termination day of the month, inclusive.
     let day = i64::from(terminated_at.day());
-    let month_days = i64::from(
-        (terminated_at.date_naive().with_day(1).unwrap() + chrono::Months::new(1))
-            .pred_opt()
-            .unwrap()
-            .day(),
-    );
+    let month_days = days_in_month(terminated_at);
     assert_eq!(closing["fees"][0]["proration"]["days"], day);
     assert_eq!(closing["fees"][0]["proration"]["period_days"], month_days);
-    let expected = (rust_decimal::Decimal::from(1900 * day)
-        / rust_decimal::Decimal::from(month_days))
-    .round_dp_with_strategy(0, rust_decimal::RoundingStrategy::MidpointAwayFromZero);
     assert_eq!(
         closing["fees"][0]["amount_cents"].as_i64().unwrap(),
-        i64::try_from(expected).unwrap()
+        prorated(1900, day, month_days)
     );
     // 3,600 s over the quota: $0.0075 → 1¢.
     assert_eq!(lines(closing)[1], line("charge", "cpu_seconds", 1, 0));
@@ -573,16 +582,13 @@ async fn a_plan_change_closes_the_old_plans_days_on_their_own_invoice(pool: PgPo
         .and_utc();
     close(&app, &(next_month + Duration::seconds(1)).to_rfc3339()).await;
     let next = invoices(&svc, "").await.remove(0);
-    let month_days = (next_month - Duration::days(1)).day() as i64;
+    let month_days = days_in_month(changed_at);
     let new_days = month_days - days;
     assert_eq!(next["fees"][0]["plan_code"], "pro");
     assert_eq!(next["fees"][0]["proration"]["days"], new_days);
-    let expected = (rust_decimal::Decimal::from(6000 * new_days)
-        / rust_decimal::Decimal::from(month_days))
-    .round_dp_with_strategy(0, rust_decimal::RoundingStrategy::MidpointAwayFromZero);
     assert_eq!(
         next["fees"][0]["amount_cents"].as_i64().unwrap(),
-        i64::try_from(expected).unwrap()
+        prorated(6000, new_days, month_days)
     );
 }
 
@@ -692,12 +698,7 @@ async fn an_early_termination_credits_the_unused_days_paid_in_advance(pool: PgPo
     // The month was paid in full at its start; the days after the
     // termination day come back: $19.00 × (days in month − day) ÷ days.
     let day = i64::from(terminated_at.day());
-    let month_days = i64::from(
-        (terminated_at.date_naive().with_day(1).unwrap() + chrono::Months::new(1))
-            .pred_opt()
-            .unwrap()
-            .day(),
-    );
+    let month_days = days_in_month(terminated_at);
     let unused = month_days - day;
     if unused == 0 {
         assert_eq!(
@@ -708,12 +709,9 @@ async fn an_early_termination_credits_the_unused_days_paid_in_advance(pool: PgPo
     }
     let credit = credit.expect("a credit line");
     assert_eq!(credit["proration"]["days"], unused);
-    let expected = -(rust_decimal::Decimal::from(1900 * unused)
-        / rust_decimal::Decimal::from(month_days))
-    .round_dp_with_strategy(0, rust_decimal::RoundingStrategy::MidpointAwayFromZero);
     assert_eq!(
         credit["amount_cents"].as_i64().unwrap(),
-        i64::try_from(expected).unwrap()
+        -prorated(1900, unused, month_days)
     );
     assert!(credit["amount_cents"].as_i64().unwrap() < 0);
 }

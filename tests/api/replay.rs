@@ -40,23 +40,34 @@ fn request(period: &str, as_of: Option<AsOf>) -> ReplayRequest {
     }
 }
 
-#[sqlx::test]
-async fn a_replayed_period_matches_to_the_cent_and_shows_what_late_usage_changed(pool: PgPool) {
+/// NexaCloud's catalog and two subscriptions of one customer from
+/// 2026-09-13 10:00 Toronto time; usage as old as needed is accepted.
+async fn two_subscriptions(pool: PgPool) -> (TestApp, String) {
     let limits = UsageLimits {
         acceptance_window: Duration::days(3650),
         ..Default::default()
     };
     let app = spawn_app_with_limits(pool, limits).await;
-    let svc = app.service("nexacloud").await;
-    svc.nexacloud_catalog().await;
-    for sub in ["dep_1", "dep_2"] {
-        svc.created(
-            "/subscriptions",
-            json!({"subscription": {"external_customer_id": "cus_ada", "plan_code": "starter",
-                   "external_id": sub, "subscription_at": "2026-09-13T14:00:00Z"}}),
-        )
-        .await;
-    }
+    let key = {
+        let svc = app.service("nexacloud").await;
+        svc.nexacloud_catalog().await;
+        for sub in ["dep_1", "dep_2"] {
+            svc.created(
+                "/subscriptions",
+                json!({"subscription": {"external_customer_id": "cus_ada", "plan_code": "starter",
+                       "external_id": sub, "subscription_at": "2026-09-13T14:00:00Z"}}),
+            )
+            .await;
+        }
+        svc.key.clone()
+    };
+    (app, key)
+}
+
+#[sqlx::test]
+async fn a_replayed_period_matches_to_the_cent_and_shows_what_late_usage_changed(pool: PgPool) {
+    let (app, key) = two_subscriptions(pool).await;
+    let svc = ServiceClient { app: &app, key };
     usage(&svc, "a", "dep_1", "2026-09-20T12:00:00Z", "400000").await;
     usage(&svc, "b", "dep_1", "2026-09-30T12:00:00Z", "20000").await;
     usage(&svc, "a", "dep_2", "2026-09-21T12:00:00Z", "38400").await;
@@ -157,21 +168,8 @@ async fn a_replayed_period_matches_to_the_cent_and_shows_what_late_usage_changed
 
 #[sqlx::test]
 async fn a_what_if_price_book_shows_each_subscriptions_and_the_total_difference(pool: PgPool) {
-    let limits = UsageLimits {
-        acceptance_window: Duration::days(3650),
-        ..Default::default()
-    };
-    let app = spawn_app_with_limits(pool, limits).await;
-    let svc = app.service("nexacloud").await;
-    svc.nexacloud_catalog().await;
-    for sub in ["dep_1", "dep_2"] {
-        svc.created(
-            "/subscriptions",
-            json!({"subscription": {"external_customer_id": "cus_ada", "plan_code": "starter",
-                   "external_id": sub, "subscription_at": "2026-09-13T14:00:00Z"}}),
-        )
-        .await;
-    }
+    let (app, key) = two_subscriptions(pool).await;
+    let svc = ServiceClient { app: &app, key };
     usage(&svc, "a", "dep_1", "2026-09-20T12:00:00Z", "420000").await;
     close(&app, "2026-10-02T00:00:00Z").await;
 

@@ -199,13 +199,9 @@ async fn render(state: &AppState, row: InvoiceRow) -> ApiResult<Value> {
         .await
         .map_err(|e| ApiError::Unexpected(anyhow::Error::new(e).context("projection failed")))?;
     let computed = invoicing::preview_draft(&state.pool, &header).await?;
-    let (fees, taxes, totals) = computed
-        .map(|c| (c.fees, c.taxes, c.totals))
+    let (fees, taxes, totals, as_of) = computed
+        .map(|c| (c.fees, c.taxes, c.totals, c.as_of))
         .unwrap_or_default();
-    let as_of = {
-        let mut conn = state.pool.acquire().await?;
-        invoicing::usage_position(&mut conn).await?
-    };
     let lines = Lines {
         number: format!(
             "{}-DRAFT-{}",
