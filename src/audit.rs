@@ -217,21 +217,28 @@ pub struct Verification {
 /// Verify the log from `from_position` on (0: everything).
 pub async fn verify(pool: &PgPool, from_position: i64) -> anyhow::Result<Verification> {
     // Stream chains: recompute every event's hash from its content and its
-    // stream's previous event, and check sequences step by one.
+    // stream's previous event, and check sequences step by one; a usage
+    // event's columns must say what its (hashed) payload says.
     let chain: Option<(i64, String)> = sqlx::query_as(
         "SELECT position, CASE \
              WHEN previous_sequence IS NULL AND sequence <> 1 THEN 'its stream starts at sequence ' || sequence \
              WHEN previous_sequence IS NOT NULL AND sequence <> previous_sequence + 1 \
                THEN 'sequence ' || sequence || ' follows ' || previous_sequence \
-             ELSE 'its content does not match its hash' END \
+             WHEN event_hash IS DISTINCT FROM expected THEN 'its content does not match its hash' \
+             ELSE 'its usage columns do not match its payload' END \
          FROM (SELECT position, sequence, event_hash, \
                  lag(sequence) OVER stream AS previous_sequence, \
                  event_digest(lag(event_hash) OVER stream, aggregate_type, aggregate_id, sequence, \
-                              event_type, event_version, payload, metadata) AS expected \
-               FROM events WINDOW stream AS (PARTITION BY aggregate_type, aggregate_id ORDER BY sequence)) e \
+                              event_type, event_version, payload, metadata) AS expected, \
+                 (usage_subscription, usage_metric, usage_timestamp, usage_value, usage_unique_key, \
+                  usage_period_start, usage_period_end) IS NOT DISTINCT FROM \
+                   (f.subscription, f.metric, f.\"timestamp\", f.value, f.unique_key, f.period_start, \
+                    f.period_end) AS facts_match \
+               FROM events LEFT JOIN LATERAL usage_facts(aggregate_type, payload) AS f ON true WINDOW stream AS (PARTITION BY aggregate_type, aggregate_id ORDER BY sequence)) e \
          WHERE position >= $1 AND (event_hash IS DISTINCT FROM expected \
            OR (previous_sequence IS NULL AND sequence <> 1) \
-           OR sequence <> coalesce(previous_sequence + 1, 1)) \
+           OR sequence <> coalesce(previous_sequence + 1, 1) \
+           OR NOT facts_match) \
          ORDER BY position LIMIT 1",
     )
     .bind(from_position)

@@ -277,11 +277,27 @@ async fn ledger_rate(
     Ok(events.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
 }
 
-/// A row as the ledger writes it: the same `UsageRecorded` payload and the
-/// same metadata, so the baseline inserts equivalent bytes.
-async fn sample_row(pool: &PgPool) -> anyhow::Result<(String, String)> {
+/// A row as the ledger writes it: the same `UsageRecorded` payload, the same
+/// metadata and the same usage columns, so the baseline inserts equivalent
+/// bytes.
+#[derive(Clone, sqlx::FromRow)]
+struct SampleRow {
+    payload: String,
+    metadata: String,
+    usage_subscription: uuid::Uuid,
+    usage_metric: String,
+    usage_timestamp: chrono::DateTime<chrono::Utc>,
+    usage_value: Option<rust_decimal::Decimal>,
+    usage_unique_key: Option<String>,
+    usage_period_start: chrono::DateTime<chrono::Utc>,
+    usage_period_end: chrono::DateTime<chrono::Utc>,
+}
+
+async fn sample_row(pool: &PgPool) -> anyhow::Result<SampleRow> {
     sqlx::query_as(
-        "SELECT payload::text, metadata::text FROM events WHERE aggregate_type = 'Usage' LIMIT 1",
+        "SELECT payload::text AS payload, metadata::text AS metadata, usage_subscription, usage_metric, \
+                usage_timestamp, usage_value, usage_unique_key, usage_period_start, usage_period_end \
+         FROM events WHERE aggregate_type = 'Usage' LIMIT 1",
     )
     .fetch_one(pool)
     .await
@@ -295,13 +311,13 @@ async fn raw_rate(
     duration: Duration,
     prefix: &str,
 ) -> anyhow::Result<f64> {
-    let (payload, metadata) = sample_row(pool).await?;
+    let sample = sample_row(pool).await?;
     let events = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + duration;
     let tasks: Vec<_> = (0..clients)
         .map(|client| {
             let (pool, events, prefix) = (pool.clone(), events.clone(), prefix.to_string());
-            let (payload, metadata) = (payload.clone(), metadata.clone());
+            let sample = sample.clone();
             tokio::spawn(async move {
                 let mut sequence = 0u64;
                 while Instant::now() < deadline {
@@ -310,17 +326,29 @@ async fn raw_rate(
                     for _ in 0..batch {
                         sequence += 1;
                         ids.push(format!("{prefix}-{client}-{sequence}"));
-                        payloads.push(payload.replace("\"transaction_id\"", &format!("\"t{sequence}\":0,\"transaction_id\"")));
+                        payloads.push(sample.payload.replace("\"transaction_id\"", &format!("\"t{sequence}\":0,\"transaction_id\"")));
                     }
                     sqlx::query(
                         "INSERT INTO bench_raw_events (aggregate_type, aggregate_id, sequence, event_type, \
-                         event_version, payload, metadata) \
-                         SELECT 'Usage', id, 1, 'UsageRecorded', '1.0', payload::json, $3::json \
-                         FROM unnest($1::text[], $2::text[]) AS batch(id, payload) ON CONFLICT DO NOTHING",
+                         event_version, payload, metadata, usage_subscription, usage_metric, usage_timestamp, \
+                         usage_value, usage_unique_key, usage_period_start, usage_period_end) \
+                         SELECT 'Usage', id, 1, 'UsageRecorded', '1.0', payload::json, $3::json, \
+                                subscription, metric, at, value, unique_key, period_start, period_end \
+                         FROM unnest($1::text[], $2::text[], $4::uuid[], $5::text[], $6::timestamptz[], \
+                                     $7::numeric[], $8::text[], $9::timestamptz[], $10::timestamptz[]) \
+                              AS batch(id, payload, subscription, metric, at, value, unique_key, period_start, period_end) \
+                         ON CONFLICT DO NOTHING",
                     )
                     .bind(&ids)
                     .bind(&payloads)
-                    .bind(&metadata)
+                    .bind(&sample.metadata)
+                    .bind(vec![sample.usage_subscription; batch])
+                    .bind(vec![sample.usage_metric.as_str(); batch])
+                    .bind(vec![sample.usage_timestamp; batch])
+                    .bind(vec![sample.usage_value; batch])
+                    .bind(vec![sample.usage_unique_key.as_deref(); batch])
+                    .bind(vec![sample.usage_period_start; batch])
+                    .bind(vec![sample.usage_period_end; batch])
                     .execute(&pool)
                     .await?;
                     events.fetch_add(batch as u64, Ordering::Relaxed);

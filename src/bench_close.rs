@@ -158,7 +158,8 @@ async fn measure(cluster: &EmbeddedPostgres, options: &CloseBench) -> anyhow::Re
             Option<rust_decimal::Decimal>,
         ),
     >(
-        "SELECT subscription_lago_id, metric_code, \"timestamp\", value FROM usage_events",
+        "SELECT usage_subscription, usage_metric, usage_timestamp, usage_value FROM events \
+         WHERE usage_subscription IS NOT NULL",
     )
     .fetch(&pool);
     let mut read = 0usize;

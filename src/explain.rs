@@ -199,19 +199,20 @@ async fn window_events(
     as_of: LogPosition,
 ) -> anyhow::Result<Vec<EventRow>> {
     Ok(sqlx::query_as(
-        "SELECT u.position, u.log_transaction_id, e.recorded_at, u.\"timestamp\", u.transaction_id, \
-                u.value, u.unique_key \
-         FROM usage_events u JOIN events e ON e.position = u.position \
-         WHERE u.subscription_lago_id = $1 AND u.metric_code = $2 \
-           AND u.\"timestamp\" >= $3 AND u.\"timestamp\" < $4 \
-           AND (u.log_transaction_id, u.position) <= ($5, $6) \
-         ORDER BY u.\"timestamp\", u.position",
+        "SELECT position, transaction_id::text::bigint AS log_transaction_id, recorded_at, \
+                usage_timestamp AS \"timestamp\", payload -> 'UsageRecorded' -> 'sent' ->> 'transaction_id' AS transaction_id, \
+                usage_value AS value, usage_unique_key AS unique_key \
+         FROM events \
+         WHERE usage_subscription = $1 AND usage_metric = $2 \
+           AND usage_timestamp >= $3 AND usage_timestamp < $4 \
+           AND (transaction_id, position) <= ($5::text::xid8, $6) \
+         ORDER BY usage_timestamp, position",
     )
     .bind(subscription)
     .bind(metric)
     .bind(window.start)
     .bind(window.end)
-    .bind(as_of.transaction_id)
+    .bind(as_of.transaction_id.to_string())
     .bind(as_of.position)
     .fetch_all(pool)
     .await?)

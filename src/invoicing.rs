@@ -390,14 +390,14 @@ async fn late_windows(
     sqlx::query_as(
         "SELECT b.* FROM billed_windows b \
          WHERE b.subscription_lago_id = ANY($1) AND EXISTS ( \
-           SELECT 1 FROM usage_events u WHERE u.subscription_lago_id = b.subscription_lago_id \
-             AND u.\"timestamp\" >= b.window_start AND u.\"timestamp\" < b.window_end \
-             AND (u.log_transaction_id, u.position) > (b.as_of_transaction_id, b.as_of_position) \
-             AND (u.log_transaction_id, u.position) <= ($2, $3)) \
+           SELECT 1 FROM events u WHERE u.usage_subscription = b.subscription_lago_id \
+             AND u.usage_timestamp >= b.window_start AND u.usage_timestamp < b.window_end \
+             AND (u.transaction_id, u.position) > (b.as_of_transaction_id::text::xid8, b.as_of_position) \
+             AND (u.transaction_id, u.position) <= ($2::text::xid8, $3)) \
          ORDER BY b.subscription_lago_id, b.window_start",
     )
     .bind(subscriptions)
-    .bind(as_of.transaction_id)
+    .bind(as_of.transaction_id.to_string())
     .bind(as_of.position)
     .fetch_all(conn)
     .await
@@ -443,17 +443,19 @@ pub(crate) async fn window_points(
         return Ok(points);
     }
     let rows: Vec<PointRow> = sqlx::query_as(
-        "SELECT DISTINCT u.subscription_lago_id, u.metric_code, u.\"timestamp\", u.position, \
-                u.log_transaction_id, u.value, u.unique_key \
+        "SELECT DISTINCT u.usage_subscription AS subscription_lago_id, u.usage_metric AS metric_code, \
+                u.usage_timestamp AS \"timestamp\", u.position, \
+                u.transaction_id::text::bigint AS log_transaction_id, u.usage_value AS value, \
+                u.usage_unique_key AS unique_key \
          FROM unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[]) AS w(subscription, start_at, end_at) \
-         JOIN usage_events u ON u.subscription_lago_id = w.subscription \
-          AND u.\"timestamp\" >= w.start_at AND u.\"timestamp\" < w.end_at \
-         WHERE (u.log_transaction_id, u.position) <= ($4, $5)",
+         JOIN events u ON u.usage_subscription = w.subscription \
+          AND u.usage_timestamp >= w.start_at AND u.usage_timestamp < w.end_at \
+         WHERE (u.transaction_id, u.position) <= ($4::text::xid8, $5)",
     )
     .bind(windows.iter().map(|(s, _)| *s).collect::<Vec<_>>())
     .bind(windows.iter().map(|(_, w)| w.start).collect::<Vec<_>>())
     .bind(windows.iter().map(|(_, w)| w.end).collect::<Vec<_>>())
-    .bind(as_of.transaction_id)
+    .bind(as_of.transaction_id.to_string())
     .bind(as_of.position)
     .fetch_all(conn)
     .await?;

@@ -459,14 +459,17 @@ async fn fold_batch(
     cursor: LogCursor,
     upto: Option<LogCursor>,
 ) -> Result<FoldStep, RebuildError> {
-    // The union of what the projections read (all, if one reads all).
-    let reads: Option<Vec<&str>> = projections
+    // The union of what the projections read (all payloads, if one reads all).
+    let payloads: Option<Vec<&str>> = projections
         .iter()
-        .map(|p| p.reads())
+        .map(|p| p.reads().payloads)
         .collect::<Option<Vec<_>>>()
         .map(|types| types.into_iter().flatten().copied().collect());
-    let mut events =
-        log::read_after(&mut *conn, cursor, REBUILD_BATCH_SIZE, reads.as_deref()).await?;
+    let reads = log::Reads {
+        payloads: payloads.as_deref(),
+        usage_facts: projections.iter().any(|p| p.reads().usage_facts),
+    };
+    let mut events = log::read_after(&mut *conn, cursor, REBUILD_BATCH_SIZE, reads).await?;
     // The end is reached once a batch holds it or reads past it (an empty
     // batch may only mean the horizon holds events back).
     let reached_end = upto.is_some_and(|end| {

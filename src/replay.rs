@@ -1,12 +1,12 @@
 //! Replaying a billing period from the log alone and comparing it with what
 //! was billed.
 //!
-//! The catalog and usage projections are rebuilt from the log — up to the
-//! chosen log position — into a scratch schema beside the live tables
-//! (dropped afterwards; nothing live is written). Each finalized invoice of
-//! the period is then recomputed with the same billing code the period
-//! closer uses ([`crate::invoicing`], [`aggregates::billing`]): usage read as
-//! of the invoice's recorded log position (or the one asked for), and the
+//! The catalog projection is rebuilt from the log — up to the chosen log
+//! position — into a scratch schema beside the live tables (dropped
+//! afterwards; nothing live is written). Each finalized invoice of the period
+//! is then recomputed with the same billing code the period closer uses
+//! ([`crate::invoicing`], [`aggregates::billing`]): usage read from the log
+//! as of the invoice's recorded log position (or the one asked for), and the
 //! windows already billed before it derived from the earlier invoices in the
 //! log. Every fee whose cents differ is reported.
 
@@ -28,7 +28,7 @@ use aggregates::plan::{validate_plan, PlanDefinition, PlanInput};
 use crate::invoicing::{compute, subscription_billing, window_points, BilledWindow};
 use crate::projection_runner::rebuild_into_upto;
 use projections::catalog::timestamp;
-use projections::{Catalog, LogCursor, Projection, Usage};
+use projections::{Catalog, LogCursor, Projection};
 
 /// The log position to replay as of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -297,7 +297,7 @@ pub async fn replay(pool: &PgPool, request: &ReplayRequest) -> anyhow::Result<Re
         return Ok(report);
     };
     let schema = format!("replay_{}", &Uuid::new_v4().simple().to_string()[..12]);
-    let scratch: [&dyn Projection; 2] = [&Catalog, &Usage];
+    let scratch: [&dyn Projection; 1] = [&Catalog];
     rebuild_into_upto(pool, &scratch, &schema, Some(upto)).await?;
     let scope = Scope {
         selected: &selected,

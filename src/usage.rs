@@ -306,11 +306,18 @@ pub async fn record_batch(
     let metadata = serde_json::to_string(&metadata.into_map())
         .map_err(|e| IngestError::Database(sqlx::Error::Encode(Box::new(e))))?;
 
-    // One statement, so all or nothing without a transaction of our own.
+    // One statement, so all or nothing without a transaction of our own. The
+    // row carries the usage facts billing reads beside the payload (the
+    // columns say what `usage_facts(payload)` says; `ledger verify` checks).
     let appended: Result<Vec<(String, DateTime<Utc>)>, sqlx::Error> = sqlx::query_as(
-        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
-         SELECT $1, stream, 1, 'UsageRecorded', '1.0', payload::json, $4::json \
-         FROM unnest($2::text[], $3::text[]) AS batch(stream, payload) \
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, \
+                             usage_subscription, usage_metric, usage_timestamp, usage_value, usage_unique_key, \
+                             usage_period_start, usage_period_end) \
+         SELECT $1, stream, 1, 'UsageRecorded', '1.0', payload::json, $4::json, \
+                subscription, metric, at, value, unique_key, period_start, period_end \
+         FROM unnest($2::text[], $3::text[], $5::uuid[], $6::text[], $7::timestamptz[], $8::numeric[], \
+                     $9::text[], $10::timestamptz[], $11::timestamptz[]) \
+              AS batch(stream, payload, subscription, metric, at, value, unique_key, period_start, period_end) \
          ON CONFLICT (aggregate_type, aggregate_id, sequence) DO UPDATE SET sequence = events.sequence \
          WHERE NOT usage_retry_matches(events.payload, EXCLUDED.payload) \
          RETURNING aggregate_id, recorded_at",
@@ -319,6 +326,13 @@ pub async fn record_batch(
     .bind(&keys)
     .bind(&payloads)
     .bind(&metadata)
+    .bind(unique.iter().map(|&i| records[i].subscription_lago_id).collect::<Vec<_>>())
+    .bind(unique.iter().map(|&i| records[i].sent.code.as_deref().unwrap_or_default()).collect::<Vec<_>>())
+    .bind(unique.iter().map(|&i| records[i].timestamp).collect::<Vec<_>>())
+    .bind(unique.iter().map(|&i| records[i].value).collect::<Vec<_>>())
+    .bind(unique.iter().map(|&i| records[i].unique_key.as_deref()).collect::<Vec<_>>())
+    .bind(unique.iter().map(|&i| records[i].period.start).collect::<Vec<_>>())
+    .bind(unique.iter().map(|&i| records[i].period.end).collect::<Vec<_>>())
     .fetch_all(pool)
     .await;
     let appended = match appended {
@@ -491,10 +505,10 @@ pub async fn charge_usage(
     let needs_events = aggregation == AggregationType::WeightedSumAgg || with_event_values;
     let events: Vec<(DateTime<Utc>, Decimal)> = if needs_events && aggregate.events_count > 0 {
         sqlx::query_as(
-            "SELECT \"timestamp\", coalesce(value, 0) FROM usage_events \
-             WHERE subscription_lago_id = $1 AND \"timestamp\" >= $3 AND \"timestamp\" < $4 \
-               AND metric_code = $2 AND period_start = $3 \
-             ORDER BY \"timestamp\", position",
+            "SELECT usage_timestamp, coalesce(usage_value, 0) FROM events \
+             WHERE usage_subscription = $1 AND usage_timestamp >= $3 AND usage_timestamp < $4 \
+               AND usage_metric = $2 AND usage_period_start = $3 \
+             ORDER BY usage_timestamp, position",
         )
         .bind(subscription_lago_id)
         .bind(metric_code)

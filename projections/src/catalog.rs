@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::log::LogEvent;
+use crate::log::{LogEvent, Reads};
 use crate::projection::{Projection, ProjectionError};
 
 /// The `catalog` projection.
@@ -202,14 +202,17 @@ impl Projection for Catalog {
         ]
     }
 
-    fn reads(&self) -> Option<&'static [&'static str]> {
-        Some(&[
-            BillableMetric::TYPE,
-            Tax::TYPE,
-            Plan::TYPE,
-            Customer::TYPE,
-            Subscription::TYPE,
-        ])
+    fn reads(&self) -> Reads<'static> {
+        Reads {
+            payloads: Some(&[
+                BillableMetric::TYPE,
+                Tax::TYPE,
+                Plan::TYPE,
+                Customer::TYPE,
+                Subscription::TYPE,
+            ]),
+            usage_facts: false,
+        }
     }
 
     async fn apply(

@@ -6,7 +6,7 @@ use aggregates::invoice::{InvoiceEvent, INVOICE_STREAM_TYPE};
 use async_trait::async_trait;
 use sqlx::PgConnection;
 
-use crate::log::LogEvent;
+use crate::log::{LogEvent, Reads};
 use crate::projection::{Projection, ProjectionError};
 
 /// The `invoices` projection.
@@ -22,8 +22,11 @@ impl Projection for Invoices {
         &["invoices"]
     }
 
-    fn reads(&self) -> Option<&'static [&'static str]> {
-        Some(&[INVOICE_STREAM_TYPE])
+    fn reads(&self) -> Reads<'static> {
+        Reads {
+            payloads: Some(&[INVOICE_STREAM_TYPE]),
+            usage_facts: false,
+        }
     }
 
     async fn apply(

@@ -3,7 +3,7 @@
 use async_trait::async_trait;
 use sqlx::PgConnection;
 
-use crate::log::LogEvent;
+use crate::log::{LogEvent, Reads};
 
 /// A projection failed to fold an event.
 #[derive(Debug, thiserror::Error)]
@@ -48,11 +48,12 @@ pub trait Projection: Send + Sync {
     /// The tables this projection owns; a rebuild empties exactly these.
     fn tables(&self) -> &'static [&'static str];
 
-    /// The aggregate types whose events the fold reads (`None`: all).
-    /// Events of other types reach it with null payloads, which saves
-    /// decoding every usage event for projections that skip them.
-    fn reads(&self) -> Option<&'static [&'static str]> {
-        None
+    /// What the fold reads: the aggregate types whose payloads it decodes
+    /// (by default all; events of other types reach it with null payloads,
+    /// which saves decoding every usage event for projections that skip
+    /// them) and whether it reads usage facts (by default not).
+    fn reads(&self) -> Reads<'static> {
+        Reads::default()
     }
 
     /// Fold one event into the projection's tables.

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
 use sqlx::PgConnection;
 
-use crate::log::LogEvent;
+use crate::log::{LogEvent, Reads};
 use crate::projection::{Projection, ProjectionError};
 
 /// The `service_directory` projection.
@@ -91,8 +91,11 @@ impl Projection for ServiceDirectory {
         &["service_directory", "api_keys"]
     }
 
-    fn reads(&self) -> Option<&'static [&'static str]> {
-        Some(&[Service::TYPE])
+    fn reads(&self) -> Reads<'static> {
+        Reads {
+            payloads: Some(&[Service::TYPE]),
+            usage_facts: false,
+        }
     }
 
     async fn apply(
@@ -175,6 +178,7 @@ mod tests {
             payload,
             metadata: json!({}),
             recorded_at: Utc::now(),
+            usage: None,
         }
     }
 

@@ -1,17 +1,17 @@
-//! Projection `usage`: recorded usage events and, per subscription, metric
-//! and billing period, the running aggregates Lago's aggregation types need.
-//! Computed incrementally, one event at a time, in log order.
+//! Projection `usage`: per subscription, metric and billing period, the
+//! running aggregates Lago's aggregation types need. Computed incrementally
+//! in log order from the usage facts each log row carries (the events
+//! themselves are read from the log: `events_usage_by_time`).
 
 use std::collections::BTreeMap;
 
-use aggregates::usage::{UsageEvent, UsageRecord, USAGE_STREAM_TYPE};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::log::LogEvent;
+use crate::log::{LogEvent, Reads, UsageFacts};
 use crate::projection::{Projection, ProjectionError};
 
 /// The `usage` projection.
@@ -24,11 +24,14 @@ impl Projection for Usage {
     }
 
     fn tables(&self) -> &'static [&'static str] {
-        &["usage_events", "usage_aggregates", "usage_unique_values"]
+        &["usage_aggregates", "usage_unique_values"]
     }
 
-    fn reads(&self) -> Option<&'static [&'static str]> {
-        Some(&[USAGE_STREAM_TYPE])
+    fn reads(&self) -> Reads<'static> {
+        Reads {
+            payloads: Some(&[]),
+            usage_facts: true,
+        }
     }
 
     async fn apply_batch(
@@ -36,21 +39,15 @@ impl Projection for Usage {
         conn: &mut PgConnection,
         events: &[LogEvent],
     ) -> Result<(), ProjectionError> {
-        let mut records: Vec<(UsageRecord, &LogEvent)> = Vec::new();
-        for event in events
+        let facts: Vec<(&UsageFacts, i64)> = events
             .iter()
-            .filter(|e| e.aggregate_type == USAGE_STREAM_TYPE)
-        {
-            let UsageEvent::UsageRecorded(record) = serde::Deserialize::deserialize(&event.payload)
-                .map_err(|e| ProjectionError::unreadable(event, e))?;
-            records.push((record, event));
-        }
-        if records.is_empty() {
+            .filter_map(|e| e.usage.as_ref().map(|facts| (facts, e.position)))
+            .collect();
+        if facts.is_empty() {
             return Ok(());
         }
-        insert_events(conn, &records).await?;
-        upsert_aggregates(conn, &fold_groups(&records)).await?;
-        add_unique_values(conn, &records).await?;
+        upsert_aggregates(conn, &fold_groups(&facts)).await?;
+        add_unique_values(conn, &facts).await?;
         Ok(())
     }
 
@@ -75,24 +72,24 @@ struct Group {
 type GroupKey = (Uuid, String, DateTime<Utc>);
 
 /// The pure part of a batch fold: per group, what the batch adds.
-fn fold_groups(records: &[(UsageRecord, &LogEvent)]) -> BTreeMap<GroupKey, Group> {
+fn fold_groups(facts: &[(&UsageFacts, i64)]) -> BTreeMap<GroupKey, Group> {
     let mut groups: BTreeMap<GroupKey, Group> = BTreeMap::new();
-    for (record, event) in records {
+    for (fact, position) in facts {
         let key = (
-            record.subscription_lago_id,
-            record.sent.code.clone().unwrap_or_default(),
-            record.period.start,
+            fact.subscription_lago_id,
+            fact.metric_code.clone(),
+            fact.period_start,
         );
-        let latest = (record.timestamp, event.position, record.value);
+        let latest = (fact.timestamp, *position, fact.value);
         let group = groups.entry(key).or_insert(Group {
-            period_end: record.period.end,
+            period_end: fact.period_end,
             events_count: 0,
             value_sum: None,
             value_max: None,
             latest,
         });
         group.events_count += 1;
-        if let Some(value) = record.value {
+        if let Some(value) = fact.value {
             group.value_sum = Some(group.value_sum.unwrap_or_default() + value);
             group.value_max = Some(group.value_max.map_or(value, |max| max.max(value)));
         }
@@ -101,30 +98,6 @@ fn fold_groups(records: &[(UsageRecord, &LogEvent)]) -> BTreeMap<GroupKey, Group
         }
     }
     groups
-}
-
-async fn insert_events(
-    conn: &mut PgConnection,
-    records: &[(UsageRecord, &LogEvent)],
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO usage_events (subscription_lago_id, metric_code, transaction_id, \"timestamp\", value, \
-         period_start, position, log_transaction_id, unique_key) \
-         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[], $5::numeric[], \
-                              $6::timestamptz[], $7::bigint[], $8::bigint[], $9::text[])",
-    )
-    .bind(records.iter().map(|(r, _)| r.subscription_lago_id).collect::<Vec<_>>())
-    .bind(records.iter().map(|(r, _)| r.sent.code.clone().unwrap_or_default()).collect::<Vec<_>>())
-    .bind(records.iter().map(|(r, _)| r.sent.transaction_id.clone().unwrap_or_default()).collect::<Vec<_>>())
-    .bind(records.iter().map(|(r, _)| r.timestamp).collect::<Vec<_>>())
-    .bind(records.iter().map(|(r, _)| r.value).collect::<Vec<_>>())
-    .bind(records.iter().map(|(r, _)| r.period.start).collect::<Vec<_>>())
-    .bind(records.iter().map(|(_, e)| e.position).collect::<Vec<_>>())
-    .bind(records.iter().map(|(_, e)| e.transaction_id).collect::<Vec<_>>())
-    .bind(records.iter().map(|(r, _)| r.unique_key.clone()).collect::<Vec<_>>())
-    .execute(conn)
-    .await?;
-    Ok(())
 }
 
 async fn upsert_aggregates(
@@ -167,12 +140,12 @@ async fn upsert_aggregates(
 /// Record the batch's distinct values and count the new ones per group.
 async fn add_unique_values(
     conn: &mut PgConnection,
-    records: &[(UsageRecord, &LogEvent)],
+    facts: &[(&UsageFacts, i64)],
 ) -> Result<(), sqlx::Error> {
-    let unique: Vec<&UsageRecord> = records
+    let unique: Vec<&UsageFacts> = facts
         .iter()
-        .map(|(r, _)| r)
-        .filter(|r| r.unique_key.is_some())
+        .map(|(f, _)| *f)
+        .filter(|f| f.unique_key.is_some())
         .collect();
     if unique.is_empty() {
         return Ok(());
@@ -189,10 +162,10 @@ async fn add_unique_values(
          WHERE a.subscription_lago_id = added.subscription_lago_id AND a.metric_code = added.metric_code \
            AND a.period_start = added.period_start",
     )
-    .bind(unique.iter().map(|r| r.subscription_lago_id).collect::<Vec<_>>())
-    .bind(unique.iter().map(|r| r.sent.code.clone().unwrap_or_default()).collect::<Vec<_>>())
-    .bind(unique.iter().map(|r| r.period.start).collect::<Vec<_>>())
-    .bind(unique.iter().map(|r| r.unique_key.clone().unwrap_or_default()).collect::<Vec<_>>())
+    .bind(unique.iter().map(|f| f.subscription_lago_id).collect::<Vec<_>>())
+    .bind(unique.iter().map(|f| f.metric_code.as_str()).collect::<Vec<_>>())
+    .bind(unique.iter().map(|f| f.period_start).collect::<Vec<_>>())
+    .bind(unique.iter().map(|f| f.unique_key.as_deref()).collect::<Vec<_>>())
     .execute(conn)
     .await?;
     Ok(())

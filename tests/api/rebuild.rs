@@ -139,7 +139,6 @@ async fn every_projection_rebuilt_beside_live_and_in_place_equals_live(pool: PgP
     // The traffic reached every table that matters here.
     for table in [
         "subscriptions",
-        "usage_events",
         "usage_aggregates",
         "invoices",
         "plan_versions",

@@ -1,5 +1,6 @@
 //! `ledger verify`: stream hash chains and seals detect a changed payload, a
-//! deleted row and two swapped rows; an untouched log verifies clean.
+//! changed usage column, a deleted row and two swapped rows; an untouched log
+//! verifies clean.
 
 use chrono::{Duration, Utc};
 use ledger::audit::{seal, verify, Break};
@@ -130,6 +131,44 @@ async fn a_changed_payload_is_found_at_its_position(pool: PgPool) {
     let broken = verify(&app.pool, 0).await.unwrap().first_break.unwrap();
     assert!(matches!(broken, Break::Seal { .. }), "{broken:?}");
     assert!(broken.position() <= target);
+}
+
+#[sqlx::test]
+async fn a_changed_usage_column_is_found_at_its_position(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let usage = traffic(&app).await;
+    // Billing reads the usage columns: a value changed there (the payload
+    // and its hash untouched) is found.
+    tamper(
+        &app.pool,
+        &format!(
+            "UPDATE events SET usage_value = 1 WHERE position = {}",
+            usage[6]
+        ),
+    )
+    .await;
+    let broken = verify(&app.pool, 0).await.unwrap().first_break.unwrap();
+    assert_eq!(broken.position(), usage[6]);
+    assert!(
+        matches!(broken, Break::Chain { ref reason, .. } if reason == "its usage columns do not match its payload"),
+        "{broken:?}"
+    );
+    // So is usage attached to an event that is not usage (the first one).
+    tamper(
+        &app.pool,
+        &format!(
+            "UPDATE events SET usage_subscription = (SELECT usage_subscription FROM events WHERE position = {}) \
+             WHERE position = (SELECT min(position) FROM events)",
+            usage[0]
+        ),
+    )
+    .await;
+    let first: i64 = sqlx::query_scalar("SELECT min(position) FROM events")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    let broken = verify(&app.pool, 0).await.unwrap().first_break.unwrap();
+    assert_eq!(broken.position(), first);
 }
 
 #[sqlx::test]

@@ -499,6 +499,10 @@ impl Projection for OneByOne {
         Usage.tables()
     }
 
+    fn reads(&self) -> projections::log::Reads<'static> {
+        Usage.reads()
+    }
+
     async fn apply(
         &self,
         conn: &mut sqlx::PgConnection,

@@ -3,13 +3,14 @@
 
 use std::collections::BTreeMap;
 
-use aggregates::usage::{SentUsage, UsageEvent};
+use aggregates::usage::{usage_stream_id, SentUsage, UsageEvent, USAGE_STREAM_TYPE};
 use axum::extract::{Path, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use uuid::Uuid;
 
 use super::{PresentedKey, Tenant};
 use crate::http::error::{ApiError, ApiResult};
@@ -131,19 +132,38 @@ async fn find(
             "value_is_mandatory",
         ));
     };
-    // The projection finds the event; the log holds it.
-    let found: Option<(String, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT e.payload::text, e.recorded_at FROM subscriptions s \
-         JOIN usage_events u ON u.subscription_lago_id = s.lago_id \
-         JOIN events e ON e.position = u.position \
-         WHERE s.service_code = $1 AND s.external_id = $2 AND u.transaction_id = $3 \
-           AND ($4::text IS NULL OR u.metric_code = $4) \
-         ORDER BY u.position LIMIT 1",
+    // The event's stream is derived from (subscription, metric, transaction
+    // id): one primary-key probe per metric of the service (or the one named).
+    let subscription: Option<(Uuid, Vec<String>)> = sqlx::query_as(
+        "SELECT s.lago_id, array(SELECT m.code FROM billable_metrics m \
+                                 WHERE m.service_code = s.service_code ORDER BY m.code) \
+         FROM subscriptions s WHERE s.service_code = $1 AND s.external_id = $2",
     )
     .bind(&tenant.service)
     .bind(&subscription)
-    .bind(&transaction_id)
-    .bind(query.code)
+    .fetch_optional(&state.pool)
+    .await?;
+    let Some((subscription_lago_id, metric_codes)) = subscription else {
+        return Err(ApiError::NotFound("event"));
+    };
+    let streams: Vec<String> = match query.code {
+        Some(code) => vec![usage_stream_id(
+            subscription_lago_id,
+            &code,
+            &transaction_id,
+        )],
+        None => metric_codes
+            .iter()
+            .map(|code| usage_stream_id(subscription_lago_id, code, &transaction_id))
+            .collect(),
+    };
+    let found: Option<(String, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT payload::text, recorded_at FROM events \
+         WHERE aggregate_type = $1 AND aggregate_id = ANY($2) AND sequence = 1 \
+         ORDER BY position LIMIT 1",
+    )
+    .bind(USAGE_STREAM_TYPE)
+    .bind(&streams)
     .fetch_optional(&state.pool)
     .await?;
     let (payload, recorded_at) = found.ok_or(ApiError::NotFound("event"))?;
