@@ -9,6 +9,7 @@
 //! with the original); one whose content differs refuses the whole batch.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use aggregates::billable_metric::AggregationType;
 use aggregates::period::{billing_period_for, BillingPeriod, PeriodRule};
@@ -22,6 +23,7 @@ use aggregates::usage::{
 use aggregates::FieldErrors;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
+use serde::Deserialize;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -54,19 +56,28 @@ pub struct Recorded {
 
 /// The directory columns of a subscription, its customer and plan version.
 /// `{service}` is the SQL expression of the calling service.
-const DIRECTORY_SELECT: &str = "SELECT s.external_id, s.lago_id, c.lago_id AS customer_lago_id, \
-        c.external_id AS external_customer_id, s.subscription_at, s.terminated_at, \
-        s.resource->>'billing_time' AS billing_time, coalesce(c.resource->>'timezone', 'UTC') AS timezone, \
-        pv.definition, \
-        coalesce((SELECT jsonb_object_agg(m.code, m.resource->'field_name') FROM billable_metrics m \
-                  WHERE m.service_code = s.service_code AND m.code IN \
-                    (SELECT charge->'metric'->>'code' FROM jsonb_array_elements(pv.definition->'charges') charge)), \
-                 '{}') AS field_names \
-    FROM subscriptions s \
-    JOIN customers c ON c.service_code = s.service_code AND c.external_id = s.external_customer_id \
-    JOIN plan_versions pv ON pv.service_code = s.service_code AND pv.code = s.plan_code \
-                         AND pv.version = s.plan_version \
-    WHERE s.service_code = {service} AND s.external_id = ANY($2)";
+/// The directory entries among `$2`; each plan version's definition and
+/// metric field names come once, on the first of its subscriptions (a batch
+/// of a hundred subscriptions on one plan reads and decodes one plan).
+const DIRECTORY_SELECT: &str = "SELECT external_id, lago_id, customer_lago_id, external_customer_id, \
+        subscription_at, terminated_at, billing_time, timezone, plan_code, plan_version, \
+        CASE WHEN first_of_plan THEN definition END AS definition, \
+        CASE WHEN first_of_plan THEN \
+          coalesce((SELECT jsonb_object_agg(m.code, m.resource->'field_name') FROM billable_metrics m \
+                    WHERE m.service_code = subscription.service_code AND m.code IN \
+                      (SELECT charge->'metric'->>'code' \
+                       FROM jsonb_array_elements(subscription.definition->'charges') charge)), \
+                   '{}') END AS field_names \
+    FROM (SELECT s.service_code, s.external_id, s.lago_id, c.lago_id AS customer_lago_id, \
+                 c.external_id AS external_customer_id, s.subscription_at, s.terminated_at, \
+                 s.resource->>'billing_time' AS billing_time, coalesce(c.resource->>'timezone', 'UTC') AS timezone, \
+                 s.plan_code, s.plan_version, pv.definition, \
+                 row_number() OVER (PARTITION BY s.plan_code, s.plan_version) = 1 AS first_of_plan \
+          FROM subscriptions s \
+          JOIN customers c ON c.service_code = s.service_code AND c.external_id = s.external_customer_id \
+          JOIN plan_versions pv ON pv.service_code = s.service_code AND pv.code = s.plan_code \
+                               AND pv.version = s.plan_version \
+          WHERE s.service_code = {service} AND s.external_id = ANY($2)) AS subscription";
 
 #[derive(sqlx::FromRow)]
 struct SubscriptionRow {
@@ -78,15 +89,18 @@ struct SubscriptionRow {
     terminated_at: Option<DateTime<Utc>>,
     billing_time: String,
     timezone: String,
-    definition: Value,
-    /// The field name of each metric the plan charges.
-    field_names: Value,
+    plan_code: String,
+    plan_version: i32,
+    /// The plan version's definition (on its first subscription only).
+    definition: Option<Value>,
+    /// The field name of each metric the plan charges (likewise).
+    field_names: Option<Value>,
 }
 
 /// A subscription of the service, with its plan version and customer zone.
 pub struct DirectoryEntry {
     pub usage: UsageSubscription,
-    pub plan: PlanDefinition,
+    pub plan: Arc<PlanDefinition>,
     pub external_customer_id: String,
 }
 
@@ -178,14 +192,25 @@ pub async fn authorized_directory(
     Ok(Some((caller, entries)))
 }
 
+/// A plan version as usage validation reads it: its definition and the
+/// metric each of its charges aggregates.
+struct PlanForUsage {
+    plan: Arc<PlanDefinition>,
+    metrics: HashMap<String, ChargedMetric>,
+}
+
 fn entries(
     service: &str,
     rows: Vec<SubscriptionRow>,
 ) -> Result<HashMap<String, DirectoryEntry>, sqlx::Error> {
-    let mut entries = HashMap::with_capacity(rows.len());
-    for row in rows {
-        let plan: PlanDefinition =
-            serde_json::from_value(row.definition).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+    // Each plan version once (it came on its first subscription's row).
+    let mut plans: HashMap<(String, i32), PlanForUsage> = HashMap::new();
+    for row in &rows {
+        let (Some(definition), Some(field_names)) = (&row.definition, &row.field_names) else {
+            continue;
+        };
+        let plan = PlanDefinition::deserialize(definition)
+            .map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
         let metrics = plan
             .charges
             .iter()
@@ -194,13 +219,28 @@ fn entries(
                     charge.metric.code.clone(),
                     ChargedMetric {
                         aggregation_type: charge.metric.aggregation_type,
-                        field_name: row.field_names[&charge.metric.code]
-                            .as_str()
-                            .map(String::from),
+                        field_name: field_names[&charge.metric.code].as_str().map(String::from),
                     },
                 )
             })
             .collect();
+        plans.insert(
+            (row.plan_code.clone(), row.plan_version),
+            PlanForUsage {
+                plan: Arc::new(plan),
+                metrics,
+            },
+        );
+    }
+    let mut entries = HashMap::with_capacity(rows.len());
+    for row in rows {
+        let plan = plans
+            .get(&(row.plan_code, row.plan_version))
+            .ok_or_else(|| {
+                sqlx::Error::Protocol(
+                    "a subscription's plan version came without its definition".into(),
+                )
+            })?;
         let timezone = row.timezone.parse().unwrap_or(chrono_tz::UTC);
         let usage = UsageSubscription {
             service: service.to_string(),
@@ -209,19 +249,19 @@ fn entries(
             subscription_at: row.subscription_at,
             terminated_at: row.terminated_at,
             periods: PeriodRule {
-                interval: plan.interval,
+                interval: plan.plan.interval,
                 billing_time: BillingTime::parse(&row.billing_time)
                     .unwrap_or(BillingTime::Calendar),
                 subscription_at: row.subscription_at,
                 timezone,
             },
-            metrics,
+            metrics: plan.metrics.clone(),
         };
         entries.insert(
             row.external_id,
             DirectoryEntry {
                 usage,
-                plan,
+                plan: plan.plan.clone(),
                 external_customer_id: row.external_customer_id,
             },
         );
