@@ -115,6 +115,10 @@ pub fn pool_options(max_connections: u32) -> PgPoolOptions {
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(5))
+        // No ping before every query (a round trip each): a connection that
+        // died fails its next query, which the caller sees as an error, and
+        // the pool drops it.
+        .test_before_acquire(false)
 }
 
 /// Whether every migration this binary knows has been applied.

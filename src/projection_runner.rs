@@ -26,6 +26,11 @@ const REBUILD_BATCH_SIZE: i64 = 50_000;
 const APPENDED_CHANNEL: &str = "ledger_events_appended";
 /// The longest a runner waits without a notification.
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a notified runner waits for more appends before folding: under
+/// a stream of small appends, one pass (a transaction per projection) then
+/// covers many of them instead of one each. Requests that must read their
+/// own writes drive the projections themselves and never wait for this.
+const COALESCE_DELAY: Duration = Duration::from_millis(10);
 /// How soon to look again when events are held back by the horizon.
 const HELD_BACK_RETRY: Duration = Duration::from_millis(20);
 
@@ -256,6 +261,12 @@ impl ProjectionRunner {
                     if let Err(error) = result {
                         tracing::warn!(%error, "lost the event notification channel; polling");
                         listener = None;
+                    }
+                    // Let the appends of the next moments join this pass,
+                    // and drop the notifications it will cover.
+                    tokio::time::sleep(COALESCE_DELAY).await;
+                    if let Some(listener) = listener.as_mut() {
+                        while listener.next_buffered().is_some() {}
                     }
                 }
                 _ = tokio::time::sleep(wait) => {}

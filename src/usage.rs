@@ -9,7 +9,7 @@
 //! with the original); one whose content differs refuses the whole batch.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock, RwLock};
 
 use aggregates::billable_metric::AggregationType;
 use aggregates::period::{billing_period_for, BillingPeriod, PeriodRule};
@@ -56,28 +56,16 @@ pub struct Recorded {
 
 /// The directory columns of a subscription, its customer and plan version.
 /// `{service}` is the SQL expression of the calling service.
-/// The directory entries among `$2`; each plan version's definition and
-/// metric field names come once, on the first of its subscriptions (a batch
-/// of a hundred subscriptions on one plan reads and decodes one plan).
-const DIRECTORY_SELECT: &str = "SELECT external_id, lago_id, customer_lago_id, external_customer_id, \
-        subscription_at, terminated_at, billing_time, timezone, plan_code, plan_version, \
-        CASE WHEN first_of_plan THEN definition END AS definition, \
-        CASE WHEN first_of_plan THEN \
-          coalesce((SELECT jsonb_object_agg(m.code, m.resource->'field_name') FROM billable_metrics m \
-                    WHERE m.service_code = subscription.service_code AND m.code IN \
-                      (SELECT charge->'metric'->>'code' \
-                       FROM jsonb_array_elements(subscription.definition->'charges') charge)), \
-                   '{}') END AS field_names \
-    FROM (SELECT s.service_code, s.external_id, s.lago_id, c.lago_id AS customer_lago_id, \
-                 c.external_id AS external_customer_id, s.subscription_at, s.terminated_at, \
-                 s.resource->>'billing_time' AS billing_time, coalesce(c.resource->>'timezone', 'UTC') AS timezone, \
-                 s.plan_code, s.plan_version, pv.definition, \
-                 row_number() OVER (PARTITION BY s.plan_code, s.plan_version) = 1 AS first_of_plan \
-          FROM subscriptions s \
-          JOIN customers c ON c.service_code = s.service_code AND c.external_id = s.external_customer_id \
-          JOIN plan_versions pv ON pv.service_code = s.service_code AND pv.code = s.plan_code \
-                               AND pv.version = s.plan_version \
-          WHERE s.service_code = {service} AND s.external_id = ANY($2)) AS subscription";
+/// The directory entries among `$2`, each with its plan version's identity
+/// (the definition itself comes from [`plans_for_usage`]).
+const DIRECTORY_SELECT: &str = "SELECT s.external_id, s.lago_id, c.lago_id AS customer_lago_id, \
+        c.external_id AS external_customer_id, s.subscription_at, s.terminated_at, \
+        s.resource->>'billing_time' AS billing_time, coalesce(c.resource->>'timezone', 'UTC') AS timezone, \
+        s.plan_code, s.plan_version, p.lago_id AS plan_lago_id \
+    FROM subscriptions s \
+    JOIN customers c ON c.service_code = s.service_code AND c.external_id = s.external_customer_id \
+    JOIN plans p ON p.service_code = s.service_code AND p.code = s.plan_code \
+    WHERE s.service_code = {service} AND s.external_id = ANY($2)";
 
 #[derive(sqlx::FromRow)]
 struct SubscriptionRow {
@@ -91,10 +79,7 @@ struct SubscriptionRow {
     timezone: String,
     plan_code: String,
     plan_version: i32,
-    /// The plan version's definition (on its first subscription only).
-    definition: Option<Value>,
-    /// The field name of each metric the plan charges (likewise).
-    field_names: Option<Value>,
+    plan_lago_id: Uuid,
 }
 
 /// A subscription of the service, with its plan version and customer zone.
@@ -116,7 +101,7 @@ pub async fn directory(
         .bind(external_ids)
         .fetch_all(pool)
         .await?;
-    entries(service, rows)
+    entries(pool, service, rows).await
 }
 
 /// The service an API key acts for.
@@ -184,11 +169,13 @@ pub async fn authorized_directory(
         key_id: first.caller_key_id.clone(),
     };
     let entries = entries(
+        pool,
         &caller.service,
         rows.into_iter()
             .filter_map(|row| row.subscription)
             .collect(),
-    )?;
+    )
+    .await?;
     Ok(Some((caller, entries)))
 }
 
@@ -199,17 +186,57 @@ struct PlanForUsage {
     metrics: HashMap<String, ChargedMetric>,
 }
 
-fn entries(
+/// A plan version is a fact: once published it never changes, and neither
+/// do the billable metrics it charges. So each is read and decoded once per
+/// process, keyed by the plan's id (unique across services and databases)
+/// and the version. Bounded by the number of plan versions.
+static PLANS_FOR_USAGE: LazyLock<RwLock<PlansForUsage>> = LazyLock::new(Default::default);
+
+/// Plan versions by (plan id, version).
+type PlansForUsage = HashMap<(Uuid, i32), Arc<PlanForUsage>>;
+
+/// The plan versions `rows` are on, from the process's cache, reading the
+/// ones it lacks in one query.
+async fn plans_for_usage(
+    pool: &PgPool,
     service: &str,
-    rows: Vec<SubscriptionRow>,
-) -> Result<HashMap<String, DirectoryEntry>, sqlx::Error> {
-    // Each plan version once (it came on its first subscription's row).
-    let mut plans: HashMap<(String, i32), PlanForUsage> = HashMap::new();
-    for row in &rows {
-        let (Some(definition), Some(field_names)) = (&row.definition, &row.field_names) else {
-            continue;
-        };
-        let plan = PlanDefinition::deserialize(definition)
+    rows: &[SubscriptionRow],
+) -> Result<PlansForUsage, sqlx::Error> {
+    let mut plans = HashMap::new();
+    let mut missing: Vec<(String, i32)> = vec![];
+    {
+        let cache = PLANS_FOR_USAGE.read().unwrap_or_else(|e| e.into_inner());
+        for row in rows {
+            let key = (row.plan_lago_id, row.plan_version);
+            match cache.get(&key) {
+                Some(plan) => {
+                    plans.insert(key, plan.clone());
+                }
+                None => missing.push((row.plan_code.clone(), row.plan_version)),
+            }
+        }
+    }
+    if missing.is_empty() {
+        return Ok(plans);
+    }
+    let read: Vec<(Uuid, i32, Value, Value)> = sqlx::query_as(
+        "SELECT p.lago_id, pv.version, pv.definition, \
+                coalesce((SELECT jsonb_object_agg(m.code, m.resource->'field_name') FROM billable_metrics m \
+                          WHERE m.service_code = pv.service_code AND m.code IN \
+                            (SELECT charge->'metric'->>'code' \
+                             FROM jsonb_array_elements(pv.definition->'charges') charge)), '{}') \
+         FROM unnest($2::text[], $3::int[]) AS wanted(code, version) \
+         JOIN plan_versions pv ON pv.service_code = $1 AND pv.code = wanted.code AND pv.version = wanted.version \
+         JOIN plans p ON p.service_code = pv.service_code AND p.code = pv.code",
+    )
+    .bind(service)
+    .bind(missing.iter().map(|(code, _)| code.as_str()).collect::<Vec<_>>())
+    .bind(missing.iter().map(|(_, version)| *version).collect::<Vec<_>>())
+    .fetch_all(pool)
+    .await?;
+    let mut cache = PLANS_FOR_USAGE.write().unwrap_or_else(|e| e.into_inner());
+    for (plan_lago_id, version, definition, field_names) in read {
+        let plan = PlanDefinition::deserialize(&definition)
             .map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
         let metrics = plan
             .charges
@@ -224,22 +251,31 @@ fn entries(
                 )
             })
             .collect();
-        plans.insert(
-            (row.plan_code.clone(), row.plan_version),
-            PlanForUsage {
-                plan: Arc::new(plan),
-                metrics,
-            },
-        );
+        let plan = Arc::new(PlanForUsage {
+            plan: Arc::new(plan),
+            metrics,
+        });
+        cache.insert((plan_lago_id, version), plan.clone());
+        plans.insert((plan_lago_id, version), plan);
     }
+    Ok(plans)
+}
+
+async fn entries(
+    pool: &PgPool,
+    service: &str,
+    rows: Vec<SubscriptionRow>,
+) -> Result<HashMap<String, DirectoryEntry>, sqlx::Error> {
+    let plans = plans_for_usage(pool, service, &rows).await?;
     let mut entries = HashMap::with_capacity(rows.len());
     for row in rows {
         let plan = plans
-            .get(&(row.plan_code, row.plan_version))
+            .get(&(row.plan_lago_id, row.plan_version))
             .ok_or_else(|| {
-                sqlx::Error::Protocol(
-                    "a subscription's plan version came without its definition".into(),
-                )
+                sqlx::Error::Protocol(format!(
+                    "plan {} version {} of subscription {} is not in the catalog",
+                    row.plan_code, row.plan_version, row.external_id
+                ))
             })?;
         let timezone = row.timezone.parse().unwrap_or(chrono_tz::UTC);
         let usage = UsageSubscription {

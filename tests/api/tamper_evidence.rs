@@ -28,6 +28,21 @@ async fn traffic(app: &TestApp) -> Vec<i64> {
     for n in 0..10 {
         svc.created("/events", record(n)).await;
     }
+    // A seal covers what the visibility horizon lets it read; other tests'
+    // transactions (anywhere in the cluster) may hold it back a moment.
+    // Seal once all of the above is readable, so the seal covers it.
+    for _ in 0..500 {
+        let readable: bool = sqlx::query_scalar(
+            "SELECT max(transaction_id) < pg_snapshot_xmin(pg_current_snapshot()) FROM events",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        if readable {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     assert_eq!(seal(&app.pool).await.unwrap(), 1);
     for n in 10..12 {
         svc.created("/events", record(n)).await;
