@@ -61,7 +61,8 @@ pub struct Recorded {
 const DIRECTORY_SELECT: &str = "SELECT s.external_id, s.lago_id, c.lago_id AS customer_lago_id, \
         c.external_id AS external_customer_id, s.subscription_at, s.terminated_at, \
         s.resource->>'billing_time' AS billing_time, coalesce(c.resource->>'timezone', 'UTC') AS timezone, \
-        s.plan_code, s.plan_version, p.lago_id AS plan_lago_id \
+        s.plan_code, s.plan_version, p.lago_id AS plan_lago_id, \
+        s.xmin::text || '/' || c.xmin::text AS row_version \
     FROM subscriptions s \
     JOIN customers c ON c.service_code = s.service_code AND c.external_id = s.external_customer_id \
     JOIN plans p ON p.service_code = s.service_code AND p.code = s.plan_code \
@@ -80,6 +81,9 @@ struct SubscriptionRow {
     plan_code: String,
     plan_version: i32,
     plan_lago_id: Uuid,
+    /// The versions of the subscription's and customer's rows as read (see
+    /// [`DirectoryCache`]).
+    row_version: String,
 }
 
 /// A subscription of the service, with its plan version and customer zone.
@@ -87,6 +91,8 @@ pub struct DirectoryEntry {
     pub usage: UsageSubscription,
     pub plan: Arc<PlanDefinition>,
     pub external_customer_id: String,
+    /// The catalog rows' versions it was read from.
+    row_version: String,
 }
 
 /// The service's subscriptions among `external_ids`, as usage validation
@@ -139,11 +145,11 @@ impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for CallerRow {
 /// Authenticate an API key (by its digest) and read the directory entries
 /// of its service among `external_ids`, in one round trip. `None`: the key
 /// is unknown or revoked, or its service is deactivated.
-pub async fn authorized_directory(
+async fn authorized_directory(
     pool: &PgPool,
     key_digest: &str,
     external_ids: &[String],
-) -> Result<Option<(Caller, HashMap<String, DirectoryEntry>)>, sqlx::Error> {
+) -> Result<Option<Directory>, sqlx::Error> {
     let sql = format!(
         "WITH caller AS (SELECT k.key_id, k.service_code, k.key_sha256 FROM api_keys k \
                          JOIN service_directory d ON d.code = k.service_code \
@@ -176,7 +182,80 @@ pub async fn authorized_directory(
             .collect(),
     )
     .await?;
-    Ok(Some((caller, entries)))
+    Ok(Some(Directory {
+        caller,
+        entries: entries
+            .into_iter()
+            .map(|(id, entry)| (id, Arc::new(entry)))
+            .collect(),
+    }))
+}
+
+/// An authenticated caller and the directory entries a batch names.
+struct Directory {
+    caller: Caller,
+    entries: HashMap<String, Arc<DirectoryEntry>>,
+}
+
+/// The most subscriptions a [`DirectoryCache`] holds before it starts over.
+const DIRECTORY_CACHE_LIMIT: usize = 100_000;
+
+/// What the ingest path remembers between requests, so a request usually
+/// makes one round trip to PostgreSQL: the append. Callers by key digest,
+/// and directory entries by (service, subscription) with the versions
+/// (`xmin`) of the catalog rows they were read from. Nothing is trusted
+/// blindly: the append itself checks, in the same statement, that the key is
+/// still valid and every entry's rows are unchanged, and appends nothing
+/// otherwise; the request then reads the directory afresh. A refusal found
+/// with remembered entries is also checked against fresh ones before it is
+/// answered.
+#[derive(Default)]
+pub struct DirectoryCache {
+    callers: RwLock<HashMap<String, Caller>>,
+    entries: RwLock<HashMap<(String, String), Arc<DirectoryEntry>>>,
+}
+
+impl DirectoryCache {
+    /// The caller and every entry asked for, if all are remembered.
+    fn lookup(&self, key_digest: &str, external_ids: &[String]) -> Option<Directory> {
+        let caller = self
+            .callers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key_digest)?
+            .clone();
+        let remembered = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        let mut entries = HashMap::with_capacity(external_ids.len());
+        for id in external_ids {
+            let entry = remembered.get(&(caller.service.clone(), id.clone()))?;
+            entries.insert(id.clone(), entry.clone());
+        }
+        Some(Directory { caller, entries })
+    }
+
+    fn remember(&self, key_digest: &str, directory: &Directory) {
+        self.callers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key_digest.to_string(), directory.caller.clone());
+        let mut remembered = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        if remembered.len() + directory.entries.len() > DIRECTORY_CACHE_LIMIT {
+            remembered.clear();
+        }
+        for (id, entry) in &directory.entries {
+            remembered.insert(
+                (directory.caller.service.clone(), id.clone()),
+                entry.clone(),
+            );
+        }
+    }
+
+    fn forget(&self, key_digest: &str) {
+        self.callers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key_digest);
+    }
 }
 
 /// A plan version as usage validation reads it: its definition and the
@@ -299,16 +378,22 @@ async fn entries(
                 usage,
                 plan: plan.plan.clone(),
                 external_customer_id: row.external_customer_id,
+                row_version: row.row_version,
             },
         );
     }
     Ok(entries)
 }
 
+/// How many times a batch reads the directory afresh when the catalog
+/// changed between its read and its append.
+const STALE_DIRECTORY_ATTEMPTS: usize = 3;
+
 /// Validate and append a batch, all or nothing. Returns each event as
 /// recorded (the original one for a safe retry), in request order.
 pub async fn record_batch(
     pool: &PgPool,
+    cache: &DirectoryCache,
     key_digest: &str,
     batch: Vec<SentUsage>,
     request: CommandMetadata,
@@ -326,13 +411,63 @@ pub async fn record_batch(
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
-    let Some((caller, directory)) = authorized_directory(pool, key_digest, &external_ids).await?
-    else {
-        return Err(IngestError::Unauthorized);
-    };
+    if let Some(directory) = cache.lookup(key_digest, &external_ids) {
+        let attempt = append_batch(
+            pool,
+            key_digest,
+            &directory,
+            batch.clone(),
+            request.clone(),
+            limits,
+            now,
+        );
+        match attempt.await {
+            Ok(Some(recorded)) => return Ok(recorded),
+            // The catalog changed, or a refusal to confirm: read it afresh.
+            Ok(None) | Err(IngestError::Invalid(_)) => {}
+            Err(error) => return Err(error),
+        }
+    }
+    for _ in 0..STALE_DIRECTORY_ATTEMPTS {
+        let Some(directory) = authorized_directory(pool, key_digest, &external_ids).await? else {
+            cache.forget(key_digest);
+            return Err(IngestError::Unauthorized);
+        };
+        cache.remember(key_digest, &directory);
+        let attempt = append_batch(
+            pool,
+            key_digest,
+            &directory,
+            batch.clone(),
+            request.clone(),
+            limits,
+            now,
+        );
+        if let Some(recorded) = attempt.await? {
+            return Ok(recorded);
+        }
+    }
+    Err(IngestError::Database(sqlx::Error::Protocol(
+        "the catalog changed under every attempt to record the batch".into(),
+    )))
+}
+
+/// Validate a batch against `directory` and append it, in one statement
+/// that first checks the directory still holds (the key valid, every entry's
+/// catalog rows unchanged). `None`: it did not, and nothing was appended.
+async fn append_batch(
+    pool: &PgPool,
+    key_digest: &str,
+    directory: &Directory,
+    batch: Vec<SentUsage>,
+    request: CommandMetadata,
+    limits: UsageLimits,
+    now: DateTime<Utc>,
+) -> Result<Option<Vec<Recorded>>, IngestError> {
+    let caller = &directory.caller;
     let metadata = CommandMetadata {
         actor: Actor::Service(caller.service.clone()),
-        api_key_id: Some(caller.key_id),
+        api_key_id: Some(caller.key_id.clone()),
         ..request
     };
 
@@ -342,7 +477,7 @@ pub async fn record_batch(
         let subscription = sent
             .external_subscription_id
             .as_deref()
-            .and_then(|id| directory.get(id.trim()))
+            .and_then(|id| directory.entries.get(id.trim()))
             .map(|entry| &entry.usage);
         match validate_usage(Uuid::new_v4(), sent, subscription, limits, now) {
             Ok(record) => records.push(record),
@@ -382,21 +517,41 @@ pub async fn record_batch(
     let metadata = serde_json::to_string(&metadata.into_map())
         .map_err(|e| IngestError::Database(sqlx::Error::Encode(Box::new(e))))?;
 
-    // One statement, so all or nothing without a transaction of our own. The
-    // row carries the usage facts billing reads beside the payload (the
-    // columns say what `usage_facts(payload)` says; `ledger verify` checks).
-    let appended: Result<Vec<(String, DateTime<Utc>)>, sqlx::Error> = sqlx::query_as(
-        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, \
-                             usage_subscription, usage_metric, usage_timestamp, usage_value, usage_unique_key, \
-                             usage_period_start, usage_period_end) \
-         SELECT $1, stream, 1, 'UsageRecorded', '1.0', payload::json, $4::json, \
-                subscription, metric, at, value, unique_key, period_start, period_end \
-         FROM unnest($2::text[], $3::text[], $5::uuid[], $6::text[], $7::timestamptz[], $8::numeric[], \
-                     $9::text[], $10::timestamptz[], $11::timestamptz[]) \
-              AS batch(stream, payload, subscription, metric, at, value, unique_key, period_start, period_end) \
-         ON CONFLICT (aggregate_type, aggregate_id, sequence) DO UPDATE SET sequence = events.sequence \
-         WHERE NOT usage_retry_matches(events.payload, EXCLUDED.payload) \
-         RETURNING aggregate_id, recorded_at",
+    // One statement, so all or nothing without a transaction of our own. It
+    // appends only if the directory the batch was validated against still
+    // holds. The row carries the usage facts billing reads beside the
+    // payload (the columns say what `usage_facts(payload)` says; `ledger
+    // verify` checks).
+    let (read_ids, read_versions): (Vec<&str>, Vec<&str>) = directory
+        .entries
+        .iter()
+        .map(|(id, entry)| (id.as_str(), entry.row_version.as_str()))
+        .unzip();
+    let appended: Result<Vec<AppendedRow>, sqlx::Error> = sqlx::query_as(
+        "WITH directory AS ( \
+           SELECT EXISTS (SELECT 1 FROM api_keys k JOIN service_directory d ON d.code = k.service_code \
+                          WHERE k.key_sha256 = $12 AND k.service_code = $13 AND k.revoked_at IS NULL \
+                            AND d.status = 'active') \
+              AND (SELECT count(*) FROM unnest($14::text[], $15::text[]) AS read(external_id, row_version) \
+                   JOIN subscriptions s ON s.service_code = $13 AND s.external_id = read.external_id \
+                   JOIN customers c ON c.service_code = s.service_code AND c.external_id = s.external_customer_id \
+                   WHERE s.xmin::text || '/' || c.xmin::text = read.row_version) = cardinality($14::text[]) \
+              AS holds), \
+         appended AS ( \
+           INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, \
+                               usage_subscription, usage_metric, usage_timestamp, usage_value, usage_unique_key, \
+                               usage_period_start, usage_period_end) \
+           SELECT $1, stream, 1, 'UsageRecorded', '1.0', payload::json, $4::json, \
+                  subscription, metric, at, value, unique_key, period_start, period_end \
+           FROM unnest($2::text[], $3::text[], $5::uuid[], $6::text[], $7::timestamptz[], $8::numeric[], \
+                       $9::text[], $10::timestamptz[], $11::timestamptz[]) \
+                AS batch(stream, payload, subscription, metric, at, value, unique_key, period_start, period_end) \
+           WHERE (SELECT holds FROM directory) \
+           ON CONFLICT (aggregate_type, aggregate_id, sequence) DO UPDATE SET sequence = events.sequence \
+           WHERE NOT usage_retry_matches(events.payload, EXCLUDED.payload) \
+           RETURNING aggregate_id, recorded_at) \
+         SELECT directory.holds, appended.aggregate_id, appended.recorded_at \
+         FROM directory LEFT JOIN appended ON true",
     )
     .bind(USAGE_STREAM_TYPE)
     .bind(&keys)
@@ -409,6 +564,10 @@ pub async fn record_batch(
     .bind(unique.iter().map(|&i| records[i].unique_key.as_deref()).collect::<Vec<_>>())
     .bind(unique.iter().map(|&i| records[i].period.start).collect::<Vec<_>>())
     .bind(unique.iter().map(|&i| records[i].period.end).collect::<Vec<_>>())
+    .bind(key_digest)
+    .bind(&caller.service)
+    .bind(&read_ids)
+    .bind(&read_versions)
     .fetch_all(pool)
     .await;
     let appended = match appended {
@@ -426,7 +585,13 @@ pub async fn record_batch(
         }
         Err(error) => return Err(error.into()),
     };
-    let mut recorded_at: HashMap<String, DateTime<Utc>> = appended.into_iter().collect();
+    if !appended.first().is_some_and(|(holds, _, _)| *holds) {
+        return Ok(None);
+    }
+    let mut recorded_at: HashMap<String, DateTime<Utc>> = appended
+        .into_iter()
+        .filter_map(|(_, key, at)| Some((key?, at?)))
+        .collect();
 
     // Keys already in the log with the same content: answer with the original.
     let retried: Vec<&String> = keys
@@ -450,19 +615,25 @@ pub async fn record_batch(
             originals.insert(key, original);
         }
     }
-    Ok(records
-        .into_iter()
-        .map(|record| {
-            let key = stream_id(&record);
-            let at = recorded_at.get(&key).copied().unwrap_or(now);
-            let record = originals.remove(&key).unwrap_or(record);
-            Recorded {
-                record,
-                recorded_at: at,
-            }
-        })
-        .collect())
+    Ok(Some(
+        records
+            .into_iter()
+            .map(|record| {
+                let key = stream_id(&record);
+                let at = recorded_at.get(&key).copied().unwrap_or(now);
+                let record = originals.remove(&key).unwrap_or(record);
+                Recorded {
+                    record,
+                    recorded_at: at,
+                }
+            })
+            .collect(),
+    ))
 }
+
+/// What the guarded append returns: whether the directory held, and each
+/// event it appended (none for a safe retry) with its recorded time.
+type AppendedRow = (bool, Option<String>, Option<DateTime<Utc>>);
 
 /// The SQLSTATE `usage_retry_matches` raises on a conflicting retry.
 const RETRY_CONFLICT: &str = "LU409";

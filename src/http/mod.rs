@@ -39,6 +39,8 @@ pub struct AppStateInner {
     pub projections: ProjectionRunner,
     /// Which usage timestamps are accepted.
     pub usage_limits: aggregates::usage::UsageLimits,
+    /// The usage ingest path's memory of callers and subscriptions.
+    pub usage_directory: crate::usage::DirectoryCache,
 }
 
 /// How long a write waits for the projections to show it.
@@ -58,6 +60,7 @@ impl AppState {
             admin_key,
             projections,
             usage_limits,
+            usage_directory: Default::default(),
         })))
     }
 

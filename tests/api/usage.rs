@@ -670,3 +670,92 @@ async fn an_events_period_is_decided_in_the_customers_time_zone(pool: PgPool) {
         start.format("%Y-%m-%dT%H:%M:%SZ").to_string()
     );
 }
+
+/// The ingest path remembers callers and subscriptions between requests, but
+/// never trusts what it remembers: after a plan change, a termination or a
+/// revoked key, the next event is judged by the catalog as it now stands.
+#[sqlx::test]
+async fn a_remembered_directory_is_checked_by_every_append(pool: PgPool) {
+    let app = spawn_app(pool.clone()).await;
+    let svc = setup(&app).await;
+    every_aggregation(&svc).await;
+    let now = ago(Duration::seconds(1));
+    // Remembered: dep_1 on "starter", which does not charge sum_agg.
+    let (status, _) = svc
+        .post(
+            "/events",
+            json!({"event": event("t1", "dep_1", json!(1), now)}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let sum_event = |transaction_id: &str| {
+        json!({"event": {"transaction_id": transaction_id, "external_subscription_id": "dep_1",
+                         "code": "sum_agg", "timestamp": now, "properties": {"v": 2}}})
+    };
+    let (status, body) = svc.post("/events", sum_event("t2")).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(body["error_details"], json!({"code": ["metric_not_found"]}));
+
+    // A plan change makes sum_agg billable on dep_1: accepted at once.
+    let (status, body) = svc
+        .post(
+            "/subscriptions/dep_1/change_plan",
+            json!({"subscription": {"plan_code": "all"}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = svc.post("/events", sum_event("t2")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["event"]["code"], "sum_agg");
+
+    // Terminated: usage after the termination is refused, though the
+    // subscription was remembered active a moment ago.
+    let (status, _) = svc
+        .post(
+            "/events",
+            json!({"event": event("t3", "dep_2", json!(1), now)}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = svc.delete("/subscriptions/dep_2").await;
+    assert_eq!(status, StatusCode::OK);
+    let later = ago(Duration::seconds(-30));
+    let (status, body) = svc
+        .post(
+            "/events",
+            json!({"event": event("t4", "dep_2", json!(1), later)}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(
+        body["error_details"],
+        json!({"timestamp": ["subscription_not_active_at_timestamp"]})
+    );
+
+    // A revoked key stops at once, though it was remembered.
+    let (status, issued) = app
+        .post_admin("/admin/v1/services/nexacloud/api_keys", "")
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let second = ServiceClient {
+        app: &app,
+        key: issued["api_key"]["key"].as_str().unwrap().to_string(),
+    };
+    let (status, _) = second.post("/events", sum_event("t5")).await;
+    assert_eq!(status, StatusCode::OK);
+    let revoked = app
+        .client
+        .delete(format!(
+            "{}/admin/v1/services/nexacloud/api_keys/{}",
+            app.address,
+            issued["api_key"]["id"].as_str().unwrap()
+        ))
+        .bearer_auth(crate::helpers::ADMIN_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), StatusCode::OK);
+    let (status, _) = second.post("/events", sum_event("t6")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(usage_events(&pool).await, 4, "t1, t2, t3, t5");
+}

@@ -49,6 +49,7 @@ async fn record(
     let metadata = request.metadata(crate::event_store::Actor::Operator);
     record_batch(
         &state.pool,
+        &state.usage_directory,
         &key.0,
         events,
         metadata,
