@@ -476,7 +476,7 @@ async fn serve(
         std::time::Duration::from_secs(60),
         runner_stopped.clone(),
     ));
-    let runner = tokio::spawn(runner.run(runner_stopped));
+    let runner = tokio::spawn(runner.run(runner_stopped, state.usage_appended.clone()));
     let app = Application::build(state, listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;

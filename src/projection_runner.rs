@@ -6,9 +6,12 @@
 //! locks its projection's checkpoint row with `FOR UPDATE SKIP LOCKED`, so
 //! only one process advances a projection at a time and none applies an
 //! event twice. The runner sleeps until PostgreSQL notifies that events were
-//! appended, or a second passes (events held back by the visibility horizon
-//! become readable without a notification of their own).
+//! appended (usage appends do not notify: the process that appended wakes
+//! its own runner), or a second passes (events held back by the visibility
+//! horizon, and usage appended by other processes, become readable without a
+//! notification of their own).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use projections::log::{self, LogCursor};
@@ -16,7 +19,7 @@ use projections::{Projection, ProjectionError};
 use serde::Serialize;
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 /// Events folded per transaction.
 const BATCH_SIZE: i64 = 1000;
@@ -235,8 +238,10 @@ impl ProjectionRunner {
         }
     }
 
-    /// Keep every projection caught up until `shutdown` turns true.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    /// Keep every projection caught up until `shutdown` turns true: woken
+    /// by PostgreSQL's notification of appended events, by `appended` (usage
+    /// appended by this process, which does not notify), or by polling.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>, appended: Arc<Notify>) {
         let mut listener = None;
         while !*shutdown.borrow() {
             let wait = match self.apply_readable().await {
@@ -269,6 +274,7 @@ impl ProjectionRunner {
                         while listener.next_buffered().is_some() {}
                     }
                 }
+                _ = appended.notified() => tokio::time::sleep(COALESCE_DELAY).await,
                 _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.changed() => {}
             }

@@ -51,6 +51,7 @@ pub struct LocalLedger {
 impl LocalLedger {
     pub async fn start(state: AppState) -> anyhow::Result<Self> {
         let pool = state.pool.clone();
+        let appended = state.usage_appended.clone();
         let app = Application::build(state, SocketAddr::from(([127, 0, 0, 1], 0))).await?;
         let base_url = format!("http://{}", app.local_addr()?);
         let (stop, stopped) = watch::channel(false);
@@ -58,7 +59,11 @@ impl LocalLedger {
         let server = tokio::spawn(app.run_until_stopped(async move {
             let _ = server_stopped.changed().await;
         }));
-        let runner = tokio::spawn(ProjectionRunner::for_all(pool).await?.run(stopped));
+        let runner = tokio::spawn(
+            ProjectionRunner::for_all(pool)
+                .await?
+                .run(stopped, appended),
+        );
         Ok(Self {
             base_url,
             stop,

@@ -519,7 +519,8 @@ async fn append_batch(
 
     // One statement, so all or nothing without a transaction of our own. It
     // appends only if the directory the batch was validated against still
-    // holds. The row carries the usage facts billing reads beside the
+    // holds, and quietly (no NOTIFY: see migration `quiet_usage_appends`;
+    // the caller wakes this process's runner). The row carries the usage facts billing reads beside the
     // payload (the columns say what `usage_facts(payload)` says; `ledger
     // verify` checks).
     let (read_ids, read_versions): (Vec<&str>, Vec<&str>) = directory
@@ -529,7 +530,8 @@ async fn append_batch(
         .unzip();
     let appended: Result<Vec<AppendedRow>, sqlx::Error> = sqlx::query_as(
         "WITH directory AS ( \
-           SELECT EXISTS (SELECT 1 FROM api_keys k JOIN service_directory d ON d.code = k.service_code \
+           SELECT set_config('ledger.quiet_append', 'on', true) = 'on' \
+              AND EXISTS (SELECT 1 FROM api_keys k JOIN service_directory d ON d.code = k.service_code \
                           WHERE k.key_sha256 = $12 AND k.service_code = $13 AND k.revoked_at IS NULL \
                             AND d.status = 'active') \
               AND (SELECT count(*) FROM unnest($14::text[], $15::text[]) AS read(external_id, row_version) \

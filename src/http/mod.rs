@@ -41,6 +41,9 @@ pub struct AppStateInner {
     pub usage_limits: aggregates::usage::UsageLimits,
     /// The usage ingest path's memory of callers and subscriptions.
     pub usage_directory: crate::usage::DirectoryCache,
+    /// Signalled after usage is appended (usage appends do not NOTIFY): wakes
+    /// this process's projection runner.
+    pub usage_appended: Arc<tokio::sync::Notify>,
 }
 
 /// How long a write waits for the projections to show it.
@@ -61,6 +64,7 @@ impl AppState {
             projections,
             usage_limits,
             usage_directory: Default::default(),
+            usage_appended: Default::default(),
         })))
     }
 

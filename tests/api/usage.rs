@@ -759,3 +759,35 @@ async fn a_remembered_directory_is_checked_by_every_append(pool: PgPool) {
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(usage_events(&pool).await, 4, "t1, t2, t3, t5");
 }
+
+/// A notifying commit holds PostgreSQL's notification lock until its flush,
+/// so usage appends (the high-volume path) do not notify; everything else
+/// still wakes the runners of every process.
+#[sqlx::test]
+async fn usage_appends_commit_without_a_notification(pool: PgPool) {
+    let app = spawn_app(pool.clone()).await;
+    let svc = setup(&app).await;
+    let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
+        .await
+        .unwrap();
+    listener.listen("ledger_events_appended").await.unwrap();
+    let (status, _) = svc
+        .post(
+            "/events/batch",
+            json!({"events": [event("q1", "dep_1", json!(1), ago(Duration::seconds(5))),
+                              event("q2", "dep_2", json!(2), ago(Duration::seconds(5)))]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let quiet = tokio::time::timeout(std::time::Duration::from_millis(300), listener.recv()).await;
+    assert!(quiet.is_err(), "a usage append notified: {quiet:?}");
+    assert_eq!(usage_events(&pool).await, 2);
+    // A catalog change notifies.
+    svc.created(
+        "/customers",
+        json!({"customer": {"external_id": "cus_new", "name": "New"}}),
+    )
+    .await;
+    let notified = tokio::time::timeout(std::time::Duration::from_secs(5), listener.recv()).await;
+    assert!(matches!(notified, Ok(Ok(_))), "{notified:?}");
+}

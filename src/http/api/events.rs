@@ -47,7 +47,7 @@ async fn record(
 ) -> Result<Vec<Recorded>, IngestError> {
     // The actor is filled in once the key is known.
     let metadata = request.metadata(crate::event_store::Actor::Operator);
-    record_batch(
+    let recorded = record_batch(
         &state.pool,
         &state.usage_directory,
         &key.0,
@@ -56,7 +56,11 @@ async fn record(
         state.usage_limits,
         Utc::now(),
     )
-    .await
+    .await;
+    if recorded.is_ok() {
+        state.usage_appended.notify_one();
+    }
+    recorded
 }
 
 async fn create(
