@@ -386,7 +386,7 @@ async fn entries(
 }
 
 /// How many times a batch reads the directory afresh when the catalog
-/// changed between its read and its append.
+/// changed between its read and its append (after the remembered one).
 const STALE_DIRECTORY_ATTEMPTS: usize = 3;
 
 /// Validate and append a batch, all or nothing. Returns each event as
@@ -411,7 +411,23 @@ pub async fn record_batch(
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
-    if let Some(directory) = cache.lookup(key_digest, &external_ids) {
+    // The remembered directory first (when it has everything), then fresh
+    // reads while the catalog changes under the append.
+    let mut remembered = cache.lookup(key_digest, &external_ids);
+    for _ in 0..=STALE_DIRECTORY_ATTEMPTS {
+        let from_memory = remembered.is_some();
+        let directory = match remembered.take() {
+            Some(directory) => directory,
+            None => {
+                let Some(directory) = authorized_directory(pool, key_digest, &external_ids).await?
+                else {
+                    cache.forget(key_digest);
+                    return Err(IngestError::Unauthorized);
+                };
+                cache.remember(key_digest, &directory);
+                directory
+            }
+        };
         let attempt = append_batch(
             pool,
             key_digest,
@@ -423,28 +439,11 @@ pub async fn record_batch(
         );
         match attempt.await {
             Ok(Some(recorded)) => return Ok(recorded),
-            // The catalog changed, or a refusal to confirm: read it afresh.
-            Ok(None) | Err(IngestError::Invalid(_)) => {}
+            // The catalog changed since the directory was read: read it afresh.
+            Ok(None) => {}
+            // A refusal found with remembered entries is confirmed afresh.
+            Err(IngestError::Invalid(_)) if from_memory => {}
             Err(error) => return Err(error),
-        }
-    }
-    for _ in 0..STALE_DIRECTORY_ATTEMPTS {
-        let Some(directory) = authorized_directory(pool, key_digest, &external_ids).await? else {
-            cache.forget(key_digest);
-            return Err(IngestError::Unauthorized);
-        };
-        cache.remember(key_digest, &directory);
-        let attempt = append_batch(
-            pool,
-            key_digest,
-            &directory,
-            batch.clone(),
-            request.clone(),
-            limits,
-            now,
-        );
-        if let Some(recorded) = attempt.await? {
-            return Ok(recorded);
         }
     }
     Err(IngestError::Database(sqlx::Error::Protocol(
