@@ -950,11 +950,7 @@ pub async fn preview_draft(
     let layout = if header.reason == InvoicingReason::Adjustment {
         None
     } else {
-        billing
-            .schedule
-            .layouts(header.issued_at)
-            .into_iter()
-            .find(|l| l.issued_at == header.issued_at)
+        billing.schedule.layout_issued_at(header.issued_at)
     };
     let Some(layout) = layout else {
         return Ok(None);

@@ -166,6 +166,22 @@ fn fee_key(fee: &Fee) -> (String, String, String) {
     )
 }
 
+/// The comparison row of `fee`'s line (the same fee and window), created
+/// empty on first sight.
+fn comparison<'a>(
+    fees: &'a mut BTreeMap<(String, String, String), FeeComparison>,
+    fee: &Fee,
+) -> &'a mut FeeComparison {
+    let key = fee_key(fee);
+    fees.entry(key.clone()).or_insert_with(|| FeeComparison {
+        fee: key.0,
+        from_datetime: key.1,
+        to_datetime: key.2,
+        recorded_cents: None,
+        replayed_cents: None,
+    })
+}
+
 /// The price book's plans, each validated over the service's current
 /// version of the plan (only the keys given change it), with charges'
 /// `billable_metric_id` resolved among the service's metrics.
@@ -427,11 +443,7 @@ async fn compare_in(
                 flat_fees: vec![],
             })
         } else {
-            billing
-                .schedule
-                .layouts(header.issued_at)
-                .into_iter()
-                .find(|l| l.issued_at == header.issued_at)
+            billing.schedule.layout_issued_at(header.issued_at)
         };
         let Some(layout) = layout else { continue };
         let mut windows: Vec<(Uuid, BillingPeriod)> = billed
@@ -454,28 +466,10 @@ async fn compare_in(
         let replayed = compute(&billing, layout, &late, &points, as_of);
         let mut fees: BTreeMap<(String, String, String), FeeComparison> = BTreeMap::new();
         for fee in &recorded.fees {
-            let (name, from, to) = fee_key(fee);
-            fees.entry((name.clone(), from.clone(), to.clone()))
-                .or_insert(FeeComparison {
-                    fee: name,
-                    from_datetime: from,
-                    to_datetime: to,
-                    recorded_cents: None,
-                    replayed_cents: None,
-                })
-                .recorded_cents = Some(fee.amount_cents);
+            comparison(&mut fees, fee).recorded_cents = Some(fee.amount_cents);
         }
         for fee in &replayed.fees {
-            let (name, from, to) = fee_key(fee);
-            fees.entry((name.clone(), from.clone(), to.clone()))
-                .or_insert(FeeComparison {
-                    fee: name,
-                    from_datetime: from,
-                    to_datetime: to,
-                    recorded_cents: None,
-                    replayed_cents: None,
-                })
-                .replayed_cents = Some(fee.amount_cents);
+            comparison(&mut fees, fee).replayed_cents = Some(fee.amount_cents);
         }
         let fees: Vec<FeeComparison> = fees.into_values().collect();
         for fee in &fees {

@@ -315,6 +315,14 @@ impl BillingSchedule {
         }
         layouts
     }
+
+    /// The layout of the invoice issued at `issued_at`, if the schedule
+    /// issues one then (an adjustment invoice is not on the schedule).
+    pub fn layout_issued_at(&self, issued_at: DateTime<Utc>) -> Option<InvoiceLayout> {
+        self.layouts(issued_at)
+            .into_iter()
+            .find(|l| l.issued_at == issued_at)
+    }
 }
 
 fn local_date(at: DateTime<Utc>, tz: Tz) -> NaiveDate {

@@ -3,20 +3,11 @@
 
 use aggregates::usage::UsageLimits;
 use chrono::Duration;
-use ledger::invoicing::close_due;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 
-use crate::helpers::{spawn_app_with_limits, ServiceClient, TestApp};
-
-async fn close(app: &TestApp, now: &str) {
-    app.catch_up().await;
-    close_due(&app.pool, None, Duration::days(3650), now.parse().unwrap())
-        .await
-        .unwrap();
-    app.catch_up().await;
-}
+use crate::helpers::{close, spawn_app_with_limits, ServiceClient, TestApp};
 
 async fn usage(svc: &ServiceClient<'_>, tx: &str, at: &str, seconds: &str) {
     svc.created(

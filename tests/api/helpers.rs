@@ -2,8 +2,10 @@
 
 use std::net::SocketAddr;
 
+use chrono::Duration;
 use ledger::http::admin::AdminKey;
 use ledger::http::AppState;
+use ledger::invoicing::{close_due, CloseReport};
 use ledger::projection_runner::ProjectionRunner;
 use ledger::startup::Application;
 use reqwest::StatusCode;
@@ -11,6 +13,22 @@ use serde_json::Value;
 use sqlx::PgPool;
 
 pub const ADMIN_KEY: &str = "test-admin-key-0123456789";
+
+/// How far back the invoicing tests accept usage (their months are fixed
+/// dates) and close periods.
+pub const WINDOW_DAYS: i64 = 3650;
+
+/// One pass of the period closer at `now` (RFC 3339), with the projections
+/// caught up before and after.
+pub async fn close(app: &TestApp, now: &str) -> CloseReport {
+    app.catch_up().await;
+    let now = now.parse().expect("an RFC 3339 instant");
+    let report = close_due(&app.pool, None, Duration::days(WINDOW_DAYS), now)
+        .await
+        .expect("close");
+    app.catch_up().await;
+    report
+}
 
 pub struct TestApp {
     pub address: String,

@@ -8,11 +8,9 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 
-use crate::helpers::{spawn_app_with_limits, ServiceClient, TestApp};
+use crate::helpers::{close, spawn_app_with_limits, ServiceClient, WINDOW_DAYS};
 
 /// Usage as old as these tests need is accepted (a backfill).
-const WINDOW_DAYS: i64 = 3650;
-
 fn limits() -> UsageLimits {
     UsageLimits {
         acceptance_window: Duration::days(WINDOW_DAYS),
@@ -26,15 +24,6 @@ fn utc(text: &str) -> DateTime<Utc> {
 
 /// One pass of the closer at `now`, as `ledger serve` runs it: projections
 /// caught up first, the invoices projected after.
-async fn close(app: &TestApp, now: &str) -> CloseReport {
-    app.catch_up().await;
-    let report = close_due(&app.pool, None, Duration::days(WINDOW_DAYS), utc(now))
-        .await
-        .expect("close");
-    app.catch_up().await;
-    report
-}
-
 async fn subscribe(svc: &ServiceClient<'_>, external_id: &str, customer: &str, at: &str) {
     svc.created(
         "/subscriptions",
