@@ -105,6 +105,14 @@ impl ProjectionRunner {
         self.projections.iter().map(|p| p.as_ref())
     }
 
+    fn batch_size(&self) -> i64 {
+        if self.rebuilding {
+            REBUILD_BATCH_SIZE
+        } else {
+            BATCH_SIZE
+        }
+    }
+
     /// Apply the next batch of events to one projection.
     pub async fn run_batch(
         &self,
@@ -131,12 +139,8 @@ impl ProjectionRunner {
             transaction_id,
             position,
         };
-        let batch = if self.rebuilding {
-            REBUILD_BATCH_SIZE
-        } else {
-            BATCH_SIZE
-        };
-        let events = log::read_after(&mut tx, cursor, batch, projection.reads()).await?;
+        let events =
+            log::read_after(&mut tx, cursor, self.batch_size(), projection.reads()).await?;
         let Some(last) = events.last().map(|event| event.cursor()) else {
             return Ok(match log::any_after(&mut tx, cursor).await? {
                 false => BatchOutcome::CaughtUp,
@@ -163,12 +167,27 @@ impl ProjectionRunner {
     /// (or another process holds it). Returns the events applied and whether
     /// any projection is held back by the visibility horizon.
     pub async fn apply_readable(&self) -> Result<(usize, bool), ProjectionError> {
+        self.apply_readable_of(|_| true).await
+    }
+
+    /// [`Self::apply_readable`] for the projections `wanted` picks. A batch
+    /// shorter than a full one read everything readable at its snapshot, so
+    /// it ends the projection's turn.
+    async fn apply_readable_of(
+        &self,
+        wanted: impl Fn(&dyn Projection) -> bool,
+    ) -> Result<(usize, bool), ProjectionError> {
         let mut applied = 0;
         let mut held_back = false;
-        for projection in &self.projections {
+        for projection in self.projections.iter().filter(|p| wanted(p.as_ref())) {
             loop {
                 match self.run_batch(projection.as_ref()).await? {
-                    BatchOutcome::Applied(count) => applied += count,
+                    BatchOutcome::Applied(count) => {
+                        applied += count;
+                        if (count as i64) < self.batch_size() {
+                            break;
+                        }
+                    }
                     BatchOutcome::HeldBack => {
                         held_back = true;
                         break;
@@ -241,10 +260,21 @@ impl ProjectionRunner {
     /// Keep every projection caught up until `shutdown` turns true: woken
     /// by PostgreSQL's notification of appended events, by `appended` (usage
     /// appended by this process, which does not notify), or by polling.
+    /// A wake for usage advances only the projections that read usage; the
+    /// others pass over it at least every [`POLL_INTERVAL`].
     pub async fn run(self, mut shutdown: watch::Receiver<bool>, appended: Arc<Notify>) {
         let mut listener = None;
+        let mut usage_only = false;
+        let mut last_full_pass = tokio::time::Instant::now();
         while !*shutdown.borrow() {
-            let wait = match self.apply_readable().await {
+            let pass = if usage_only && last_full_pass.elapsed() < POLL_INTERVAL {
+                self.apply_readable_of(|p| p.reads().usage()).await
+            } else {
+                last_full_pass = tokio::time::Instant::now();
+                self.apply_readable().await
+            };
+            usage_only = false;
+            let wait = match pass {
                 Ok((_, true)) => HELD_BACK_RETRY,
                 Ok((_, false)) => POLL_INTERVAL,
                 Err(error) => {
@@ -274,7 +304,10 @@ impl ProjectionRunner {
                         while listener.next_buffered().is_some() {}
                     }
                 }
-                _ = appended.notified() => tokio::time::sleep(COALESCE_DELAY).await,
+                _ = appended.notified() => {
+                    usage_only = true;
+                    tokio::time::sleep(COALESCE_DELAY).await;
+                }
                 _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.changed() => {}
             }

@@ -61,8 +61,7 @@ pub struct Recorded {
 const DIRECTORY_SELECT: &str = "SELECT s.external_id, s.lago_id, c.lago_id AS customer_lago_id, \
         c.external_id AS external_customer_id, s.subscription_at, s.terminated_at, \
         s.resource->>'billing_time' AS billing_time, coalesce(c.resource->>'timezone', 'UTC') AS timezone, \
-        s.plan_code, s.plan_version, p.lago_id AS plan_lago_id, \
-        s.xmin::text || '/' || c.xmin::text AS row_version \
+        s.plan_code, s.plan_version, p.lago_id AS plan_lago_id \
     FROM subscriptions s \
     JOIN customers c ON c.service_code = s.service_code AND c.external_id = s.external_customer_id \
     JOIN plans p ON p.service_code = s.service_code AND p.code = s.plan_code \
@@ -81,9 +80,6 @@ struct SubscriptionRow {
     plan_code: String,
     plan_version: i32,
     plan_lago_id: Uuid,
-    /// The versions of the subscription's and customer's rows as read (see
-    /// [`DirectoryCache`]).
-    row_version: String,
 }
 
 /// A subscription of the service, with its plan version and customer zone.
@@ -91,8 +87,6 @@ pub struct DirectoryEntry {
     pub usage: UsageSubscription,
     pub plan: Arc<PlanDefinition>,
     pub external_customer_id: String,
-    /// The catalog rows' versions it was read from.
-    row_version: String,
 }
 
 /// The service's subscriptions among `external_ids`, as usage validation
@@ -121,6 +115,7 @@ struct CallerRow {
     caller_key_id: String,
     caller_service: String,
     caller_key_sha256: String,
+    directory_version: i64,
     /// None when the caller has none of the subscriptions asked for.
     subscription: Option<SubscriptionRow>,
 }
@@ -133,6 +128,7 @@ impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for CallerRow {
             caller_key_id: row.try_get("caller_key_id")?,
             caller_service: row.try_get("caller_service")?,
             caller_key_sha256: row.try_get("caller_key_sha256")?,
+            directory_version: row.try_get("directory_version")?,
             subscription: if has_subscription {
                 Some(SubscriptionRow::from_row(row)?)
             } else {
@@ -143,8 +139,9 @@ impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for CallerRow {
 }
 
 /// Authenticate an API key (by its digest) and read the directory entries
-/// of its service among `external_ids`, in one round trip. `None`: the key
-/// is unknown or revoked, or its service is deactivated.
+/// of its service among `external_ids`, with the service's directory
+/// version, in one round trip (one snapshot). `None`: the key is unknown or
+/// revoked, or its service is deactivated.
 async fn authorized_directory(
     pool: &PgPool,
     key_digest: &str,
@@ -155,7 +152,10 @@ async fn authorized_directory(
                          JOIN service_directory d ON d.code = k.service_code \
                          WHERE k.key_sha256 = $1 AND k.revoked_at IS NULL AND d.status = 'active') \
          SELECT caller.key_id AS caller_key_id, caller.service_code AS caller_service, \
-                caller.key_sha256 AS caller_key_sha256, entry.* \
+                caller.key_sha256 AS caller_key_sha256, \
+                coalesce((SELECT v.version FROM usage_directory_versions v \
+                          WHERE v.service_code = caller.service_code), 0) AS directory_version, \
+                entry.* \
          FROM caller LEFT JOIN LATERAL ({}) AS entry ON true",
         DIRECTORY_SELECT.replace("{service}", "caller.service_code")
     );
@@ -174,6 +174,7 @@ async fn authorized_directory(
         service: first.caller_service.clone(),
         key_id: first.caller_key_id.clone(),
     };
+    let version = first.directory_version;
     let entries = entries(
         pool,
         &caller.service,
@@ -184,6 +185,7 @@ async fn authorized_directory(
     .await?;
     Ok(Some(Directory {
         caller,
+        version,
         entries: entries
             .into_iter()
             .map(|(id, entry)| (id, Arc::new(entry)))
@@ -191,9 +193,12 @@ async fn authorized_directory(
     }))
 }
 
-/// An authenticated caller and the directory entries a batch names.
+/// An authenticated caller and the directory entries a batch names, as of
+/// the caller's service's directory version (migration
+/// `usage_directory_versions`).
 struct Directory {
     caller: Caller,
+    version: i64,
     entries: HashMap<String, Arc<DirectoryEntry>>,
 }
 
@@ -202,17 +207,23 @@ const DIRECTORY_CACHE_LIMIT: usize = 100_000;
 
 /// What the ingest path remembers between requests, so a request usually
 /// makes one round trip to PostgreSQL: the append. Callers by key digest,
-/// and directory entries by (service, subscription) with the versions
-/// (`xmin`) of the catalog rows they were read from. Nothing is trusted
-/// blindly: the append itself checks, in the same statement, that the key is
-/// still valid and every entry's rows are unchanged, and appends nothing
-/// otherwise; the request then reads the directory afresh. A refusal found
-/// with remembered entries is also checked against fresh ones before it is
-/// answered.
+/// and each service's directory entries with the directory version they were
+/// read at. Nothing is trusted blindly: the append itself checks, in the same
+/// statement, that the service's version is still the one remembered (any
+/// change to its status, keys, customers, subscriptions or plans gives it a
+/// new one), and appends nothing otherwise; the request then reads the
+/// directory afresh. A refusal found with remembered entries is also checked
+/// against fresh ones before it is answered.
 #[derive(Default)]
 pub struct DirectoryCache {
     callers: RwLock<HashMap<String, Caller>>,
-    entries: RwLock<HashMap<(String, String), Arc<DirectoryEntry>>>,
+    services: RwLock<HashMap<String, RememberedService>>,
+}
+
+/// A service's directory entries read at one version.
+struct RememberedService {
+    version: i64,
+    entries: HashMap<String, Arc<DirectoryEntry>>,
 }
 
 impl DirectoryCache {
@@ -224,29 +235,42 @@ impl DirectoryCache {
             .unwrap_or_else(|e| e.into_inner())
             .get(key_digest)?
             .clone();
-        let remembered = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        let services = self.services.read().unwrap_or_else(|e| e.into_inner());
+        let service = services.get(&caller.service)?;
         let mut entries = HashMap::with_capacity(external_ids.len());
         for id in external_ids {
-            let entry = remembered.get(&(caller.service.clone(), id.clone()))?;
-            entries.insert(id.clone(), entry.clone());
+            entries.insert(id.clone(), service.entries.get(id)?.clone());
         }
-        Some(Directory { caller, entries })
+        Some(Directory {
+            version: service.version,
+            caller,
+            entries,
+        })
     }
 
+    /// Remember a fresh read; entries read at another version are dropped.
     fn remember(&self, key_digest: &str, directory: &Directory) {
         self.callers
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(key_digest.to_string(), directory.caller.clone());
-        let mut remembered = self.entries.write().unwrap_or_else(|e| e.into_inner());
-        if remembered.len() + directory.entries.len() > DIRECTORY_CACHE_LIMIT {
-            remembered.clear();
+        let mut services = self.services.write().unwrap_or_else(|e| e.into_inner());
+        let remembered: usize = services.values().map(|s| s.entries.len()).sum();
+        if remembered + directory.entries.len() > DIRECTORY_CACHE_LIMIT {
+            services.clear();
+        }
+        let service = services
+            .entry(directory.caller.service.clone())
+            .or_insert_with(|| RememberedService {
+                version: directory.version,
+                entries: HashMap::new(),
+            });
+        if service.version != directory.version {
+            service.version = directory.version;
+            service.entries.clear();
         }
         for (id, entry) in &directory.entries {
-            remembered.insert(
-                (directory.caller.service.clone(), id.clone()),
-                entry.clone(),
-            );
+            service.entries.insert(id.clone(), entry.clone());
         }
     }
 
@@ -378,7 +402,6 @@ async fn entries(
                 usage,
                 plan: plan.plan.clone(),
                 external_customer_id: row.external_customer_id,
-                row_version: row.row_version,
             },
         );
     }
@@ -430,7 +453,6 @@ pub async fn record_batch(
         };
         let attempt = append_batch(
             pool,
-            key_digest,
             &directory,
             batch.clone(),
             request.clone(),
@@ -452,11 +474,10 @@ pub async fn record_batch(
 }
 
 /// Validate a batch against `directory` and append it, in one statement
-/// that first checks the directory still holds (the key valid, every entry's
-/// catalog rows unchanged). `None`: it did not, and nothing was appended.
+/// that first checks the directory still holds (the service's directory
+/// version unchanged). `None`: it did not, and nothing was appended.
 async fn append_batch(
     pool: &PgPool,
-    key_digest: &str,
     directory: &Directory,
     batch: Vec<SentUsage>,
     request: CommandMetadata,
@@ -522,21 +543,10 @@ async fn append_batch(
     // the caller wakes this process's runner). The row carries the usage facts billing reads beside the
     // payload (the columns say what `usage_facts(payload)` says; `ledger
     // verify` checks).
-    let (read_ids, read_versions): (Vec<&str>, Vec<&str>) = directory
-        .entries
-        .iter()
-        .map(|(id, entry)| (id.as_str(), entry.row_version.as_str()))
-        .unzip();
     let appended: Result<Vec<AppendedRow>, sqlx::Error> = sqlx::query_as(
         "WITH directory AS ( \
            SELECT set_config('ledger.quiet_append', 'on', true) = 'on' \
-              AND EXISTS (SELECT 1 FROM api_keys k JOIN service_directory d ON d.code = k.service_code \
-                          WHERE k.key_sha256 = $12 AND k.service_code = $13 AND k.revoked_at IS NULL \
-                            AND d.status = 'active') \
-              AND (SELECT count(*) FROM unnest($14::text[], $15::text[]) AS read(external_id, row_version) \
-                   JOIN subscriptions s ON s.service_code = $13 AND s.external_id = read.external_id \
-                   JOIN customers c ON c.service_code = s.service_code AND c.external_id = s.external_customer_id \
-                   WHERE s.xmin::text || '/' || c.xmin::text = read.row_version) = cardinality($14::text[]) \
+              AND coalesce((SELECT v.version FROM usage_directory_versions v WHERE v.service_code = $12), 0) = $13 \
               AS holds), \
          appended AS ( \
            INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, \
@@ -565,10 +575,8 @@ async fn append_batch(
     .bind(unique.iter().map(|&i| records[i].unique_key.as_deref()).collect::<Vec<_>>())
     .bind(unique.iter().map(|&i| records[i].period.start).collect::<Vec<_>>())
     .bind(unique.iter().map(|&i| records[i].period.end).collect::<Vec<_>>())
-    .bind(key_digest)
     .bind(&caller.service)
-    .bind(&read_ids)
-    .bind(&read_versions)
+    .bind(directory.version)
     .fetch_all(pool)
     .await;
     let appended = match appended {

@@ -126,6 +126,17 @@ pub struct Reads<'a> {
     pub usage_facts: bool,
 }
 
+impl Reads<'_> {
+    /// Whether usage events mean anything to this reader (their facts or
+    /// their payloads).
+    pub fn usage(&self) -> bool {
+        self.usage_facts
+            || self
+                .payloads
+                .is_none_or(|types| types.contains(&aggregates::usage::USAGE_STREAM_TYPE))
+    }
+}
+
 impl LogEvent {
     /// The cursor just after this event.
     pub fn cursor(&self) -> LogCursor {

@@ -760,6 +760,99 @@ async fn a_remembered_directory_is_checked_by_every_append(pool: PgPool) {
     assert_eq!(usage_events(&pool).await, 4, "t1, t2, t3, t5");
 }
 
+/// What a remembered directory is checked against: every change to a row
+/// usage validation reads (a customer, a subscription, a key, a projection
+/// reset) gives the service a new directory version, never one it had
+/// before; new rows and other services' changes leave it as it is.
+#[sqlx::test]
+async fn the_usage_directory_version_moves_with_every_change_usage_depends_on(pool: PgPool) {
+    let app = spawn_app(pool.clone()).await;
+    let svc = setup(&app).await;
+    app.service("nexadesk").await;
+    let version = |service: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT version FROM usage_directory_versions WHERE service_code = $1",
+            )
+            .bind(service)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let mut seen = vec![version("nexacloud").await];
+    let desk = version("nexadesk").await;
+    let moved = |now: i64, seen: &mut Vec<i64>, what: &str| {
+        assert!(
+            !seen.contains(&now),
+            "{what}: version {now} already seen in {seen:?}"
+        );
+        seen.push(now);
+    };
+
+    // New rows: unchanged.
+    svc.created(
+        "/customers",
+        json!({"customer": {"external_id": "cus_new", "name": "New"}}),
+    )
+    .await;
+    svc.created(
+        "/subscriptions",
+        json!({"subscription": {"external_customer_id": "cus_new", "plan_code": "starter", "external_id": "dep_new"}}),
+    )
+    .await;
+    assert_eq!(version("nexacloud").await, seen[0]);
+
+    // A customer's time zone (which decides usage periods).
+    let (status, body) = svc
+        .post(
+            "/customers",
+            json!({"customer": {"external_id": "cus_new", "name": "New", "timezone": "Europe/Paris"}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    moved(version("nexacloud").await, &mut seen, "customer update");
+
+    // A termination.
+    let (status, _) = svc.delete("/subscriptions/dep_new").await;
+    assert_eq!(status, StatusCode::OK);
+    moved(version("nexacloud").await, &mut seen, "termination");
+
+    // A revoked key.
+    let (_, issued) = app
+        .post_admin("/admin/v1/services/nexacloud/api_keys", "")
+        .await;
+    assert_eq!(
+        version("nexacloud").await,
+        *seen.last().unwrap(),
+        "a new key"
+    );
+    let revoked = app
+        .client
+        .delete(format!(
+            "{}/admin/v1/services/nexacloud/api_keys/{}",
+            app.address,
+            issued["api_key"]["id"].as_str().unwrap()
+        ))
+        .bearer_auth(crate::helpers::ADMIN_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), StatusCode::OK);
+    moved(version("nexacloud").await, &mut seen, "key revocation");
+
+    // Another service's changes are not this one's.
+    assert_eq!(version("nexadesk").await, desk);
+
+    // A projection reset (TRUNCATE) moves every service.
+    projection_runner::reset(&pool, &projections::Catalog)
+        .await
+        .unwrap();
+    moved(version("nexacloud").await, &mut seen, "catalog reset");
+    assert_ne!(version("nexadesk").await, desk);
+}
+
 /// A notifying commit holds PostgreSQL's notification lock until its flush,
 /// so usage appends (the high-volume path) do not notify; everything else
 /// still wakes the runners of every process.
