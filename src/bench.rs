@@ -86,6 +86,7 @@ async fn measure(cluster: &EmbeddedPostgres, options: &IngestBench) -> anyhow::R
         pool.clone(),
         Some(AdminKey::new(&admin_key)),
         Default::default(),
+        crate::usage::default_appenders(),
     )
     .await?;
     let ledger = LocalLedger::start(state).await?;

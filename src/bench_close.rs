@@ -69,7 +69,13 @@ pub(crate) async fn backfill(
         acceptance_window: window,
         ..Default::default()
     };
-    let state = AppState::new(pool.clone(), Some(AdminKey::new(&admin_key)), limits).await?;
+    let state = AppState::new(
+        pool.clone(),
+        Some(AdminKey::new(&admin_key)),
+        limits,
+        crate::usage::default_appenders(),
+    )
+    .await?;
     let ledger = LocalLedger::start(state).await?;
     let http = reqwest::Client::new();
     let this_month = Utc.from_utc_datetime(

@@ -86,6 +86,11 @@ pub enum Command {
         /// How often the period closer looks for invoices to draft and finalize.
         #[arg(long, env = "LEDGER_CLOSE_INTERVAL_SECONDS", default_value_t = 60)]
         close_interval_seconds: u64,
+        /// Usage append statements in flight at once, each on a connection of
+        /// its own beside the pool (usage arriving meanwhile shares the next
+        /// ones). Default: one per CPU core, at most 8.
+        #[arg(long, env = "LEDGER_USAGE_APPENDERS", default_value_t = crate::usage::default_appenders())]
+        usage_appenders: usize,
     },
     /// Apply the database migrations and exit.
     Migrate,
@@ -265,13 +270,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             usage_future_skew_seconds,
             usage_acceptance_window_days,
             close_interval_seconds,
+            usage_appenders,
         } => {
             let limits = UsageLimits {
                 future_skew: chrono::Duration::seconds(usage_future_skew_seconds.into()),
                 acceptance_window: chrono::Duration::days(usage_acceptance_window_days.into()),
             };
             let close_every = std::time::Duration::from_secs(close_interval_seconds.max(1));
-            serve(&config, listen, admin_key, limits, close_every).await?;
+            serve(
+                &config,
+                listen,
+                admin_key,
+                limits,
+                usage_appenders,
+                close_every,
+            )
+            .await?;
         }
         Command::Migrate => {
             let database = Database::open(&config, ClusterAccess::ShareIfRunning).await?;
@@ -442,6 +456,7 @@ async fn serve(
     listen: SocketAddr,
     admin_key: Option<String>,
     usage_limits: UsageLimits,
+    usage_appenders: usize,
     close_every: std::time::Duration,
 ) -> anyhow::Result<()> {
     let database = Database::open(config, ClusterAccess::Own).await?;
@@ -455,9 +470,14 @@ async fn serve(
             None
         }
     };
-    let state = AppState::new(database.pool.clone(), admin_key, usage_limits)
-        .await
-        .context("cannot register the projections")?;
+    let state = AppState::new(
+        database.pool.clone(),
+        admin_key,
+        usage_limits,
+        usage_appenders,
+    )
+    .await
+    .context("cannot register the projections")?;
     let runner = ProjectionRunner::for_all(database.pool.clone())
         .await
         .context("cannot register the projections")?;

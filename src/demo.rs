@@ -31,6 +31,7 @@ async fn demonstrate(database: &Database) -> anyhow::Result<()> {
         database.pool.clone(),
         Some(AdminKey::new(&admin_key)),
         Default::default(),
+        crate::usage::default_appenders(),
     )
     .await?;
     let ledger = LocalLedger::start(state).await?;

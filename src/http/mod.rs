@@ -39,8 +39,9 @@ pub struct AppStateInner {
     pub projections: ProjectionRunner,
     /// Which usage timestamps are accepted.
     pub usage_limits: aggregates::usage::UsageLimits,
-    /// The usage ingest path's memory of callers and subscriptions.
-    pub usage_directory: crate::usage::DirectoryCache,
+    /// The usage ingest path: its memory of callers and subscriptions, and
+    /// its appenders.
+    pub usage_ingest: crate::usage::Ingest,
     /// Signalled after usage is appended (usage appends do not NOTIFY): wakes
     /// this process's projection runner.
     pub usage_appended: Arc<tokio::sync::Notify>,
@@ -54,16 +55,18 @@ impl AppState {
         pool: PgPool,
         admin_key: Option<admin::AdminKey>,
         usage_limits: aggregates::usage::UsageLimits,
+        usage_appenders: usize,
     ) -> Result<Self, sqlx::Error> {
         let commands = CommandBus::new(&pool);
         let projections = ProjectionRunner::for_all(pool.clone()).await?;
+        let usage_ingest = crate::usage::Ingest::start(pool.clone(), usage_appenders);
         Ok(Self(Arc::new(AppStateInner {
             pool,
             commands,
             admin_key,
             projections,
             usage_limits,
-            usage_directory: Default::default(),
+            usage_ingest,
             usage_appended: Default::default(),
         })))
     }

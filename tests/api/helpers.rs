@@ -47,9 +47,23 @@ pub async fn spawn_app_with_limits(
     pool: PgPool,
     limits: aggregates::usage::UsageLimits,
 ) -> TestApp {
-    let state = AppState::new(pool.clone(), Some(AdminKey::new(ADMIN_KEY)), limits)
-        .await
-        .expect("state");
+    spawn_app_with(pool, limits, ledger::usage::default_appenders()).await
+}
+
+/// The API with given usage limits and usage appenders.
+pub async fn spawn_app_with(
+    pool: PgPool,
+    limits: aggregates::usage::UsageLimits,
+    usage_appenders: usize,
+) -> TestApp {
+    let state = AppState::new(
+        pool.clone(),
+        Some(AdminKey::new(ADMIN_KEY)),
+        limits,
+        usage_appenders,
+    )
+    .await
+    .expect("state");
     let app = Application::build(state, SocketAddr::from(([127, 0, 0, 1], 0)))
         .await
         .expect("bind");

@@ -8,7 +8,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 
-use crate::helpers::{spawn_app, spawn_app_with_limits, ServiceClient, TestApp};
+use crate::helpers::{spawn_app, spawn_app_with, spawn_app_with_limits, ServiceClient, TestApp};
 
 fn ago(duration: Duration) -> i64 {
     (Utc::now() - duration).timestamp()
@@ -150,6 +150,157 @@ async fn thirty_two_concurrent_posts_of_one_event_record_it_once(pool: PgPool) {
     ids.dedup();
     assert_eq!(ids.len(), 1, "every response names the one event");
     assert_eq!(usage_events(&pool).await, 1);
+}
+
+/// Hold the ingest path's only appender: a transaction of the test writes
+/// (uncommitted) the log row an event is about to be appended as, then the
+/// event is posted; its append statement waits on that row. Returns the
+/// transaction (roll it back to let the appender go) and the post.
+async fn hold_the_appender(
+    app: &TestApp,
+    svc: &ServiceClient<'_>,
+    transaction_id: &str,
+) -> (
+    sqlx::Transaction<'static, sqlx::Postgres>,
+    tokio::task::JoinHandle<(StatusCode, Value)>,
+) {
+    let (_, subscription) = svc.get("/subscriptions/dep_1").await;
+    let subscription: uuid::Uuid = subscription["subscription"]["lago_id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut blocker = app.pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+         VALUES ('Usage', $1, 1, 'UsageRecorded', '1.0', '{}', '{}')",
+    )
+    .bind(aggregates::usage::usage_stream_id(subscription, "cpu_seconds", transaction_id))
+    .execute(&mut *blocker)
+    .await
+    .unwrap();
+    let held = post(
+        app,
+        svc,
+        event(transaction_id, "dep_1", json!(1), ago(Duration::minutes(1))),
+    );
+    // Until the append statement waits for the test's row.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock' AND query LIKE '%INSERT INTO events%'",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        if waiting == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the append never waited"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    (blocker, held)
+}
+
+/// Post one event on a task of its own.
+fn post(
+    app: &TestApp,
+    svc: &ServiceClient<'_>,
+    event: Value,
+) -> tokio::task::JoinHandle<(StatusCode, Value)> {
+    let request = app
+        .client
+        .post(format!("{}/api/v1/events", app.address))
+        .bearer_auth(&svc.key)
+        .json(&json!({ "event": event }));
+    tokio::spawn(async move {
+        let response = request.send().await.unwrap();
+        (response.status(), response.json().await.unwrap())
+    })
+}
+
+/// Appends that arrive while the appender is busy share its next statement
+/// and commit, and each request still gets its own answer: the others are
+/// recorded once each, a retry with the same content is answered with the
+/// original, and a conflicting retry among them is refused alone (the
+/// shared statement fails whole, so each of its appends runs again alone).
+#[sqlx::test]
+async fn appends_that_arrive_together_share_a_commit_and_keep_their_own_answers(pool: PgPool) {
+    let app = spawn_app_with(pool.clone(), Default::default(), 1).await;
+    let svc = setup(&app).await;
+    let at = ago(Duration::minutes(1));
+    let (status, original) = svc
+        .post(
+            "/events",
+            json!({"event": event("tx_old", "dep_1", json!(5), at)}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let transactions = |ids: Vec<String>| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(DISTINCT transaction_id) FROM events \
+                 WHERE aggregate_type = 'Usage' AND payload -> 'UsageRecorded' -> 'sent' ->> 'transaction_id' = ANY($1)",
+            )
+            .bind(ids)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+
+    // Ten new events and a same-content retry queue behind a held append.
+    let (blocker, held) = hold_the_appender(&app, &svc, "tx_held").await;
+    let new: Vec<String> = (0..10).map(|i| format!("tx_new_{i}")).collect();
+    let mut posts: Vec<_> = new
+        .iter()
+        .map(|id| post(&app, &svc, event(id, "dep_2", json!(2), at)))
+        .collect();
+    posts.push(post(&app, &svc, event("tx_old", "dep_1", json!(5), at)));
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    blocker.rollback().await.unwrap();
+    assert_eq!(held.await.unwrap().0, StatusCode::OK);
+    let retry = posts.pop().unwrap().await.unwrap();
+    assert_eq!(retry.0, StatusCode::OK, "{}", retry.1);
+    assert_eq!(retry.1["event"]["lago_id"], original["event"]["lago_id"]);
+    for post in posts {
+        let (status, body) = post.await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    assert_eq!(transactions(new.clone()).await, 1, "one shared commit");
+    assert_eq!(usage_events(&pool).await, 12, "tx_old, tx_held and ten new");
+
+    // Five more and a conflicting retry: the conflict is refused alone.
+    let (blocker, held) = hold_the_appender(&app, &svc, "tx_held_2").await;
+    let more: Vec<String> = (0..5).map(|i| format!("tx_more_{i}")).collect();
+    let mut posts: Vec<_> = more
+        .iter()
+        .map(|id| post(&app, &svc, event(id, "dep_2", json!(3), at)))
+        .collect();
+    posts.push(post(&app, &svc, event("tx_old", "dep_1", json!(6), at)));
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    blocker.rollback().await.unwrap();
+    assert_eq!(held.await.unwrap().0, StatusCode::OK);
+    let conflict = posts.pop().unwrap().await.unwrap();
+    assert_eq!(conflict.0, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        conflict.1["error_details"],
+        json!({"transaction_id": ["value_already_exist"]})
+    );
+    for post in posts {
+        let (status, body) = post.await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    assert_eq!(usage_events(&pool).await, 18, "five more and tx_held_2");
+    let (_, kept) = svc
+        .get("/events/tx_old?external_subscription_id=dep_1")
+        .await;
+    assert_eq!(kept["event"]["properties"]["cpu_seconds"], json!(5));
 }
 
 #[sqlx::test]

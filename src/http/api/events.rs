@@ -49,7 +49,7 @@ async fn record(
     let metadata = request.metadata(crate::event_store::Actor::Operator);
     let recorded = record_batch(
         &state.pool,
-        &state.usage_directory,
+        &state.usage_ingest,
         &key.0,
         events,
         metadata,

@@ -29,6 +29,34 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::event_store::{Actor, CommandMetadata};
+use group_append::{Append, AppendEvent, Appended, GroupAppender};
+
+mod group_append;
+
+/// Append statements in flight at once unless configured: one per CPU
+/// core of this host. Fewer statements carry more appends each (appends
+/// that arrive while all are busy share the next ones).
+pub fn default_appenders() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().min(8))
+}
+
+/// A process's usage ingest path: what it remembers of the directory, and
+/// its appenders.
+pub struct Ingest {
+    directory: DirectoryCache,
+    appender: GroupAppender,
+}
+
+impl Ingest {
+    /// Start the ingest path with `appenders` append statements at most in
+    /// flight at once (see [`default_appenders`]).
+    pub fn start(pool: PgPool, appenders: usize) -> Self {
+        Self {
+            directory: DirectoryCache::default(),
+            appender: GroupAppender::start(pool, appenders),
+        }
+    }
+}
 
 /// Why a batch was refused, per event index.
 #[derive(Debug)]
@@ -416,7 +444,7 @@ const STALE_DIRECTORY_ATTEMPTS: usize = 3;
 /// recorded (the original one for a safe retry), in request order.
 pub async fn record_batch(
     pool: &PgPool,
-    cache: &DirectoryCache,
+    ingest: &Ingest,
     key_digest: &str,
     batch: Vec<SentUsage>,
     request: CommandMetadata,
@@ -436,6 +464,7 @@ pub async fn record_batch(
         .collect();
     // The remembered directory first (when it has everything), then fresh
     // reads while the catalog changes under the append.
+    let cache = &ingest.directory;
     let mut remembered = cache.lookup(key_digest, &external_ids);
     for _ in 0..=STALE_DIRECTORY_ATTEMPTS {
         let from_memory = remembered.is_some();
@@ -453,6 +482,7 @@ pub async fn record_batch(
         };
         let attempt = append_batch(
             pool,
+            ingest,
             &directory,
             batch.clone(),
             request.clone(),
@@ -478,6 +508,7 @@ pub async fn record_batch(
 /// version unchanged). `None`: it did not, and nothing was appended.
 async fn append_batch(
     pool: &PgPool,
+    ingest: &Ingest,
     directory: &Directory,
     batch: Vec<SentUsage>,
     request: CommandMetadata,
@@ -537,50 +568,38 @@ async fn append_batch(
     let metadata = serde_json::to_string(&metadata.into_map())
         .map_err(|e| IngestError::Database(sqlx::Error::Encode(Box::new(e))))?;
 
-    // One statement, so all or nothing without a transaction of our own. It
-    // appends only if the directory the batch was validated against still
-    // holds, and quietly (no NOTIFY: see migration `quiet_usage_appends`;
-    // the caller wakes this process's runner). The row carries the usage facts billing reads beside the
-    // payload (the columns say what `usage_facts(payload)` says; `ledger
-    // verify` checks).
-    let appended: Result<Vec<AppendedRow>, sqlx::Error> = sqlx::query_as(
-        "WITH directory AS ( \
-           SELECT set_config('ledger.quiet_append', 'on', true) = 'on' \
-              AND coalesce((SELECT v.version FROM usage_directory_versions v WHERE v.service_code = $12), 0) = $13 \
-              AS holds), \
-         appended AS ( \
-           INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, \
-                               usage_subscription, usage_metric, usage_timestamp, usage_value, usage_unique_key, \
-                               usage_period_start, usage_period_end) \
-           SELECT $1, stream, 1, 'UsageRecorded', '1.0', payload::json, $4::json, \
-                  subscription, metric, at, value, unique_key, period_start, period_end \
-           FROM unnest($2::text[], $3::text[], $5::uuid[], $6::text[], $7::timestamptz[], $8::numeric[], \
-                       $9::text[], $10::timestamptz[], $11::timestamptz[]) \
-                AS batch(stream, payload, subscription, metric, at, value, unique_key, period_start, period_end) \
-           WHERE (SELECT holds FROM directory) \
-           ON CONFLICT (aggregate_type, aggregate_id, sequence) DO UPDATE SET sequence = events.sequence \
-           WHERE NOT usage_retry_matches(events.payload, EXCLUDED.payload) \
-           RETURNING aggregate_id, recorded_at) \
-         SELECT directory.holds, appended.aggregate_id, appended.recorded_at \
-         FROM directory LEFT JOIN appended ON true",
-    )
-    .bind(USAGE_STREAM_TYPE)
-    .bind(&keys)
-    .bind(&payloads)
-    .bind(&metadata)
-    .bind(unique.iter().map(|&i| records[i].subscription_lago_id).collect::<Vec<_>>())
-    .bind(unique.iter().map(|&i| records[i].sent.code.as_deref().unwrap_or_default()).collect::<Vec<_>>())
-    .bind(unique.iter().map(|&i| records[i].timestamp).collect::<Vec<_>>())
-    .bind(unique.iter().map(|&i| records[i].value).collect::<Vec<_>>())
-    .bind(unique.iter().map(|&i| records[i].unique_key.as_deref()).collect::<Vec<_>>())
-    .bind(unique.iter().map(|&i| records[i].period.start).collect::<Vec<_>>())
-    .bind(unique.iter().map(|&i| records[i].period.end).collect::<Vec<_>>())
-    .bind(&caller.service)
-    .bind(directory.version)
-    .fetch_all(pool)
-    .await;
-    let appended = match appended {
-        Ok(rows) => rows,
+    // One statement (shared with appends that arrive together), so all or
+    // nothing without a transaction of our own. It appends only if the
+    // directory the batch was validated against still holds, and quietly
+    // (the caller wakes this process's runner). Each row carries the usage
+    // facts billing reads beside the payload (the columns say what
+    // `usage_facts(payload)` says; `ledger verify` checks).
+    let append = Append {
+        service: caller.service.clone(),
+        directory_version: directory.version,
+        metadata,
+        events: unique
+            .iter()
+            .zip(&payloads)
+            .map(|(&i, payload)| {
+                let record = &records[i];
+                AppendEvent {
+                    stream_id: stream_id(record),
+                    payload: payload.clone(),
+                    subscription: record.subscription_lago_id,
+                    metric: record.sent.code.clone().unwrap_or_default(),
+                    timestamp: record.timestamp,
+                    value: record.value,
+                    unique_key: record.unique_key.clone(),
+                    period_start: record.period.start,
+                    period_end: record.period.end,
+                }
+            })
+            .collect(),
+    };
+    let mut recorded_at = match ingest.appender.append(append).await {
+        Ok(Appended::Recorded(recorded_at)) => recorded_at,
+        Ok(Appended::DirectoryChanged) => return Ok(None),
         Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some(RETRY_CONFLICT) => {
             for position in conflicting(pool, &keys, &payloads).await? {
                 let key = &keys[position];
@@ -594,13 +613,6 @@ async fn append_batch(
         }
         Err(error) => return Err(error.into()),
     };
-    if !appended.first().is_some_and(|(holds, _, _)| *holds) {
-        return Ok(None);
-    }
-    let mut recorded_at: HashMap<String, DateTime<Utc>> = appended
-        .into_iter()
-        .filter_map(|(_, key, at)| Some((key?, at?)))
-        .collect();
 
     // Keys already in the log with the same content: answer with the original.
     let retried: Vec<&String> = keys
@@ -639,10 +651,6 @@ async fn append_batch(
             .collect(),
     ))
 }
-
-/// What the guarded append returns: whether the directory held, and each
-/// event it appended (none for a safe retry) with its recorded time.
-type AppendedRow = (bool, Option<String>, Option<DateTime<Utc>>);
 
 /// The SQLSTATE `usage_retry_matches` raises on a conflicting retry.
 const RETRY_CONFLICT: &str = "LU409";
