@@ -500,8 +500,9 @@ async fn serve(
     let app = Application::build(state, listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
+    let stop = shutdown_signal();
     tracing::info!(address = %app.local_addr()?, "ledger is serving");
-    let served = app.run_until_stopped(shutdown_signal()).await;
+    let served = app.run_until_stopped(stop).await;
     let _ = stop_runner.send(true);
     let _ = runner.await;
     let _ = closer.await;
