@@ -69,6 +69,18 @@ pub struct UsageRecord {
     pub period: BillingPeriod,
 }
 
+impl UsageRecord {
+    /// This record's `UsageRecorded` event as the log stores it (the JSON
+    /// of [`UsageEvent`]), serialized without copying the record.
+    pub fn recorded_payload(&self) -> serde_json::Result<String> {
+        #[derive(Serialize)]
+        enum Borrowed<'a> {
+            UsageRecorded(&'a UsageRecord),
+        }
+        serde_json::to_string(&Borrowed::UsageRecorded(self))
+    }
+}
+
 /// Facts about usage.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum UsageEvent {
@@ -402,6 +414,16 @@ mod tests {
             record.period.start,
             "2026-11-01T00:00:00Z".parse::<DateTime<Utc>>().unwrap()
         );
+        // The payload as stored keeps the value's text and reads back as the
+        // same event.
+        let payload = record.recorded_payload().unwrap();
+        assert_eq!(
+            payload,
+            serde_json::to_string(&UsageEvent::UsageRecorded(record.clone())).unwrap()
+        );
+        assert!(payload.contains(r#""cpu_seconds":1234.000000000000000001"#));
+        let UsageEvent::UsageRecorded(read) = serde_json::from_str(&payload).unwrap();
+        assert_eq!(read, record);
     }
 
     #[test]

@@ -185,10 +185,12 @@ async fn run(pool: &PgPool, group: Vec<Job>) {
 /// statement on one cached plan.)
 async fn append_all(pool: &PgPool, appends: &[&Append]) -> Result<Vec<Appended>, sqlx::Error> {
     let directory = appends[0];
+    // Each event with the index (from 1) of its append's metadata.
     let events = || {
         appends
             .iter()
-            .flat_map(|append| append.events.iter().map(move |event| (*append, event)))
+            .enumerate()
+            .flat_map(|(n, append)| append.events.iter().map(move |event| (n as i32 + 1, event)))
     };
     let rows: Vec<(bool, Option<String>, Option<DateTime<Utc>>)> = sqlx::query_as(
         "WITH directory AS ( \
@@ -199,11 +201,11 @@ async fn append_all(pool: &PgPool, appends: &[&Append]) -> Result<Vec<Appended>,
            INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, \
                                usage_subscription, usage_metric, usage_timestamp, usage_value, usage_unique_key, \
                                usage_period_start, usage_period_end) \
-           SELECT $1, stream, 1, 'UsageRecorded', '1.0', payload::json, metadata::json, \
+           SELECT $1, stream, 1, 'UsageRecorded', '1.0', payload::json, ($4::json[])[append], \
                   subscription, metric, at, value, unique_key, period_start, period_end \
-           FROM unnest($2::text[], $3::text[], $4::text[], $5::uuid[], $6::text[], $7::timestamptz[], \
+           FROM unnest($2::text[], $3::text[], $14::int[], $5::uuid[], $6::text[], $7::timestamptz[], \
                        $8::numeric[], $9::text[], $10::timestamptz[], $11::timestamptz[]) \
-                AS batch(stream, payload, metadata, subscription, metric, at, value, unique_key, \
+                AS batch(stream, payload, append, subscription, metric, at, value, unique_key, \
                          period_start, period_end) \
            WHERE (SELECT holds FROM directory) \
            ON CONFLICT (aggregate_type, aggregate_id, sequence) DO UPDATE SET sequence = events.sequence \
@@ -215,7 +217,7 @@ async fn append_all(pool: &PgPool, appends: &[&Append]) -> Result<Vec<Appended>,
     .bind(USAGE_STREAM_TYPE)
     .bind(events().map(|(_, e)| e.stream_id.as_str()).collect::<Vec<_>>())
     .bind(events().map(|(_, e)| e.payload.as_str()).collect::<Vec<_>>())
-    .bind(events().map(|(a, _)| a.metadata.as_str()).collect::<Vec<_>>())
+    .bind(appends.iter().map(|a| a.metadata.as_str()).collect::<Vec<_>>())
     .bind(events().map(|(_, e)| e.subscription).collect::<Vec<_>>())
     .bind(events().map(|(_, e)| e.metric.as_str()).collect::<Vec<_>>())
     .bind(events().map(|(_, e)| e.timestamp).collect::<Vec<_>>())
@@ -225,6 +227,7 @@ async fn append_all(pool: &PgPool, appends: &[&Append]) -> Result<Vec<Appended>,
     .bind(events().map(|(_, e)| e.period_end).collect::<Vec<_>>())
     .bind(&directory.service)
     .bind(directory.directory_version)
+    .bind(events().map(|(n, _)| n).collect::<Vec<_>>())
     .fetch_all(pool)
     .await?;
 

@@ -562,7 +562,7 @@ async fn append_batch(
     let keys: Vec<String> = unique.iter().map(|&i| stream_id(&records[i])).collect();
     let payloads: Vec<String> = unique
         .iter()
-        .map(|&i| serde_json::to_string(&UsageEvent::UsageRecorded(records[i].clone())))
+        .map(|&i| records[i].recorded_payload())
         .collect::<Result<_, _>>()
         .map_err(|e| IngestError::Database(sqlx::Error::Encode(Box::new(e))))?;
     let metadata = serde_json::to_string(&metadata.into_map())
@@ -715,19 +715,36 @@ fn conflict() -> FieldErrors {
     errors
 }
 
-/// Lago's event object.
-pub fn event_json(record: &UsageRecord, recorded_at: DateTime<Utc>) -> Value {
-    json!({
-        "lago_id": record.lago_id,
-        "transaction_id": record.sent.transaction_id,
-        "lago_customer_id": record.customer_lago_id,
-        "code": record.sent.code,
-        "timestamp": record.timestamp.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        "properties": record.sent.properties,
-        "lago_subscription_id": record.subscription_lago_id,
-        "external_subscription_id": record.sent.external_subscription_id,
-        "created_at": projections::catalog::timestamp(recorded_at),
-    })
+/// Lago's event object, serialized straight from the record.
+#[derive(serde::Serialize)]
+pub struct EventView<'a> {
+    lago_id: Uuid,
+    transaction_id: &'a Option<String>,
+    lago_customer_id: Uuid,
+    code: &'a Option<String>,
+    timestamp: String,
+    properties: &'a Value,
+    lago_subscription_id: Uuid,
+    external_subscription_id: &'a Option<String>,
+    created_at: String,
+}
+
+impl<'a> EventView<'a> {
+    pub fn new(record: &'a UsageRecord, recorded_at: DateTime<Utc>) -> Self {
+        Self {
+            lago_id: record.lago_id,
+            transaction_id: &record.sent.transaction_id,
+            lago_customer_id: record.customer_lago_id,
+            code: &record.sent.code,
+            timestamp: record
+                .timestamp
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            properties: &record.sent.properties,
+            lago_subscription_id: record.subscription_lago_id,
+            external_subscription_id: &record.sent.external_subscription_id,
+            created_at: projections::catalog::timestamp(recorded_at),
+        }
+    }
 }
 
 #[derive(sqlx::FromRow)]

@@ -5,18 +5,18 @@ use std::collections::BTreeMap;
 
 use aggregates::usage::{usage_stream_id, SentUsage, UsageEvent, USAGE_STREAM_TYPE};
 use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::{PresentedKey, Tenant};
 use crate::http::error::{ApiError, ApiResult};
 use crate::http::extract::{LagoJson, LagoQuery, RequestContext};
 use crate::http::AppState;
-use crate::usage::{event_json, record_batch, IngestError, Recorded};
+use crate::usage::{record_batch, EventView, IngestError, Recorded};
 
 /// The most events a batch may hold.
 pub const MAX_BATCH: usize = 100;
@@ -36,6 +36,17 @@ struct EventBody {
 #[derive(Deserialize)]
 struct BatchBody {
     events: Vec<SentUsage>,
+}
+
+/// The answer to a post: serialized straight from the records.
+#[derive(Serialize)]
+struct OneEvent<'a> {
+    event: EventView<'a>,
+}
+
+#[derive(Serialize)]
+struct Events<'a> {
+    events: Vec<EventView<'a>>,
 }
 
 /// Authentication happens with the subscription lookup, in one round trip.
@@ -68,13 +79,14 @@ async fn create(
     State(state): State<AppState>,
     request: RequestContext,
     LagoJson(body): LagoJson<EventBody>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     match record(&state, &key, &request, vec![body.event]).await {
         Ok(recorded) => {
             let event = &recorded[0];
-            Ok(Json(
-                json!({ "event": event_json(&event.record, event.recorded_at) }),
-            ))
+            Ok(Json(OneEvent {
+                event: EventView::new(&event.record, event.recorded_at),
+            })
+            .into_response())
         }
         Err(IngestError::Invalid(mut errors)) => {
             let errors = errors.remove(&0).unwrap_or_default();
@@ -90,7 +102,7 @@ async fn create_batch(
     State(state): State<AppState>,
     request: RequestContext,
     LagoJson(body): LagoJson<BatchBody>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     if body.events.is_empty() {
         return Err(ApiError::invalid("events", "no_events"));
     }
@@ -99,11 +111,11 @@ async fn create_batch(
     }
     match record(&state, &key, &request, body.events).await {
         Ok(recorded) => {
-            let events: Vec<Value> = recorded
+            let events = recorded
                 .iter()
-                .map(|e| event_json(&e.record, e.recorded_at))
+                .map(|e| EventView::new(&e.record, e.recorded_at))
                 .collect();
-            Ok(Json(json!({ "events": events })))
+            Ok(Json(Events { events }).into_response())
         }
         Err(IngestError::Invalid(errors)) => Err(ApiError::BatchValidation(
             errors
@@ -130,7 +142,7 @@ async fn find(
     State(state): State<AppState>,
     Path(transaction_id): Path<String>,
     LagoQuery(query): LagoQuery<FindQuery>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     let Some(subscription) = query.external_subscription_id.filter(|s| !s.is_empty()) else {
         return Err(ApiError::invalid(
             "external_subscription_id",
@@ -175,5 +187,8 @@ async fn find(
     let UsageEvent::UsageRecorded(record) = serde_json::from_str(&payload).map_err(|e| {
         ApiError::Unexpected(anyhow::Error::new(e).context("unreadable usage event"))
     })?;
-    Ok(Json(json!({ "event": event_json(&record, recorded_at) })))
+    Ok(Json(OneEvent {
+        event: EventView::new(&record, recorded_at),
+    })
+    .into_response())
 }
