@@ -141,6 +141,22 @@ pub async fn last_event_cursor(
     )
 }
 
+/// The cursor of the last event committed to the log so far (in log order).
+pub async fn log_head_cursor(pool: &PgPool) -> Result<Option<projections::LogCursor>, sqlx::Error> {
+    let row: Option<(i64, i64)> = sqlx::query_as(
+        "SELECT transaction_id::text::bigint, position FROM events \
+         ORDER BY transaction_id DESC, position DESC LIMIT 1",
+    )
+    .fetch_optional(pool)
+    .await?;
+    Ok(
+        row.map(|(transaction_id, position)| projections::LogCursor {
+            transaction_id,
+            position,
+        }),
+    )
+}
+
 fn command_handler<A>(pool: &PgPool) -> CommandHandler<A>
 where
     A: Aggregate<Services = ()>,

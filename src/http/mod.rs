@@ -79,9 +79,21 @@ impl AppState {
         aggregate_type: &str,
         aggregate_id: &str,
     ) -> Result<(), ApiError> {
-        let Some(cursor) =
-            event_store::last_event_cursor(&self.pool, aggregate_type, aggregate_id).await?
-        else {
+        let cursor =
+            event_store::last_event_cursor(&self.pool, aggregate_type, aggregate_id).await?;
+        self.await_applied(cursor).await
+    }
+
+    /// Before a read of what usage was appended: wait until every projection
+    /// has applied the log as it stands now (usage appended by any request
+    /// answered before this one included), driving them meanwhile.
+    pub async fn await_log_projected(&self) -> Result<(), ApiError> {
+        let cursor = event_store::log_head_cursor(&self.pool).await?;
+        self.await_applied(cursor).await
+    }
+
+    async fn await_applied(&self, cursor: Option<projections::LogCursor>) -> Result<(), ApiError> {
+        let Some(cursor) = cursor else {
             return Ok(());
         };
         let applied = self

@@ -111,6 +111,16 @@ impl TestApp {
         self.get(path, Some(ADMIN_KEY)).await
     }
 
+    pub async fn delete_admin(&self, path: &str) -> StatusCode {
+        self.client
+            .delete(format!("{}{path}", self.address))
+            .bearer_auth(ADMIN_KEY)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    }
+
     pub async fn register_service(&self, code: &str, name: &str) -> (StatusCode, Value) {
         let body = serde_json::json!({"service": {"code": code, "name": name}}).to_string();
         self.post_admin("/admin/v1/services", &body).await

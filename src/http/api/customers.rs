@@ -156,6 +156,8 @@ async fn current_usage(
     .bind(&tax_codes)
     .fetch_all(&state.pool)
     .await?;
+    // Read your writes: usage appended before this request counts.
+    state.await_log_projected().await?;
     let usage = crate::usage::current_usage(&state.pool, entry, &rates, chrono::Utc::now()).await?;
     Ok(Json(json!({ "customer_usage": usage })))
 }
