@@ -133,12 +133,7 @@ pub async fn last_event_cursor(
     .bind(aggregate_id)
     .fetch_optional(pool)
     .await?;
-    Ok(
-        row.map(|(transaction_id, position)| projections::LogCursor {
-            transaction_id,
-            position,
-        }),
-    )
+    Ok(row.map(cursor))
 }
 
 /// The cursor of the last event committed to the log so far (in log order).
@@ -149,12 +144,14 @@ pub async fn log_head_cursor(pool: &PgPool) -> Result<Option<projections::LogCur
     )
     .fetch_optional(pool)
     .await?;
-    Ok(
-        row.map(|(transaction_id, position)| projections::LogCursor {
-            transaction_id,
-            position,
-        }),
-    )
+    Ok(row.map(cursor))
+}
+
+fn cursor((transaction_id, position): (i64, i64)) -> projections::LogCursor {
+    projections::LogCursor {
+        transaction_id,
+        position,
+    }
 }
 
 fn command_handler<A>(pool: &PgPool) -> CommandHandler<A>

@@ -3,12 +3,6 @@ use std::process::ExitCode;
 use clap::Parser;
 use ledger::cli::Cli;
 
-/// mimalloc: the request path allocates many small, short-lived values
-/// (JSON trees, rows, strings); glibc's allocator spent as much CPU on them
-/// as the ledger's own code did (`perf` over `ledger bench ingest`).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     ledger::telemetry::init(cli.log_format);

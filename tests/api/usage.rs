@@ -206,6 +206,26 @@ async fn hold_the_appender(
     (blocker, held)
 }
 
+/// Post `events` (each alone) while the only appender is held, give them a
+/// second to queue, release it; the answers, in order.
+async fn queued_behind_a_held_append(
+    app: &TestApp,
+    svc: &ServiceClient<'_>,
+    held_id: &str,
+    events: Vec<Value>,
+) -> Vec<(StatusCode, Value)> {
+    let (blocker, held) = hold_the_appender(app, svc, held_id).await;
+    let posts: Vec<_> = events.into_iter().map(|e| post(app, svc, e)).collect();
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    blocker.rollback().await.unwrap();
+    assert_eq!(held.await.unwrap().0, StatusCode::OK);
+    let mut answers = vec![];
+    for post in posts {
+        answers.push(post.await.unwrap());
+    }
+    answers
+}
+
 /// Post one event on a task of its own.
 fn post(
     app: &TestApp,
@@ -255,45 +275,35 @@ async fn appends_that_arrive_together_share_a_commit_and_keep_their_own_answers(
     };
 
     // Ten new events and a same-content retry queue behind a held append.
-    let (blocker, held) = hold_the_appender(&app, &svc, "tx_held").await;
     let new: Vec<String> = (0..10).map(|i| format!("tx_new_{i}")).collect();
-    let mut posts: Vec<_> = new
+    let mut events: Vec<Value> = new
         .iter()
-        .map(|id| post(&app, &svc, event(id, "dep_2", json!(2), at)))
+        .map(|id| event(id, "dep_2", json!(2), at))
         .collect();
-    posts.push(post(&app, &svc, event("tx_old", "dep_1", json!(5), at)));
-    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-    blocker.rollback().await.unwrap();
-    assert_eq!(held.await.unwrap().0, StatusCode::OK);
-    let retry = posts.pop().unwrap().await.unwrap();
+    events.push(event("tx_old", "dep_1", json!(5), at));
+    let mut answers = queued_behind_a_held_append(&app, &svc, "tx_held", events).await;
+    let retry = answers.pop().unwrap();
     assert_eq!(retry.0, StatusCode::OK, "{}", retry.1);
     assert_eq!(retry.1["event"]["lago_id"], original["event"]["lago_id"]);
-    for post in posts {
-        let (status, body) = post.await.unwrap();
+    for (status, body) in answers {
         assert_eq!(status, StatusCode::OK, "{body}");
     }
     assert_eq!(transactions(new.clone()).await, 1, "one shared commit");
     assert_eq!(usage_events(&pool).await, 12, "tx_old, tx_held and ten new");
 
     // Five more and a conflicting retry: the conflict is refused alone.
-    let (blocker, held) = hold_the_appender(&app, &svc, "tx_held_2").await;
-    let more: Vec<String> = (0..5).map(|i| format!("tx_more_{i}")).collect();
-    let mut posts: Vec<_> = more
-        .iter()
-        .map(|id| post(&app, &svc, event(id, "dep_2", json!(3), at)))
+    let mut events: Vec<Value> = (0..5)
+        .map(|i| event(&format!("tx_more_{i}"), "dep_2", json!(3), at))
         .collect();
-    posts.push(post(&app, &svc, event("tx_old", "dep_1", json!(6), at)));
-    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-    blocker.rollback().await.unwrap();
-    assert_eq!(held.await.unwrap().0, StatusCode::OK);
-    let conflict = posts.pop().unwrap().await.unwrap();
+    events.push(event("tx_old", "dep_1", json!(6), at));
+    let mut answers = queued_behind_a_held_append(&app, &svc, "tx_held_2", events).await;
+    let conflict = answers.pop().unwrap();
     assert_eq!(conflict.0, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(
         conflict.1["error_details"],
         json!({"transaction_id": ["value_already_exist"]})
     );
-    for post in posts {
-        let (status, body) = post.await.unwrap();
+    for (status, body) in answers {
         assert_eq!(status, StatusCode::OK, "{body}");
     }
     assert_eq!(usage_events(&pool).await, 18, "five more and tx_held_2");
