@@ -542,16 +542,17 @@ async fn append_batch(
     }
 
     // Each key once; the same key twice in one batch must carry the same content.
+    let stream_ids: Vec<String> = records.iter().map(stream_id).collect();
     let mut unique: Vec<usize> = Vec::with_capacity(records.len());
-    let mut index_of_key: HashMap<String, usize> = HashMap::new();
+    let mut index_of_key: HashMap<&str, usize> = HashMap::new();
     for (index, record) in records.iter().enumerate() {
-        match index_of_key.get(&stream_id(record)) {
+        match index_of_key.get(stream_ids[index].as_str()) {
             Some(&first) if !same_content(&records[first].sent, &record.sent) => {
                 errors.insert(index, conflict());
             }
             Some(_) => {}
             None => {
-                index_of_key.insert(stream_id(record), index);
+                index_of_key.insert(&stream_ids[index], index);
                 unique.push(index);
             }
         }
@@ -559,12 +560,11 @@ async fn append_batch(
     if !errors.is_empty() {
         return Err(IngestError::Invalid(errors));
     }
-    let keys: Vec<String> = unique.iter().map(|&i| stream_id(&records[i])).collect();
-    let payloads: Vec<String> = unique
-        .iter()
-        .map(|&i| records[i].recorded_payload())
-        .collect::<Result<_, _>>()
-        .map_err(|e| IngestError::Database(sqlx::Error::Encode(Box::new(e))))?;
+    let payload = |i: usize| {
+        records[i]
+            .recorded_payload()
+            .map_err(|e| IngestError::Database(sqlx::Error::Encode(Box::new(e))))
+    };
     let metadata = serde_json::to_string(&metadata.into_map())
         .map_err(|e| IngestError::Database(sqlx::Error::Encode(Box::new(e))))?;
 
@@ -580,12 +580,11 @@ async fn append_batch(
         metadata,
         events: unique
             .iter()
-            .zip(&payloads)
-            .map(|(&i, payload)| {
+            .map(|&i| {
                 let record = &records[i];
-                AppendEvent {
-                    stream_id: stream_id(record),
-                    payload: payload.clone(),
+                Ok(AppendEvent {
+                    stream_id: stream_ids[i].clone(),
+                    payload: payload(i)?,
                     subscription: record.subscription_lago_id,
                     metric: record.sent.code.clone().unwrap_or_default(),
                     timestamp: record.timestamp,
@@ -593,18 +592,23 @@ async fn append_batch(
                     unique_key: record.unique_key.clone(),
                     period_start: record.period.start,
                     period_end: record.period.end,
-                }
+                })
             })
-            .collect(),
+            .collect::<Result<_, IngestError>>()?,
     };
     let mut recorded_at = match ingest.appender.append(append).await {
         Ok(Appended::Recorded(recorded_at)) => recorded_at,
         Ok(Appended::DirectoryChanged) => return Ok(None),
         Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some(RETRY_CONFLICT) => {
+            // Rare: the payloads are serialized again to find which differ.
+            let keys: Vec<&str> = unique.iter().map(|&i| stream_ids[i].as_str()).collect();
+            let payloads: Vec<String> = unique
+                .iter()
+                .map(|&i| payload(i))
+                .collect::<Result<_, _>>()?;
             for position in conflicting(pool, &keys, &payloads).await? {
-                let key = &keys[position];
-                for (index, record) in records.iter().enumerate() {
-                    if &stream_id(record) == key {
+                for (index, id) in stream_ids.iter().enumerate() {
+                    if id == keys[position] {
                         errors.insert(index, conflict());
                     }
                 }
@@ -615,8 +619,9 @@ async fn append_batch(
     };
 
     // Keys already in the log with the same content: answer with the original.
-    let retried: Vec<&String> = keys
+    let retried: Vec<&str> = unique
         .iter()
+        .map(|&i| stream_ids[i].as_str())
         .filter(|k| !recorded_at.contains_key(*k))
         .collect();
     let mut originals: HashMap<String, UsageRecord> = HashMap::new();
@@ -639,10 +644,10 @@ async fn append_batch(
     Ok(Some(
         records
             .into_iter()
-            .map(|record| {
-                let key = stream_id(&record);
+            .zip(stream_ids)
+            .map(|(record, key)| {
                 let at = recorded_at.get(&key).copied().unwrap_or(now);
-                let record = originals.remove(&key).unwrap_or(record);
+                let record = originals.get(&key).cloned().unwrap_or(record);
                 Recorded {
                     record,
                     recorded_at: at,
@@ -659,7 +664,7 @@ const RETRY_CONFLICT: &str = "LU409";
 /// compared by the same rule as `usage_retry_matches`.
 async fn conflicting(
     pool: &PgPool,
-    keys: &[String],
+    keys: &[&str],
     payloads: &[String],
 ) -> Result<Vec<usize>, sqlx::Error> {
     let positions: Vec<i64> = sqlx::query_scalar(
