@@ -1,26 +1,28 @@
-//! The ledger service: configuration and CLI, the HTTP API, the event-store
-//! wiring, the projection runner and the embedded default database.
+//! The ledger service: the I/O around the billing rules.
 //!
-//! The billing rules live in the `aggregates` crate and the read models in
-//! `projections`; this crate is the I/O around them.
+//! The billing rules and the closing planner live in the `aggregates`
+//! crate and the read models in `projections`; this crate holds, by room:
+//!
+//! - [`app`]: the running ledger — its assembly (`Application`), the CLI and
+//!   the logs;
+//! - [`postgres`]: which PostgreSQL is used (a URL or the embedded cluster),
+//!   the pool and the migrations;
+//! - [`event_log`]: the one door to the log — commands through cqrs-es,
+//!   appends, positions, usage windows, the projection runner, seals and
+//!   verification;
+//! - [`access`]: API keys, the operator key and service administration;
+//! - [`usage`]: recording usage (authentication, directory, group append)
+//!   and current usage;
+//! - [`invoicing`]: the period closer, replay and explain;
+//! - [`http`]: the Lago-compatible API and the operator API;
+//! - [`tools`]: the demo and the benchmarks.
 #![forbid(unsafe_code)]
 
-pub mod audit;
-pub mod bench;
-pub mod bench_close;
-pub mod bench_rebuild;
-pub mod cli;
-pub mod database;
-pub mod demo;
-pub mod embedded;
-pub mod event_store;
-pub mod explain;
+pub mod access;
+pub mod app;
+pub mod event_log;
 pub mod http;
 pub mod invoicing;
-pub mod keys;
-pub mod projection_runner;
-pub mod replay;
-pub mod service_admin;
-pub mod startup;
-pub mod telemetry;
+pub mod postgres;
+pub mod tools;
 pub mod usage;

@@ -1,11 +1,11 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use ledger::cli::Cli;
+use ledger::app::cli::Cli;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    ledger::telemetry::init(cli.log_format);
+    ledger::app::telemetry::init(cli.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -13,7 +13,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(ledger::cli::run(cli)) {
+    match runtime.block_on(ledger::app::cli::run(cli)) {
         Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error:#}");

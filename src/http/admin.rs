@@ -19,9 +19,9 @@ use super::error::{ApiError, ApiResult};
 use super::extract::{LagoJson, LagoQuery, RequestContext};
 use super::pagination::PageRequest;
 use super::AppState;
-use crate::event_store::{self, Actor};
-use crate::keys;
-use crate::service_admin;
+use crate::access::keys;
+use crate::access::services;
+use crate::event_log::store::{self, Actor};
 
 /// The operator key, as its hex SHA-256 digest.
 #[derive(Clone)]
@@ -114,7 +114,7 @@ async fn register_service(
     let RegisterService { code, name } = body.service;
     aggregates::service::validate_service_code(&code)
         .map_err(|refusal| ApiError::invalid(refusal.field(), refusal.error_code()))?;
-    event_store::execute(
+    store::execute(
         &state.commands.services,
         &code,
         ServiceCommand::Register {
@@ -153,7 +153,7 @@ async fn change_status(
     code: String,
     command: ServiceCommand,
 ) -> ApiResult<Json<Value>> {
-    event_store::execute(
+    store::execute(
         &state.commands.services,
         &code,
         command,
@@ -166,9 +166,9 @@ async fn change_status(
 /// The service as the write model now knows it, once the projections show
 /// the change too (so the operator's next read sees it).
 async fn service_response(state: &AppState, code: &str) -> ApiResult<Json<Value>> {
-    let service: Service = event_store::load(&state.pool, code).await?;
+    let service: Service = store::load(&state.pool, code).await?;
     state
-        .await_projected(service_admin::AGGREGATE_TYPE, code)
+        .await_projected(services::AGGREGATE_TYPE, code)
         .await?;
     if service.status() == ServiceStatus::Unregistered {
         return Err(ApiError::NotFound("service"));
@@ -243,7 +243,7 @@ async fn issue_api_key(
         serde_json::from_slice(&body).map_err(|error| ApiError::BadRequest(error.to_string()))?
     };
     let label = body.api_key.label;
-    let issued = service_admin::issue_key(
+    let issued = services::issue_key(
         &state.commands,
         &code,
         label,
@@ -251,7 +251,7 @@ async fn issue_api_key(
     )
     .await?;
     state
-        .await_projected(service_admin::AGGREGATE_TYPE, &code)
+        .await_projected(services::AGGREGATE_TYPE, &code)
         .await?;
     Ok(Json(json!({ "api_key": issued })))
 }
@@ -292,7 +292,7 @@ async fn revoke_api_key(
     context: RequestContext,
     Path((code, key_id)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    service_admin::revoke_key(
+    services::revoke_key(
         &state.commands,
         &code,
         &key_id,
@@ -300,7 +300,7 @@ async fn revoke_api_key(
     )
     .await?;
     state
-        .await_projected(service_admin::AGGREGATE_TYPE, &code)
+        .await_projected(services::AGGREGATE_TYPE, &code)
         .await?;
     let key: ApiKeyView = sqlx::query_as(
         "SELECT key_id AS id, label, issued_at, revoked_at FROM api_keys WHERE service_code = $1 AND key_id = $2",
@@ -319,7 +319,7 @@ async fn explain_invoice(
     Path(lago_id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     let lago_id: uuid::Uuid = lago_id.parse().map_err(|_| ApiError::NotFound("invoice"))?;
-    let explained = crate::explain::explain_invoice(&state.pool, lago_id)
+    let explained = crate::invoicing::explain::explain_invoice(&state.pool, lago_id)
         .await
         .map_err(ApiError::Unexpected)?
         .ok_or(ApiError::NotFound("invoice"))?;
@@ -349,10 +349,10 @@ async fn replay_period(
         .ok_or_else(|| ApiError::invalid("period", "value_is_invalid"))?;
     let as_of = query
         .as_of
-        .map(|text| text.parse::<crate::replay::AsOf>())
+        .map(|text| text.parse::<crate::invoicing::replay::AsOf>())
         .transpose()
         .map_err(|_| ApiError::invalid("as_of", "value_is_invalid"))?;
-    let request = crate::replay::ReplayRequest {
+    let request = crate::invoicing::replay::ReplayRequest {
         period,
         service: query.service,
         subscription: query.subscription,
@@ -364,7 +364,8 @@ async fn replay_period(
     // blocking thread of its own rather than on the request's task.
     let pool = state.pool.clone();
     let report = tokio::task::spawn_blocking(move || {
-        tokio::runtime::Handle::current().block_on(crate::replay::replay(&pool, &request))
+        tokio::runtime::Handle::current()
+            .block_on(crate::invoicing::replay::replay(&pool, &request))
     })
     .await
     .map_err(|e| ApiError::Unexpected(anyhow::Error::new(e)))?

@@ -9,7 +9,7 @@ use chrono::Utc;
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
-use crate::event_store::{Actor, CommandMetadata};
+use crate::event_log::store::{Actor, CommandMetadata};
 
 /// JSON body; malformed JSON or a missing root key is a 400 with the reason.
 pub struct LagoJson<T>(pub T);

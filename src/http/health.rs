@@ -9,7 +9,8 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use super::AppState;
-use crate::{database, projection_runner};
+use crate::event_log::projection_runner;
+use crate::postgres as database;
 
 /// How long `/ready` waits for the database before calling it unreachable.
 const READY_TIMEOUT: Duration = Duration::from_secs(2);

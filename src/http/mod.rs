@@ -21,8 +21,8 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
-use crate::event_store::{self, CommandBus};
-use crate::projection_runner::ProjectionRunner;
+use crate::event_log::projection_runner::ProjectionRunner;
+use crate::event_log::store::{self, CommandBus};
 use error::ApiError;
 
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -79,8 +79,7 @@ impl AppState {
         aggregate_type: &str,
         aggregate_id: &str,
     ) -> Result<(), ApiError> {
-        let cursor =
-            event_store::last_event_cursor(&self.pool, aggregate_type, aggregate_id).await?;
+        let cursor = store::last_event_cursor(&self.pool, aggregate_type, aggregate_id).await?;
         self.await_applied(cursor).await
     }
 
@@ -88,7 +87,7 @@ impl AppState {
     /// has applied the log as it stands now (usage appended by any request
     /// answered before this one included), driving them meanwhile.
     pub async fn await_log_projected(&self) -> Result<(), ApiError> {
-        let cursor = event_store::log_head_cursor(&self.pool).await?;
+        let cursor = store::log_head_cursor(&self.pool).await?;
         self.await_applied(cursor).await
     }
 

@@ -28,7 +28,7 @@ use serde_json::{json, Value};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::event_store::{Actor, CommandMetadata};
+use crate::event_log::store::{Actor, CommandMetadata};
 use group_append::{Append, AppendEvent, Appended, GroupAppender};
 
 mod group_append;
@@ -195,7 +195,7 @@ async fn authorized_directory(
     let Some(first) = rows.first() else {
         return Ok(None);
     };
-    if !crate::keys::digests_match(&first.caller_key_sha256, key_digest) {
+    if !crate::access::keys::digests_match(&first.caller_key_sha256, key_digest) {
         return Ok(None);
     }
     let caller = Caller {

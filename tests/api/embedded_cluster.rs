@@ -6,9 +6,9 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ledger::database::{pool_options, MIGRATOR};
-use ledger::embedded::{ClusterSettings, EmbeddedError, EmbeddedPostgres};
-use ledger::event_store::{self, CommandBus, CommandMetadata};
+use ledger::event_log::store::{self, CommandBus, CommandMetadata};
+use ledger::postgres::embedded::{ClusterSettings, EmbeddedError, EmbeddedPostgres};
+use ledger::postgres::{pool_options, MIGRATOR};
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -31,7 +31,7 @@ async fn the_cluster_keeps_its_data_across_a_restart() {
         .await
         .unwrap();
     MIGRATOR.run(&pool).await.unwrap();
-    event_store::execute(
+    store::execute(
         &CommandBus::new(&pool).services,
         "nexacloud",
         aggregates::ServiceCommand::Register {

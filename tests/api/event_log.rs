@@ -2,8 +2,8 @@
 
 use aggregates::{ServiceCommand, ServiceError};
 use cqrs_es::AggregateError;
-use ledger::database::MIGRATOR;
-use ledger::event_store::{self, Actor, CommandBus, CommandMetadata};
+use ledger::event_log::store::{self, Actor, CommandBus, CommandMetadata};
+use ledger::postgres::MIGRATOR;
 use serde_json::json;
 use sqlx::PgPool;
 
@@ -28,7 +28,7 @@ async fn register(pool: &PgPool, code: &str) -> Result<(), AggregateError<Servic
         client_ip: Some("10.1.2.3".into()),
         api_key_id: None,
     };
-    event_store::execute(
+    store::execute(
         &bus.services,
         code,
         ServiceCommand::Register {

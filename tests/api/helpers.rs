@@ -3,11 +3,11 @@
 use std::net::SocketAddr;
 
 use chrono::Duration;
+use ledger::app::Application;
+use ledger::event_log::projection_runner::ProjectionRunner;
 use ledger::http::admin::AdminKey;
 use ledger::http::AppState;
-use ledger::invoicing::{close_due, CloseReport};
-use ledger::projection_runner::ProjectionRunner;
-use ledger::startup::Application;
+use ledger::invoicing::closer::{close_due, CloseReport};
 use reqwest::StatusCode;
 use serde_json::Value;
 use sqlx::PgPool;

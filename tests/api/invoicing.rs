@@ -3,7 +3,7 @@
 
 use aggregates::usage::UsageLimits;
 use chrono::{DateTime, Datelike, Duration, Utc};
-use ledger::invoicing::{close_due, CloseReport};
+use ledger::invoicing::closer::{close_due, CloseReport};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sqlx::PgPool;

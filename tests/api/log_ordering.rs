@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use ledger::projection_runner::{BatchOutcome, ProjectionRunner};
+use ledger::event_log::projection_runner::{BatchOutcome, ProjectionRunner};
 use projections::{LogEvent, Projection, ProjectionError};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgConnection, PgPool};

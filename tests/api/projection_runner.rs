@@ -1,9 +1,9 @@
 //! The projection runner over the real projections: fold, status, rebuild.
 
 use aggregates::ServiceCommand;
-use ledger::event_store::{self, CommandBus, CommandMetadata};
-use ledger::projection_runner::{self, ProjectionRunner};
-use ledger::service_admin;
+use ledger::access::services;
+use ledger::event_log::projection_runner::{self, ProjectionRunner};
+use ledger::event_log::store::{self, CommandBus, CommandMetadata};
 use projections::ServiceDirectory;
 use sqlx::PgPool;
 
@@ -20,11 +20,11 @@ async fn directory_rows(pool: &PgPool) -> Vec<(String, String, String, i64)> {
 async fn status_reports_checkpoint_and_lag(pool: PgPool) {
     let bus = CommandBus::new(&pool);
     for code in ["nexacloud", "nexadesk"] {
-        service_admin::register(&bus, code, &code.to_uppercase(), CommandMetadata::cli())
+        services::register(&bus, code, &code.to_uppercase(), CommandMetadata::cli())
             .await
             .unwrap();
     }
-    event_store::execute(
+    store::execute(
         &bus.services,
         "nexadesk",
         ServiceCommand::Deactivate,

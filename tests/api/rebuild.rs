@@ -4,8 +4,8 @@
 
 use aggregates::usage::UsageLimits;
 use chrono::Duration;
-use ledger::invoicing::close_due;
-use ledger::projection_runner::{self, rebuild_into, ProjectionRunner};
+use ledger::event_log::projection_runner::{self, rebuild_into, ProjectionRunner};
+use ledger::invoicing::closer::close_due;
 use projections::Projection;
 use serde_json::json;
 use sqlx::PgPool;

@@ -4,7 +4,7 @@
 
 use aggregates::usage::UsageLimits;
 use chrono::Duration;
-use ledger::replay::{replay, AsOf, Difference, ReplayRequest};
+use ledger::invoicing::replay::{replay, AsOf, Difference, ReplayRequest};
 use reqwest::StatusCode;
 use serde_json::json;
 use sqlx::PgPool;
@@ -164,7 +164,7 @@ async fn a_what_if_price_book_shows_each_subscriptions_and_the_total_difference(
     usage(&svc, "a", "dep_1", "2026-09-20T12:00:00Z", "420000").await;
     close(&app, "2026-10-02T00:00:00Z").await;
 
-    let book: ledger::replay::PriceBook =
+    let book: ledger::invoicing::replay::PriceBook =
         serde_json::from_value(json!({"plans": [{"code": "starter", "amount_cents": 2100}]}))
             .unwrap();
     let what_if = replay(
@@ -205,7 +205,7 @@ async fn a_what_if_price_book_shows_each_subscriptions_and_the_total_difference(
         (2666, 2938)
     );
     // A price book is validated like the plan API.
-    let bad: ledger::replay::PriceBook =
+    let bad: ledger::invoicing::replay::PriceBook =
         serde_json::from_value(json!({"plans": [{"code": "starter", "interval": "fortnightly"}]}))
             .unwrap();
     let refused = replay(

@@ -3,7 +3,7 @@
 //! verifies clean.
 
 use chrono::{Duration, Utc};
-use ledger::audit::{seal, verify, Break};
+use ledger::event_log::tamper::{seal, verify, Break};
 use serde_json::json;
 use sqlx::PgPool;
 
@@ -77,7 +77,7 @@ async fn an_untouched_log_verifies_clean(pool: PgPool) {
             .unwrap()
     };
     let sealed = || async {
-        ledger::audit::seals(&app.pool)
+        ledger::event_log::tamper::seals(&app.pool)
             .await
             .unwrap()
             .iter()
@@ -110,7 +110,10 @@ async fn an_untouched_log_verifies_clean(pool: PgPool) {
     assert_eq!(verified.first_break, None);
     assert_eq!(
         verified.seals_checked,
-        ledger::audit::seals(&app.pool).await.unwrap().len()
+        ledger::event_log::tamper::seals(&app.pool)
+            .await
+            .unwrap()
+            .len()
     );
     assert_eq!(sealed().await + verified.unsealed, count().await);
     assert_eq!(verified.unsealed, 1, "the last seal's own event");

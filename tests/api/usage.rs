@@ -2,7 +2,7 @@
 //! per-event validation, the aggregation projection, and current usage.
 
 use chrono::{Duration, Timelike, Utc};
-use ledger::projection_runner::{self, ProjectionRunner};
+use ledger::event_log::projection_runner::{self, ProjectionRunner};
 use projections::{Projection, Usage};
 use reqwest::StatusCode;
 use serde_json::{json, Value};

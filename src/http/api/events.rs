@@ -57,7 +57,7 @@ async fn record(
     events: Vec<SentUsage>,
 ) -> Result<Vec<Recorded>, IngestError> {
     // The actor is filled in once the key is known.
-    let metadata = request.metadata(crate::event_store::Actor::Operator);
+    let metadata = request.metadata(crate::event_log::store::Actor::Operator);
     let recorded = record_batch(
         &state.pool,
         &state.usage_ingest,

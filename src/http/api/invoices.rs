@@ -18,7 +18,7 @@ use super::Tenant;
 use crate::http::error::{ApiError, ApiResult};
 use crate::http::pagination::PageRequest;
 use crate::http::AppState;
-use crate::invoicing::{self, InvoicingError};
+use crate::invoicing::closer::{self as invoicing, InvoicingError};
 use projections::catalog::timestamp;
 
 pub fn router() -> Router<AppState> {

@@ -25,9 +25,9 @@ use super::error::{ApiError, ApiResult};
 use super::extract::RequestContext;
 use super::pagination::{Page, PageMeta};
 use super::AppState;
-use crate::event_store::{self, Actor, CommandHandler, CommandMetadata};
+use crate::access::keys;
+use crate::event_log::store::{self, Actor, CommandHandler, CommandMetadata};
 use crate::http::error::Refusal;
-use crate::keys;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -129,7 +129,7 @@ where
     A::Error: Refusal,
 {
     let id = tenant.scoped(key);
-    event_store::execute(handler, &id, command, tenant.metadata(request)).await?;
+    store::execute(handler, &id, command, tenant.metadata(request)).await?;
     state.await_projected(A::TYPE, &id).await?;
     read(state, tenant, key, resource).await
 }

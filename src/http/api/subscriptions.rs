@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use super::{list_resources, read, write_then_read, Resource, Tenant};
-use crate::event_store;
+use crate::event_log::store;
 use crate::http::error::{ApiError, ApiResult};
 use crate::http::extract::{LagoJson, RequestContext};
 use crate::http::pagination::PageRequest;
@@ -53,7 +53,7 @@ async fn current_plan(
     let Some(code) = code.filter(|c| !c.trim().is_empty()) else {
         return Ok(None);
     };
-    let plan: Plan = event_store::load(&state.pool, &tenant.scoped(code)).await?;
+    let plan: Plan = store::load(&state.pool, &tenant.scoped(code)).await?;
     Ok(plan.current().map(PlanRef::from))
 }
 
@@ -70,8 +70,7 @@ async fn create(
         .as_deref()
         .filter(|c| !c.trim().is_empty())
     {
-        let customer: Customer =
-            event_store::load(&state.pool, &tenant.scoped(customer_id)).await?;
+        let customer: Customer = store::load(&state.pool, &tenant.scoped(customer_id)).await?;
         input.customer = customer.reference();
     }
     input.plan = current_plan(&state, &tenant, input.plan_code.as_deref()).await?;

@@ -11,15 +11,15 @@ use tokio::sync::watch;
 
 use aggregates::usage::UsageLimits;
 
-use crate::database::{ClusterAccess, Database, DatabaseConfig};
-use crate::embedded::{ClusterSettings, EmbeddedPostgres};
-use crate::event_store::{CommandBus, CommandMetadata};
+use crate::access::services;
+use crate::app::telemetry::LogFormat;
+use crate::app::{shutdown_signal, Application};
+use crate::event_log::projection_runner::{self, ProjectionRunner};
+use crate::event_log::store::{CommandBus, CommandMetadata};
 use crate::http::admin::AdminKey;
 use crate::http::AppState;
-use crate::projection_runner::{self, ProjectionRunner};
-use crate::service_admin;
-use crate::startup::{shutdown_signal, Application};
-use crate::telemetry::LogFormat;
+use crate::postgres::embedded::{ClusterSettings, EmbeddedPostgres};
+use crate::postgres::{ClusterAccess, Database, DatabaseConfig};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -121,7 +121,7 @@ pub enum Command {
         /// Replay as of this log position or RFC 3339 time (default: each
         /// invoice's own recorded position).
         #[arg(long)]
-        as_of: Option<crate::replay::AsOf>,
+        as_of: Option<crate::invoicing::replay::AsOf>,
         /// table or json.
         #[arg(long, default_value = "table")]
         format: String,
@@ -304,12 +304,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             database.close().await;
             result?;
         }
-        Command::Demo => crate::demo::run(&config).await?,
+        Command::Demo => crate::tools::demo::run(&config).await?,
         Command::Explain {
             command: ExplainCommand::Invoice { lago_id },
         } => {
             let database = Database::open(&config, ClusterAccess::ShareIfRunning).await?;
-            let explained = crate::explain::explain_invoice(&database.pool, lago_id).await;
+            let explained =
+                crate::invoicing::explain::explain_invoice(&database.pool, lago_id).await;
             database.close().await;
             match explained? {
                 Some(explained) => println!("{}", serde_json::to_string_pretty(&explained)?),
@@ -332,33 +333,32 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     let text = std::fs::read_to_string(&path)
                         .with_context(|| format!("cannot read {}", path.display()))?;
                     Some(
-                        serde_json::from_str::<crate::replay::PriceBook>(&text).with_context(
-                            || {
+                        serde_json::from_str::<crate::invoicing::replay::PriceBook>(&text)
+                            .with_context(|| {
                                 format!(
                                     "{} is not a price book ({{\"plans\": [...]}})",
                                     path.display()
                                 )
-                            },
-                        )?,
+                            })?,
                     )
                 }
                 None => None,
             };
             let database = Database::open(&config, ClusterAccess::ShareIfRunning).await?;
-            let request = crate::replay::ReplayRequest {
+            let request = crate::invoicing::replay::ReplayRequest {
                 period,
                 service,
                 subscription,
                 as_of,
                 pricing,
             };
-            let report = crate::replay::replay(&database.pool, &request).await;
+            let report = crate::invoicing::replay::replay(&database.pool, &request).await;
             database.close().await;
             let report = report?;
             if format == "json" {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                print!("{}", crate::replay::table(&report));
+                print!("{}", crate::invoicing::replay::table(&report));
             }
             // A what-if replay's differences are its answer, not a failure.
             if !report.differences.is_empty() && !report.what_if {
@@ -367,14 +367,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Seal => {
             let database = Database::open(&config, ClusterAccess::ShareIfRunning).await?;
-            let sealed = crate::audit::seal(&database.pool).await;
+            let sealed = crate::event_log::tamper::seal(&database.pool).await;
             database.close().await;
             println!("{} seal(s) written", sealed?);
         }
         Command::Verify { from } => {
             let database = Database::open(&config, ClusterAccess::ShareIfRunning).await?;
             let started = std::time::Instant::now();
-            let verified = crate::audit::verify(&database.pool, from).await;
+            let verified = crate::event_log::tamper::verify(&database.pool, from).await;
             database.close().await;
             let verified = verified?;
             let seconds = started.elapsed().as_secs_f64();
@@ -408,7 +408,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     concurrency,
                 },
         } => {
-            crate::bench::run(crate::bench::IngestBench {
+            crate::tools::bench::ingest::run(crate::tools::bench::ingest::IngestBench {
                 data_dir: config.data_dir.clone(),
                 seconds,
                 concurrency,
@@ -422,7 +422,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     events,
                 },
         } => {
-            crate::bench_close::run(crate::bench_close::CloseBench {
+            crate::tools::bench::close::run(crate::tools::bench::close::CloseBench {
                 data_dir: config.data_dir.clone(),
                 subscriptions,
                 events_per_subscription: events,
@@ -436,7 +436,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     events,
                 },
         } => {
-            crate::bench_rebuild::run(crate::bench_rebuild::RebuildBench {
+            crate::tools::bench::rebuild::run(crate::tools::bench::rebuild::RebuildBench {
                 data_dir: config.data_dir.clone(),
                 subscriptions,
                 events_per_subscription: events,
@@ -463,7 +463,8 @@ async fn serve(
     let admin_key = match (admin_key, database.embedded_data_dir()) {
         (Some(key), _) => Some(AdminKey::new(&key)),
         (None, Some(dir)) => Some(AdminKey::from_digest(
-            crate::keys::embedded_operator_key(dir).context("cannot keep the operator key")?,
+            crate::access::keys::embedded_operator_key(dir)
+                .context("cannot keep the operator key")?,
         )),
         (None, None) => {
             tracing::warn!("no LEDGER_ADMIN_KEY configured: the admin API refuses every request");
@@ -482,7 +483,7 @@ async fn serve(
         .await
         .context("cannot register the projections")?;
     let (stop_runner, runner_stopped) = watch::channel(false);
-    let closer = crate::invoicing::PeriodCloser {
+    let closer = crate::invoicing::closer::PeriodCloser {
         pool: database.pool.clone(),
         runner: ProjectionRunner::for_all(database.pool.clone())
             .await
@@ -491,7 +492,7 @@ async fn serve(
         interval: close_every,
     };
     let closer = tokio::spawn(closer.run(runner_stopped.clone()));
-    let sealer = tokio::spawn(crate::audit::run_sealer(
+    let sealer = tokio::spawn(crate::event_log::tamper::run_sealer(
         database.pool.clone(),
         std::time::Duration::from_secs(60),
         runner_stopped.clone(),
@@ -517,10 +518,10 @@ async fn services(database: &Database, command: ServicesCommand) -> anyhow::Resu
         |error: cqrs_es::AggregateError<aggregates::ServiceError>| anyhow::anyhow!("{error}");
     match command {
         ServicesCommand::Create { code, name } => {
-            service_admin::register(&commands, &code, &name, CommandMetadata::cli())
+            services::register(&commands, &code, &name, CommandMetadata::cli())
                 .await
                 .map_err(refused)?;
-            let key = service_admin::issue_key(
+            let key = services::issue_key(
                 &commands,
                 &code,
                 Some("initial".into()),
@@ -535,7 +536,7 @@ async fn services(database: &Database, command: ServicesCommand) -> anyhow::Resu
             );
         }
         ServicesCommand::IssueKey { code, label } => {
-            let key = service_admin::issue_key(&commands, &code, label, CommandMetadata::cli())
+            let key = services::issue_key(&commands, &code, label, CommandMetadata::cli())
                 .await
                 .map_err(refused)?;
             println!(
@@ -544,7 +545,7 @@ async fn services(database: &Database, command: ServicesCommand) -> anyhow::Resu
             );
         }
         ServicesCommand::RevokeKey { code, key_id } => {
-            service_admin::revoke_key(&commands, &code, &key_id, CommandMetadata::cli())
+            services::revoke_key(&commands, &code, &key_id, CommandMetadata::cli())
                 .await
                 .map_err(refused)?;
             println!("revoked {key_id} of {code}");

@@ -15,11 +15,11 @@ use std::time::Instant;
 
 use futures_util::TryStreamExt;
 
-use crate::bench::peak_rss_mib;
-use crate::bench::Throwaway;
-use crate::bench_close::{backfill, Backfilled};
-use crate::embedded::EmbeddedPostgres;
-use crate::projection_runner::{self, rebuild_into, ProjectionRunner};
+use crate::event_log::projection_runner::{self, rebuild_into, ProjectionRunner};
+use crate::postgres::embedded::EmbeddedPostgres;
+use crate::tools::bench::close::{backfill, Backfilled};
+use crate::tools::bench::ingest::peak_rss_mib;
+use crate::tools::bench::ingest::Throwaway;
 use projections::Projection;
 
 /// What to measure.
@@ -73,7 +73,7 @@ async fn measure(cluster: &EmbeddedPostgres, options: &RebuildBench) -> anyhow::
         ..
     } = backfill(cluster, n, m).await?;
     let runner = ProjectionRunner::for_all(pool.clone()).await?;
-    let closed = crate::invoicing::close_due(
+    let closed = crate::invoicing::closer::close_due(
         &pool,
         None,
         window,
@@ -139,10 +139,10 @@ async fn measure(cluster: &EmbeddedPostgres, options: &RebuildBench) -> anyhow::
         applied as i64,
     );
     let started = Instant::now();
-    crate::audit::seal(&pool).await?;
+    crate::event_log::tamper::seal(&pool).await?;
     row("seal the log", started.elapsed().as_secs_f64(), events);
     let started = Instant::now();
-    let verified = crate::audit::verify(&pool, 0).await?;
+    let verified = crate::event_log::tamper::verify(&pool, 0).await?;
     row(
         "verify the log (chains and seals)",
         started.elapsed().as_secs_f64(),

@@ -5,7 +5,7 @@
 //! position — into a scratch schema beside the live tables (dropped
 //! afterwards; nothing live is written). Each finalized invoice of the period
 //! is then recomputed with the same billing code the period closer uses
-//! ([`crate::invoicing`], [`aggregates::billing`]): usage read from the log
+//! ([`crate::invoicing::closer`], [`aggregates::billing`]): usage read from the log
 //! as of the invoice's recorded log position (or the one asked for), and the
 //! windows already billed before it derived from the earlier invoices in the
 //! log. Every fee whose cents differ is reported.
@@ -25,8 +25,8 @@ use uuid::Uuid;
 use aggregates::billable_metric::{AggregationType, MetricRef};
 use aggregates::plan::{validate_plan, PlanDefinition, PlanInput};
 
-use crate::invoicing::{compute, subscription_billing, window_points, BilledWindow};
-use crate::projection_runner::rebuild_into_upto;
+use crate::event_log::projection_runner::rebuild_into_upto;
+use crate::invoicing::closer::{compute, subscription_billing, window_points, BilledWindow};
 use projections::catalog::timestamp;
 use projections::{Catalog, LogCursor, Projection};
 

@@ -5,8 +5,8 @@ use aggregates::{Service, ServiceCommand, ServiceError};
 use cqrs_es::AggregateError;
 use serde::Serialize;
 
-use crate::event_store::{self, CommandBus, CommandMetadata};
-use crate::keys;
+use crate::access::keys;
+use crate::event_log::store::{self, CommandBus, CommandMetadata};
 
 /// A freshly issued key: the only time the key itself exists outside the
 /// client that receives it.
@@ -30,7 +30,7 @@ pub async fn register(
         code: code.to_string(),
         name: name.to_string(),
     };
-    event_store::execute(&commands.services, code, command, metadata).await
+    store::execute(&commands.services, code, command, metadata).await
 }
 
 /// Issue an API key for a service; only its digest is recorded.
@@ -47,7 +47,7 @@ pub async fn issue_key(
         key_sha256: keys::digest(&key),
         label: label.clone(),
     };
-    event_store::execute(&commands.services, code, command, metadata).await?;
+    store::execute(&commands.services, code, command, metadata).await?;
     Ok(IssuedKey {
         id,
         key,
@@ -66,7 +66,7 @@ pub async fn revoke_key(
     let command = ServiceCommand::RevokeApiKey {
         key_id: key_id.to_string(),
     };
-    event_store::execute(&commands.services, code, command, metadata).await
+    store::execute(&commands.services, code, command, metadata).await
 }
 
 /// The aggregate type the service commands write to (for read-your-writes).

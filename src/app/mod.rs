@@ -1,6 +1,9 @@
-//! Building and running the HTTP application. `Application::build` binds its
-//! listener first, so callers (tests, the demo) can start it on port 0 and
-//! read the real address.
+//! The running ledger: its assembly (`Application`), the command line and
+//! the logs. `Application::build` binds its listener first, so callers
+//! (tests, the demo) can start it on port 0 and read the real address.
+
+pub mod cli;
+pub mod telemetry;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -8,8 +11,8 @@ use std::net::SocketAddr;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::event_log::projection_runner::ProjectionRunner;
 use crate::http::{self, AppState};
-use crate::projection_runner::ProjectionRunner;
 
 pub struct Application {
     listener: TcpListener,

@@ -41,7 +41,7 @@ use serde_json::Value;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use crate::event_store::{Actor, CommandMetadata};
+use crate::event_log::store::{Actor, CommandMetadata};
 
 /// Why issuing failed.
 #[derive(Debug, thiserror::Error)]
@@ -970,7 +970,7 @@ pub async fn preview_draft(
 /// the result. Safe beside other closers (see the module documentation).
 pub struct PeriodCloser {
     pub pool: PgPool,
-    pub runner: crate::projection_runner::ProjectionRunner,
+    pub runner: crate::event_log::projection_runner::ProjectionRunner,
     pub acceptance_window: Duration,
     pub interval: std::time::Duration,
 }

@@ -17,14 +17,14 @@ use chrono::{Datelike, TimeZone, Utc};
 use futures_util::TryStreamExt;
 use serde_json::{json, Value};
 
-use crate::bench::peak_rss_mib;
-use crate::bench::Throwaway;
-use crate::database::{pool_options, MIGRATOR};
-use crate::embedded::EmbeddedPostgres;
+use crate::app::LocalLedger;
+use crate::event_log::projection_runner::ProjectionRunner;
 use crate::http::admin::AdminKey;
 use crate::http::AppState;
-use crate::projection_runner::ProjectionRunner;
-use crate::startup::LocalLedger;
+use crate::postgres::embedded::EmbeddedPostgres;
+use crate::postgres::{pool_options, MIGRATOR};
+use crate::tools::bench::ingest::peak_rss_mib;
+use crate::tools::bench::ingest::Throwaway;
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -141,7 +141,7 @@ async fn measure(cluster: &EmbeddedPostgres, options: &CloseBench) -> anyhow::Re
     );
 
     let started = Instant::now();
-    let report = crate::invoicing::close_due(
+    let report = crate::invoicing::closer::close_due(
         &pool,
         Some("bench"),
         window,

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 
-use crate::event_store::{Actor, CommandMetadata};
+use crate::event_log::store::{Actor, CommandMetadata};
 use projections::LogCursor;
 
 /// The seal stream.

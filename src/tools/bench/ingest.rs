@@ -19,11 +19,11 @@ use chrono::Utc;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 
-use crate::database::{pool_options, MIGRATOR};
-use crate::embedded::{ClusterSettings, EmbeddedPostgres};
+use crate::app::LocalLedger;
 use crate::http::admin::AdminKey;
 use crate::http::AppState;
-use crate::startup::LocalLedger;
+use crate::postgres::embedded::{ClusterSettings, EmbeddedPostgres};
+use crate::postgres::{pool_options, MIGRATOR};
 
 const SUBSCRIPTIONS: usize = 100;
 const BATCH: usize = 100;
@@ -366,7 +366,7 @@ async fn raw_rate(
 }
 
 async fn drain_projections(pool: &PgPool) -> anyhow::Result<()> {
-    while crate::projection_runner::status(pool)
+    while crate::event_log::projection_runner::status(pool)
         .await?
         .iter()
         .any(|p| p.lag > 0)

@@ -6,11 +6,11 @@ use anyhow::Context;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::database::{ClusterAccess, Database, DatabaseConfig};
+use crate::app::LocalLedger;
+use crate::event_log::projection_runner;
 use crate::http::admin::AdminKey;
 use crate::http::AppState;
-use crate::projection_runner;
-use crate::startup::LocalLedger;
+use crate::postgres::{ClusterAccess, Database, DatabaseConfig};
 
 const SERVICES: [(&str, &str); 3] = [
     ("nexacloud", "NexaCloud hosting"),
@@ -350,7 +350,7 @@ async fn invoicing(database: &Database, client: &Client, nexacloud: &Client) -> 
         status.as_u16()
     );
     wait_until_caught_up(client).await?;
-    let report = crate::invoicing::close_due(
+    let report = crate::invoicing::closer::close_due(
         &database.pool,
         None,
         aggregates::usage::UsageLimits::default().acceptance_window,
@@ -404,8 +404,8 @@ async fn invoicing(database: &Database, client: &Client, nexacloud: &Client) -> 
             }
         }
     }
-    crate::audit::seal(&database.pool).await?;
-    let verified = crate::audit::verify(&database.pool, 0).await?;
+    crate::event_log::tamper::seal(&database.pool).await?;
+    let verified = crate::event_log::tamper::verify(&database.pool, 0).await?;
     println!(
         "ledger verify: {} events chain-checked, {} seal(s) checked -> {}",
         verified.events_checked,

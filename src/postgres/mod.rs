@@ -3,6 +3,8 @@
 //! With `DATABASE_URL` the ledger connects to that server and starts nothing.
 //! Without it, it runs on the embedded default cluster in its data directory.
 
+pub mod embedded;
+
 use std::path::Path;
 use std::time::Duration;
 
@@ -10,7 +12,7 @@ use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
-use crate::embedded::{self, ClusterSettings, EmbeddedError, EmbeddedPostgres};
+use crate::postgres::embedded::{ClusterSettings, EmbeddedError, EmbeddedPostgres};
 
 /// The schema: the event log and every projection table.
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
