@@ -7,17 +7,15 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use tokio::sync::watch;
 
 use aggregates::usage::UsageLimits;
 
 use crate::access::services;
 use crate::app::telemetry::LogFormat;
-use crate::app::{shutdown_signal, Application};
+use crate::app::{shutdown_signal, Application, BackgroundTasks, Settings};
 use crate::event_log::projection_runner::{self, ProjectionRunner};
 use crate::event_log::store::{CommandBus, CommandMetadata};
 use crate::http::admin::AdminKey;
-use crate::http::AppState;
 use crate::postgres::embedded::{ClusterSettings, EmbeddedPostgres};
 use crate::postgres::{ClusterAccess, Database, DatabaseConfig};
 
@@ -276,16 +274,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 future_skew: chrono::Duration::seconds(usage_future_skew_seconds.into()),
                 acceptance_window: chrono::Duration::days(usage_acceptance_window_days.into()),
             };
-            let close_every = std::time::Duration::from_secs(close_interval_seconds.max(1));
-            serve(
-                &config,
+            let settings = ServeSettings {
                 listen,
                 admin_key,
-                limits,
+                usage_limits: limits,
                 usage_appenders,
-                close_every,
-            )
-            .await?;
+                close_interval: std::time::Duration::from_secs(close_interval_seconds.max(1)),
+            };
+            serve(&config, settings).await?;
         }
         Command::Migrate => {
             let database = Database::open(&config, ClusterAccess::ShareIfRunning).await?;
@@ -451,16 +447,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn serve(
-    config: &DatabaseConfig,
-    listen: SocketAddr,
-    admin_key: Option<String>,
-    usage_limits: UsageLimits,
-    usage_appenders: usize,
-    close_every: std::time::Duration,
-) -> anyhow::Result<()> {
+async fn serve(config: &DatabaseConfig, settings: ServeSettings) -> anyhow::Result<()> {
     let database = Database::open(config, ClusterAccess::Own).await?;
-    let admin_key = match (admin_key, database.embedded_data_dir()) {
+    let admin_key = match (settings.admin_key, database.embedded_data_dir()) {
         (Some(key), _) => Some(AdminKey::new(&key)),
         (None, Some(dir)) => Some(AdminKey::from_digest(
             crate::access::keys::embedded_operator_key(dir)
@@ -471,45 +460,33 @@ async fn serve(
             None
         }
     };
-    let state = AppState::new(
+    let app = Application::build(
         database.pool.clone(),
-        admin_key,
-        usage_limits,
-        usage_appenders,
+        Settings {
+            listen: settings.listen,
+            admin_key,
+            usage_limits: settings.usage_limits,
+            usage_appenders: settings.usage_appenders,
+            close_interval: settings.close_interval,
+            seal_interval: std::time::Duration::from_secs(60),
+            background: BackgroundTasks::ALL,
+        },
     )
-    .await
-    .context("cannot register the projections")?;
-    let runner = ProjectionRunner::for_all(database.pool.clone())
-        .await
-        .context("cannot register the projections")?;
-    let (stop_runner, runner_stopped) = watch::channel(false);
-    let closer = crate::invoicing::closer::PeriodCloser {
-        pool: database.pool.clone(),
-        runner: ProjectionRunner::for_all(database.pool.clone())
-            .await
-            .context("cannot register the projections")?,
-        acceptance_window: usage_limits.acceptance_window,
-        interval: close_every,
-    };
-    let closer = tokio::spawn(closer.run(runner_stopped.clone()));
-    let sealer = tokio::spawn(crate::event_log::tamper::run_sealer(
-        database.pool.clone(),
-        std::time::Duration::from_secs(60),
-        runner_stopped.clone(),
-    ));
-    let runner = tokio::spawn(runner.run(runner_stopped, state.usage_appended.clone()));
-    let app = Application::build(state, listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
+    .await?;
     let stop = shutdown_signal();
     tracing::info!(address = %app.local_addr()?, "ledger is serving");
     let served = app.run_until_stopped(stop).await;
-    let _ = stop_runner.send(true);
-    let _ = runner.await;
-    let _ = closer.await;
-    let _ = sealer.await;
     database.close().await;
     served.context("the HTTP server failed")
+}
+
+/// What `ledger serve` was asked for.
+struct ServeSettings {
+    listen: SocketAddr,
+    admin_key: Option<String>,
+    usage_limits: UsageLimits,
+    usage_appenders: usize,
+    close_interval: std::time::Duration,
 }
 
 async fn services(database: &Database, command: ServicesCommand) -> anyhow::Result<()> {

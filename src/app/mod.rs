@@ -7,79 +7,198 @@ pub mod telemetry;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::time::Duration;
 
+use aggregates::usage::UsageLimits;
+use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::event_log::projection_runner::ProjectionRunner;
+use crate::event_log::tamper::run_sealer;
+use crate::http::admin::AdminKey;
 use crate::http::{self, AppState};
+use crate::invoicing::closer::PeriodCloser;
 
+/// Which background tasks run beside the HTTP server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackgroundTasks {
+    /// The projection runner (keeps every read model up to date).
+    pub projections: bool,
+    /// The period closer (drafts and finalizes due invoices).
+    pub closer: bool,
+    /// The sealer (seals the log every `seal_interval`).
+    pub sealer: bool,
+}
+
+impl BackgroundTasks {
+    /// Everything `ledger serve` runs.
+    pub const ALL: Self = Self {
+        projections: true,
+        closer: true,
+        sealer: true,
+    };
+    /// The HTTP server alone: the caller drives the projections and the
+    /// closer itself (the tests, so that nothing races them).
+    pub const NONE: Self = Self {
+        projections: false,
+        closer: false,
+        sealer: false,
+    };
+    /// The server and the projection runner (the demo and the benchmarks,
+    /// which close periods themselves).
+    pub const PROJECTIONS: Self = Self {
+        projections: true,
+        closer: false,
+        sealer: false,
+    };
+}
+
+/// How the ledger runs.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// HTTP listen address (port 0: any free port).
+    pub listen: SocketAddr,
+    /// The operator key for `/admin/v1` (`None`: the admin API refuses all).
+    pub admin_key: Option<AdminKey>,
+    /// Which usage timestamps are accepted.
+    pub usage_limits: UsageLimits,
+    /// Usage append statements in flight at once.
+    pub usage_appenders: usize,
+    /// How often the period closer runs.
+    pub close_interval: Duration,
+    /// How often the log is sealed.
+    pub seal_interval: Duration,
+    /// Which background tasks run.
+    pub background: BackgroundTasks,
+}
+
+impl Settings {
+    /// Defaults for a ledger on a free loopback port with the given tasks.
+    pub fn local(admin_key: Option<AdminKey>, background: BackgroundTasks) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_key,
+            usage_limits: UsageLimits::default(),
+            usage_appenders: crate::usage::default_appenders(),
+            close_interval: Duration::from_secs(60),
+            seal_interval: Duration::from_secs(60),
+            background,
+        }
+    }
+}
+
+/// The whole ledger, assembled once: what `ledger serve`, the demo, the
+/// benchmarks and the tests run.
 pub struct Application {
     listener: TcpListener,
     state: AppState,
+    settings: Settings,
 }
 
 impl Application {
-    pub async fn build(state: AppState, listen: SocketAddr) -> std::io::Result<Self> {
-        let listener = TcpListener::bind(listen).await?;
-        Ok(Self { listener, state })
+    /// Bind the listener and assemble the state (nothing runs yet).
+    pub async fn build(pool: PgPool, settings: Settings) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let state = AppState::new(
+            pool,
+            settings.admin_key.clone(),
+            settings.usage_limits,
+            settings.usage_appenders,
+        )
+        .await
+        .context("cannot register the projections")?;
+        let listener = TcpListener::bind(settings.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", settings.listen))?;
+        Ok(Self {
+            listener,
+            state,
+            settings,
+        })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
     }
 
-    /// Serve until `shutdown` completes, then finish in-flight requests.
+    /// Start the background tasks chosen in the settings and serve until
+    /// `shutdown` completes; then finish in-flight requests and stop the
+    /// tasks.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> std::io::Result<()> {
-        let app = http::router(self.state).into_make_service_with_connect_info::<SocketAddr>();
-        axum::serve(self.listener, app)
+    ) -> anyhow::Result<()> {
+        let Self {
+            listener,
+            state,
+            settings,
+        } = self;
+        let pool = state.pool.clone();
+        let (stop_tasks, tasks_stopped) = watch::channel(false);
+        let mut tasks = Vec::new();
+        if settings.background.projections {
+            let runner = ProjectionRunner::for_all(pool.clone()).await?;
+            tasks.push(tokio::spawn(
+                runner.run(tasks_stopped.clone(), state.usage_appended.clone()),
+            ));
+        }
+        if settings.background.closer {
+            let closer = PeriodCloser {
+                pool: pool.clone(),
+                runner: ProjectionRunner::for_all(pool.clone()).await?,
+                acceptance_window: settings.usage_limits.acceptance_window,
+                interval: settings.close_interval,
+            };
+            tasks.push(tokio::spawn(closer.run(tasks_stopped.clone())));
+        }
+        if settings.background.sealer {
+            tasks.push(tokio::spawn(run_sealer(
+                pool.clone(),
+                settings.seal_interval,
+                tasks_stopped.clone(),
+            )));
+        }
+        let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
+        let served = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
-            .await
+            .await;
+        let _ = stop_tasks.send(true);
+        for task in tasks {
+            let _ = task.await;
+        }
+        Ok(served?)
+    }
+
+    /// Run in the background of this process (the demo, the benchmarks and
+    /// the tests): the returned handle knows the address and stops it.
+    pub fn spawn(self) -> std::io::Result<RunningLedger> {
+        let base_url = format!("http://{}", self.local_addr()?);
+        let (stop, mut stopped) = watch::channel(false);
+        let task = tokio::spawn(self.run_until_stopped(async move {
+            let _ = stopped.changed().await;
+        }));
+        Ok(RunningLedger {
+            base_url,
+            stop,
+            task,
+        })
     }
 }
 
-/// The whole ledger running inside this process on a free loopback port,
-/// with its projection runner (the demo and the benchmarks use it).
-pub struct LocalLedger {
+/// A ledger running inside this process.
+pub struct RunningLedger {
     /// `http://127.0.0.1:<port>`.
     pub base_url: String,
     stop: watch::Sender<bool>,
-    server: tokio::task::JoinHandle<std::io::Result<()>>,
-    runner: tokio::task::JoinHandle<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
-impl LocalLedger {
-    pub async fn start(state: AppState) -> anyhow::Result<Self> {
-        let pool = state.pool.clone();
-        let appended = state.usage_appended.clone();
-        let app = Application::build(state, SocketAddr::from(([127, 0, 0, 1], 0))).await?;
-        let base_url = format!("http://{}", app.local_addr()?);
-        let (stop, stopped) = watch::channel(false);
-        let mut server_stopped = stopped.clone();
-        let server = tokio::spawn(app.run_until_stopped(async move {
-            let _ = server_stopped.changed().await;
-        }));
-        let runner = tokio::spawn(
-            ProjectionRunner::for_all(pool)
-                .await?
-                .run(stopped, appended),
-        );
-        Ok(Self {
-            base_url,
-            stop,
-            server,
-            runner,
-        })
-    }
-
-    /// Stop serving (in-flight requests finish) and stop the runner.
+impl RunningLedger {
+    /// Stop serving (in-flight requests finish) and stop its tasks.
     pub async fn stop(self) {
         let _ = self.stop.send(true);
-        let _ = self.server.await;
-        let _ = self.runner.await;
+        let _ = self.task.await;
     }
 }
 

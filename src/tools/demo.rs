@@ -6,10 +6,9 @@ use anyhow::Context;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::app::LocalLedger;
+use crate::app::{Application, BackgroundTasks, Settings};
 use crate::event_log::projection_runner;
 use crate::http::admin::AdminKey;
-use crate::http::AppState;
 use crate::postgres::{ClusterAccess, Database, DatabaseConfig};
 
 const SERVICES: [(&str, &str); 3] = [
@@ -27,14 +26,13 @@ pub async fn run(config: &DatabaseConfig) -> anyhow::Result<()> {
 
 async fn demonstrate(database: &Database) -> anyhow::Result<()> {
     let admin_key = uuid::Uuid::new_v4().to_string();
-    let state = AppState::new(
-        database.pool.clone(),
+    let settings = Settings::local(
         Some(AdminKey::new(&admin_key)),
-        Default::default(),
-        crate::usage::default_appenders(),
-    )
-    .await?;
-    let ledger = LocalLedger::start(state).await?;
+        BackgroundTasks::PROJECTIONS,
+    );
+    let ledger = Application::build(database.pool.clone(), settings)
+        .await?
+        .spawn()?;
     let base = ledger.base_url.clone();
 
     println!(

@@ -1,12 +1,9 @@
 //! `TestApp`: the whole ledger started in-process on port 0.
 
-use std::net::SocketAddr;
-
 use chrono::Duration;
-use ledger::app::Application;
+use ledger::app::{Application, BackgroundTasks, Settings};
 use ledger::event_log::projection_runner::ProjectionRunner;
 use ledger::http::admin::AdminKey;
-use ledger::http::AppState;
 use ledger::invoicing::closer::{close_due, CloseReport};
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -56,15 +53,12 @@ pub async fn spawn_app_with(
     limits: aggregates::usage::UsageLimits,
     usage_appenders: usize,
 ) -> TestApp {
-    let state = AppState::new(
-        pool.clone(),
-        Some(AdminKey::new(ADMIN_KEY)),
-        limits,
+    let settings = Settings {
+        usage_limits: limits,
         usage_appenders,
-    )
-    .await
-    .expect("state");
-    let app = Application::build(state, SocketAddr::from(([127, 0, 0, 1], 0)))
+        ..Settings::local(Some(AdminKey::new(ADMIN_KEY)), BackgroundTasks::NONE)
+    };
+    let app = Application::build(pool.clone(), settings)
         .await
         .expect("bind");
     let address = format!("http://{}", app.local_addr().unwrap());

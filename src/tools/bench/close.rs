@@ -17,14 +17,12 @@ use chrono::{Datelike, TimeZone, Utc};
 use futures_util::TryStreamExt;
 use serde_json::{json, Value};
 
-use crate::app::LocalLedger;
+use crate::app::{Application, BackgroundTasks, Settings};
 use crate::event_log::projection_runner::ProjectionRunner;
 use crate::http::admin::AdminKey;
-use crate::http::AppState;
 use crate::postgres::embedded::EmbeddedPostgres;
 use crate::postgres::{pool_options, MIGRATOR};
-use crate::tools::bench::ingest::peak_rss_mib;
-use crate::tools::bench::ingest::Throwaway;
+use crate::tools::bench::{peak_rss_mib, Throwaway};
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -69,14 +67,14 @@ pub(crate) async fn backfill(
         acceptance_window: window,
         ..Default::default()
     };
-    let state = AppState::new(
-        pool.clone(),
-        Some(AdminKey::new(&admin_key)),
-        limits,
-        crate::usage::default_appenders(),
-    )
-    .await?;
-    let ledger = LocalLedger::start(state).await?;
+    let settings = Settings {
+        usage_limits: limits,
+        ..Settings::local(
+            Some(AdminKey::new(&admin_key)),
+            BackgroundTasks::PROJECTIONS,
+        )
+    };
+    let ledger = Application::build(pool.clone(), settings).await?.spawn()?;
     let http = reqwest::Client::new();
     let this_month = Utc.from_utc_datetime(
         &Utc::now()

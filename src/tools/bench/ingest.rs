@@ -19,11 +19,11 @@ use chrono::Utc;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 
-use crate::app::LocalLedger;
+use crate::app::{Application, BackgroundTasks, Settings};
 use crate::http::admin::AdminKey;
-use crate::http::AppState;
-use crate::postgres::embedded::{ClusterSettings, EmbeddedPostgres};
+use crate::postgres::embedded::EmbeddedPostgres;
 use crate::postgres::{pool_options, MIGRATOR};
+use crate::tools::bench::{peak_rss_mib, Throwaway};
 
 const SUBSCRIPTIONS: usize = 100;
 const BATCH: usize = 100;
@@ -43,38 +43,6 @@ pub async fn run(options: IngestBench) -> anyhow::Result<()> {
     result
 }
 
-/// A throwaway embedded cluster for a benchmark, with production's durable
-/// settings, in its own directory under the data directory.
-pub(crate) struct Throwaway {
-    pub cluster: EmbeddedPostgres,
-    dir: std::path::PathBuf,
-}
-
-impl Throwaway {
-    pub(crate) async fn start(
-        data_dir: &std::path::Path,
-        name: &str,
-        max_connections: u32,
-    ) -> anyhow::Result<Self> {
-        let dir = data_dir.join(format!("{name}-{}", std::process::id()));
-        let settings = ClusterSettings {
-            max_connections,
-            durability_off: false,
-        };
-        let mut cluster = EmbeddedPostgres::open(&dir, settings).await?;
-        cluster.start().await?;
-        Ok(Self { cluster, dir })
-    }
-
-    /// Stop the cluster and delete its directory.
-    pub(crate) async fn remove(mut self) -> anyhow::Result<()> {
-        self.cluster.stop().await?;
-        drop(self.cluster);
-        let _ = std::fs::remove_dir_all(&self.dir);
-        Ok(())
-    }
-}
-
 async fn measure(cluster: &EmbeddedPostgres, options: &IngestBench) -> anyhow::Result<()> {
     let max_clients = options.concurrency.iter().copied().max().unwrap_or(1) as u32;
     let pool = pool_options(max_clients + 8)
@@ -82,14 +50,11 @@ async fn measure(cluster: &EmbeddedPostgres, options: &IngestBench) -> anyhow::R
         .await?;
     MIGRATOR.run(&pool).await?;
     let admin_key = uuid::Uuid::new_v4().to_string();
-    let state = AppState::new(
-        pool.clone(),
+    let settings = Settings::local(
         Some(AdminKey::new(&admin_key)),
-        Default::default(),
-        crate::usage::default_appenders(),
-    )
-    .await?;
-    let ledger = LocalLedger::start(state).await?;
+        BackgroundTasks::PROJECTIONS,
+    );
+    let ledger = Application::build(pool.clone(), settings).await?.spawn()?;
     let base = ledger.base_url.clone();
 
     let http = reqwest::Client::builder()
@@ -374,11 +339,4 @@ async fn drain_projections(pool: &PgPool) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(())
-}
-
-/// Peak resident set size of this process, in MiB.
-pub fn peak_rss_mib() -> u64 {
-    nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
-        .map(|usage| usage.max_rss() as u64 / 1024)
-        .unwrap_or(0)
 }

@@ -4,3 +4,44 @@
 pub mod close;
 pub mod ingest;
 pub mod rebuild;
+
+use crate::postgres::embedded::{ClusterSettings, EmbeddedPostgres};
+
+/// A throwaway embedded cluster for a benchmark, with production's durable
+/// settings, in its own directory under the data directory.
+pub struct Throwaway {
+    pub cluster: EmbeddedPostgres,
+    dir: std::path::PathBuf,
+}
+
+impl Throwaway {
+    pub async fn start(
+        data_dir: &std::path::Path,
+        name: &str,
+        max_connections: u32,
+    ) -> anyhow::Result<Self> {
+        let dir = data_dir.join(format!("{name}-{}", std::process::id()));
+        let settings = ClusterSettings {
+            max_connections,
+            durability_off: false,
+        };
+        let mut cluster = EmbeddedPostgres::open(&dir, settings).await?;
+        cluster.start().await?;
+        Ok(Self { cluster, dir })
+    }
+
+    /// Stop the cluster and delete its directory.
+    pub async fn remove(mut self) -> anyhow::Result<()> {
+        self.cluster.stop().await?;
+        drop(self.cluster);
+        let _ = std::fs::remove_dir_all(&self.dir);
+        Ok(())
+    }
+}
+
+/// Peak resident set size of this process, in MiB.
+pub fn peak_rss_mib() -> u64 {
+    nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
+        .map(|usage| usage.max_rss() as u64 / 1024)
+        .unwrap_or(0)
+}

@@ -18,8 +18,7 @@ use futures_util::TryStreamExt;
 use crate::event_log::projection_runner::{self, rebuild_into, ProjectionRunner};
 use crate::postgres::embedded::EmbeddedPostgres;
 use crate::tools::bench::close::{backfill, Backfilled};
-use crate::tools::bench::ingest::peak_rss_mib;
-use crate::tools::bench::ingest::Throwaway;
+use crate::tools::bench::{peak_rss_mib, Throwaway};
 use projections::Projection;
 
 /// What to measure.
