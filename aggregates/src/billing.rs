@@ -453,6 +453,14 @@ pub struct LogPosition {
     pub position: i64,
 }
 
+impl LogPosition {
+    /// Before the first event.
+    pub const START: LogPosition = LogPosition {
+        transaction_id: 0,
+        position: 0,
+    };
+}
+
 /// A tax applied to an invoice.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AppliedTax {

@@ -18,7 +18,7 @@ pub mod usage;
 
 pub use catalog::Catalog;
 pub use invoices::Invoices;
-pub use log::{LogCursor, LogEvent};
+pub use log::{LogEvent, LogPosition};
 pub use projection::{Projection, ProjectionError};
 pub use service_directory::ServiceDirectory;
 pub use usage::Usage;

@@ -16,22 +16,9 @@ use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
-/// A point in the log order: everything at or before it has been read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
-pub struct LogCursor {
-    /// The writing transaction of the last event read (xid8 as an integer).
-    pub transaction_id: i64,
-    /// The global position of the last event read.
-    pub position: i64,
-}
-
-impl LogCursor {
-    /// Before the first event.
-    pub const START: LogCursor = LogCursor {
-        transaction_id: 0,
-        position: 0,
-    };
-}
+/// A point in the log order: everything at or before it has been read
+/// (one type for the whole workspace: the billing law records it too).
+pub use aggregates::billing::LogPosition;
 
 /// One recorded fact, as read from the log.
 #[derive(Debug, Clone, PartialEq)]
@@ -139,8 +126,8 @@ impl Reads<'_> {
 
 impl LogEvent {
     /// The cursor just after this event.
-    pub fn cursor(&self) -> LogCursor {
-        LogCursor {
+    pub fn cursor(&self) -> LogPosition {
+        LogPosition {
             transaction_id: self.transaction_id,
             position: self.position,
         }
@@ -174,7 +161,7 @@ const SELECT_EVENTS: &str = "SELECT position, transaction_id::text::bigint AS tr
 /// index.)
 pub async fn read_after(
     conn: &mut PgConnection,
-    cursor: LogCursor,
+    cursor: LogPosition,
     limit: i64,
     reads: Reads<'_>,
 ) -> Result<Vec<LogEvent>, sqlx::Error> {
@@ -201,7 +188,7 @@ pub const LAG_COUNT_LIMIT: i64 = 100_000;
 /// How many committed events lie after `cursor` (including any the horizon
 /// still holds back), counted up to [`LAG_COUNT_LIMIT`]: the lag a status
 /// report shows.
-pub async fn count_after(conn: &mut PgConnection, cursor: LogCursor) -> Result<i64, sqlx::Error> {
+pub async fn count_after(conn: &mut PgConnection, cursor: LogPosition) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT count(*) FROM (SELECT 1 FROM events \
          WHERE (transaction_id, position) > ($1::text::xid8, $2) \
@@ -215,7 +202,7 @@ pub async fn count_after(conn: &mut PgConnection, cursor: LogCursor) -> Result<i
 }
 
 /// Whether any committed event lies after `cursor` (an index probe).
-pub async fn any_after(conn: &mut PgConnection, cursor: LogCursor) -> Result<bool, sqlx::Error> {
+pub async fn any_after(conn: &mut PgConnection, cursor: LogPosition) -> Result<bool, sqlx::Error> {
     sqlx::query_scalar(
         // A scalar subquery ordered by the log index: a probe. (EXISTS would
         // drop the ORDER BY and may walk the log from its start.)

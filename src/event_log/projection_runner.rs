@@ -14,7 +14,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use projections::log::{self, LogCursor};
+use projections::log::{self, LogPosition};
 use projections::{Projection, ProjectionError};
 use serde::Serialize;
 use sqlx::postgres::PgListener;
@@ -137,7 +137,7 @@ impl ProjectionRunner {
         let Some((transaction_id, position, _)) = checkpoint else {
             return Ok(BatchOutcome::Busy);
         };
-        let cursor = LogCursor {
+        let cursor = LogPosition {
             transaction_id,
             position,
         };
@@ -218,7 +218,7 @@ impl ProjectionRunner {
     /// own write). Gives up after `timeout`.
     pub async fn wait_until_applied(
         &self,
-        cursor: LogCursor,
+        cursor: LogPosition,
         timeout: Duration,
     ) -> Result<bool, ProjectionError> {
         let names: Vec<&str> = self.projections.iter().map(|p| p.name()).collect();
@@ -361,7 +361,7 @@ pub async fn status(pool: &PgPool) -> Result<Vec<ProjectionStatus>, sqlx::Error>
     let mut conn = pool.acquire().await?;
     let mut statuses = Vec::with_capacity(rows.len());
     for row in rows {
-        let cursor = LogCursor {
+        let cursor = LogPosition {
             transaction_id: row.transaction_id,
             position: row.last_position,
         };
@@ -421,7 +421,7 @@ pub async fn rebuild_into(
     pool: &PgPool,
     projections: &[&dyn Projection],
     schema: &str,
-) -> Result<(usize, LogCursor), RebuildError> {
+) -> Result<(usize, LogPosition), RebuildError> {
     rebuild_into_upto(pool, projections, schema, None).await
 }
 
@@ -431,8 +431,8 @@ pub async fn rebuild_into_upto(
     pool: &PgPool,
     projections: &[&dyn Projection],
     schema: &str,
-    upto: Option<LogCursor>,
-) -> Result<(usize, LogCursor), RebuildError> {
+    upto: Option<LogPosition>,
+) -> Result<(usize, LogPosition), RebuildError> {
     let valid = !schema.is_empty()
         && schema != "public"
         && !schema.starts_with("pg_")
@@ -469,9 +469,9 @@ pub async fn rebuild_into_upto(
 async fn fold_log(
     conn: &mut sqlx::PgConnection,
     projections: &[&dyn Projection],
-    upto: Option<LogCursor>,
-) -> Result<(usize, LogCursor), RebuildError> {
-    let mut cursor = LogCursor::START;
+    upto: Option<LogPosition>,
+) -> Result<(usize, LogPosition), RebuildError> {
+    let mut cursor = LogPosition::START;
     let mut read = 0;
     loop {
         sqlx::raw_sql("BEGIN; SET LOCAL synchronous_commit = off")
@@ -501,7 +501,7 @@ async fn fold_log(
 }
 
 enum FoldStep {
-    Applied(usize, LogCursor, bool),
+    Applied(usize, LogPosition, bool),
     HeldBack,
     Done,
 }
@@ -509,8 +509,8 @@ enum FoldStep {
 async fn fold_batch(
     conn: &mut sqlx::PgConnection,
     projections: &[&dyn Projection],
-    cursor: LogCursor,
-    upto: Option<LogCursor>,
+    cursor: LogPosition,
+    upto: Option<LogPosition>,
 ) -> Result<FoldStep, RebuildError> {
     // The union of what the projections read (all payloads, if one reads all).
     let payloads: Option<Vec<&str>> = projections

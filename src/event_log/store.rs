@@ -124,7 +124,7 @@ pub async fn last_event_cursor(
     pool: &PgPool,
     aggregate_type: &str,
     aggregate_id: &str,
-) -> Result<Option<projections::LogCursor>, sqlx::Error> {
+) -> Result<Option<projections::LogPosition>, sqlx::Error> {
     let row: Option<(i64, i64)> = sqlx::query_as(
         "SELECT transaction_id::text::bigint, position FROM events \
          WHERE aggregate_type = $1 AND aggregate_id = $2 ORDER BY sequence DESC LIMIT 1",
@@ -137,7 +137,9 @@ pub async fn last_event_cursor(
 }
 
 /// The cursor of the last event committed to the log so far (in log order).
-pub async fn log_head_cursor(pool: &PgPool) -> Result<Option<projections::LogCursor>, sqlx::Error> {
+pub async fn log_head_cursor(
+    pool: &PgPool,
+) -> Result<Option<projections::LogPosition>, sqlx::Error> {
     let row: Option<(i64, i64)> = sqlx::query_as(
         "SELECT transaction_id::text::bigint, position FROM events \
          ORDER BY transaction_id DESC, position DESC LIMIT 1",
@@ -147,8 +149,8 @@ pub async fn log_head_cursor(pool: &PgPool) -> Result<Option<projections::LogCur
     Ok(row.map(cursor))
 }
 
-fn cursor((transaction_id, position): (i64, i64)) -> projections::LogCursor {
-    projections::LogCursor {
+fn cursor((transaction_id, position): (i64, i64)) -> projections::LogPosition {
+    projections::LogPosition {
         transaction_id,
         position,
     }

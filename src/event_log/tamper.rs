@@ -25,7 +25,7 @@ use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 
 use crate::event_log::store::{Actor, CommandMetadata};
-use projections::LogCursor;
+use projections::LogPosition;
 
 /// The seal stream.
 pub const SEAL_STREAM_TYPE: &str = "LogSeal";
@@ -54,8 +54,8 @@ enum SealEvent {
     LogSealed(LogSeal),
 }
 
-fn cursor((transaction_id, position): (i64, i64)) -> LogCursor {
-    LogCursor {
+fn cursor((transaction_id, position): (i64, i64)) -> LogPosition {
+    LogPosition {
         transaction_id,
         position,
     }
@@ -82,10 +82,10 @@ pub async fn seals(pool: &PgPool) -> Result<Vec<(i64, i64, LogSeal)>, anyhow::Er
 /// Hashes of the events in `(after, upto]` in log order, streamed.
 fn hashes_between<'a>(
     pool: &'a PgPool,
-    after: LogCursor,
-    upto: Option<LogCursor>,
+    after: LogPosition,
+    upto: Option<LogPosition>,
 ) -> impl futures_util::Stream<Item = Result<(i64, i64, Vec<u8>, bool), sqlx::Error>> + 'a {
-    let upto = upto.unwrap_or(LogCursor {
+    let upto = upto.unwrap_or(LogPosition {
         transaction_id: i64::MAX,
         position: i64::MAX,
     });

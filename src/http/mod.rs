@@ -91,7 +91,10 @@ impl AppState {
         self.await_applied(cursor).await
     }
 
-    async fn await_applied(&self, cursor: Option<projections::LogCursor>) -> Result<(), ApiError> {
+    async fn await_applied(
+        &self,
+        cursor: Option<projections::LogPosition>,
+    ) -> Result<(), ApiError> {
         let Some(cursor) = cursor else {
             return Ok(());
         };

@@ -28,7 +28,7 @@ use aggregates::plan::{validate_plan, PlanDefinition, PlanInput};
 use crate::event_log::projection_runner::rebuild_into_upto;
 use crate::invoicing::closer::{compute, subscription_billing, window_points, BilledWindow};
 use projections::catalog::timestamp;
-use projections::{Catalog, LogCursor, Projection};
+use projections::{Catalog, Projection};
 
 /// The log position to replay as of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,7 +132,7 @@ fn parse_period(period: &str) -> anyhow::Result<(i32, u32)> {
     Ok((year, month))
 }
 
-async fn resolve(pool: &PgPool, as_of: AsOf) -> anyhow::Result<LogCursor> {
+async fn resolve(pool: &PgPool, as_of: AsOf) -> anyhow::Result<LogPosition> {
     let row: Option<(i64, i64)> = match as_of {
         AsOf::Position(position) => {
             sqlx::query_as(
@@ -152,7 +152,7 @@ async fn resolve(pool: &PgPool, as_of: AsOf) -> anyhow::Result<LogCursor> {
     };
     let (transaction_id, position) =
         row.context("no event at that log position or before that time")?;
-    Ok(LogCursor {
+    Ok(LogPosition {
         transaction_id,
         position,
     })
@@ -285,7 +285,7 @@ pub async fn replay(pool: &PgPool, request: &ReplayRequest) -> anyhow::Result<Re
         selected
             .iter()
             .filter_map(|i| i.finalization())
-            .map(|f| LogCursor {
+            .map(|f| LogPosition {
                 transaction_id: f.as_of.transaction_id,
                 position: f.as_of.position,
             })
@@ -337,7 +337,7 @@ struct Scope<'a> {
     /// Every finalized invoice, in log order (what was billed before).
     finalized: &'a [&'a Invoice],
     /// The position asked for (`None`: each invoice's own).
-    requested: Option<LogCursor>,
+    requested: Option<LogPosition>,
     /// (year, month).
     period: (i32, u32),
     /// What-if plans by code.

@@ -25,7 +25,7 @@ struct CreateBody {
     billable_metric: MetricInput,
 }
 
-const METRIC: Resource = Resource {
+const METRIC: Resource<'static> = Resource {
     name: "billable_metric",
     select: "SELECT resource FROM billable_metrics WHERE service_code = $1 AND code = $2",
 };

@@ -29,7 +29,7 @@ struct UpsertBody {
     customer: Value,
 }
 
-const CUSTOMER: Resource = Resource {
+const CUSTOMER: Resource<'static> = Resource {
     name: "customer",
     select: "SELECT resource FROM customers WHERE service_code = $1 AND external_id = $2",
 };

@@ -27,7 +27,7 @@ struct PlanBody {
     plan: PlanInput,
 }
 
-const PLAN: Resource = Resource {
+const PLAN: Resource<'static> = Resource {
     name: "plan",
     select: "SELECT resource FROM plans WHERE service_code = $1 AND code = $2",
 };

@@ -25,7 +25,7 @@ struct CreateBody {
     tax: TaxInput,
 }
 
-const TAX: Resource = Resource {
+const TAX: Resource<'static> = Resource {
     name: "tax",
     select: "SELECT resource FROM taxes WHERE service_code = $1 AND code = $2",
 };
