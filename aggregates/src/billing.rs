@@ -459,6 +459,21 @@ impl LogPosition {
         transaction_id: 0,
         position: 0,
     };
+    /// After every event (an upper bound that includes the whole log).
+    pub const END: LogPosition = LogPosition {
+        transaction_id: i64::MAX,
+        position: i64::MAX,
+    };
+}
+
+impl From<(i64, i64)> for LogPosition {
+    /// From a `(transaction_id, position)` pair as the log's columns give it.
+    fn from((transaction_id, position): (i64, i64)) -> Self {
+        LogPosition {
+            transaction_id,
+            position,
+        }
+    }
 }
 
 /// A tax applied to an invoice.

@@ -1,5 +1,6 @@
 //! The write model of the ledger: cqrs-es aggregates, their commands, events
-//! and refusals, and (as the billing issues land) the pure billing math.
+//! and refusals, and the pure billing math (periods, charge models,
+//! proration, rounding, tax) and the period closer's planner ([`closing`]).
 //!
 //! Nothing here does I/O or knows about SQL or HTTP: every function takes
 //! values and returns values, so the live path and every replay compute the
@@ -14,6 +15,7 @@
 pub mod billable_metric;
 pub mod billing;
 pub mod charge;
+pub mod closing;
 pub mod customer;
 pub mod invoice;
 pub mod period;

@@ -4,6 +4,8 @@
 //! Usage, being high-volume, is appended by [`crate::usage`] into the same
 //! table.
 
+pub mod append;
 pub mod projection_runner;
 pub mod store;
 pub mod tamper;
+pub mod usage_windows;

@@ -376,6 +376,22 @@ pub async fn status(pool: &PgPool) -> Result<Vec<ProjectionStatus>, sqlx::Error>
     Ok(statuses)
 }
 
+/// The position `projection` has applied the log up to (the start when it
+/// never ran): what a reader of its tables sees, as a log position.
+pub async fn checkpoint(
+    conn: &mut sqlx::PgConnection,
+    projection: &str,
+) -> Result<LogPosition, sqlx::Error> {
+    let row: Option<(i64, i64)> = sqlx::query_as(
+        "SELECT last_transaction_id::text::bigint, last_position FROM projection_checkpoints \
+         WHERE projection = $1",
+    )
+    .bind(projection)
+    .fetch_optional(conn)
+    .await?;
+    Ok(row.map(LogPosition::from).unwrap_or_default())
+}
+
 /// Empty a projection's tables and reset its checkpoint, in one transaction
 /// (waiting for a runner that holds it to finish its batch). The next
 /// `catch_up` replays the log from the start.

@@ -133,7 +133,7 @@ pub async fn last_event_cursor(
     .bind(aggregate_id)
     .fetch_optional(pool)
     .await?;
-    Ok(row.map(cursor))
+    Ok(row.map(projections::LogPosition::from))
 }
 
 /// The cursor of the last event committed to the log so far (in log order).
@@ -146,14 +146,7 @@ pub async fn log_head_cursor(
     )
     .fetch_optional(pool)
     .await?;
-    Ok(row.map(cursor))
-}
-
-fn cursor((transaction_id, position): (i64, i64)) -> projections::LogPosition {
-    projections::LogPosition {
-        transaction_id,
-        position,
-    }
+    Ok(row.map(projections::LogPosition::from))
 }
 
 fn command_handler<A>(pool: &PgPool) -> CommandHandler<A>

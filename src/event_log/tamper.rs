@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 
+use crate::event_log::append::{append_events, NewEvent, OnConflict};
 use crate::event_log::store::{Actor, CommandMetadata};
 use projections::LogPosition;
 
@@ -54,13 +55,6 @@ enum SealEvent {
     LogSealed(LogSeal),
 }
 
-fn cursor((transaction_id, position): (i64, i64)) -> LogPosition {
-    LogPosition {
-        transaction_id,
-        position,
-    }
-}
-
 /// The seals recorded so far, in order.
 pub async fn seals(pool: &PgPool) -> Result<Vec<(i64, i64, LogSeal)>, anyhow::Error> {
     let rows: Vec<(i64, i64, serde_json::Value)> = sqlx::query_as(
@@ -85,10 +79,7 @@ fn hashes_between<'a>(
     after: LogPosition,
     upto: Option<LogPosition>,
 ) -> impl futures_util::Stream<Item = Result<(i64, i64, Vec<u8>, bool), sqlx::Error>> + 'a {
-    let upto = upto.unwrap_or(LogPosition {
-        transaction_id: i64::MAX,
-        position: i64::MAX,
-    });
+    let upto = upto.unwrap_or(LogPosition::END);
     sqlx::query_as(
         "SELECT transaction_id::text::bigint, position, event_hash, aggregate_type = 'LogSeal' FROM events \
          WHERE (events.transaction_id, events.position) > ($1::text::xid8, $2) \
@@ -120,7 +111,7 @@ pub async fn seal(pool: &PgPool) -> anyhow::Result<usize> {
         let mut news = 0i64;
         let mut to = from;
         {
-            let mut hashes = hashes_between(pool, cursor(from), None);
+            let mut hashes = hashes_between(pool, LogPosition::from(from), None);
             while let Some((transaction_id, position, hash, is_seal)) = hashes.try_next().await? {
                 hasher.update(&hash);
                 count += 1;
@@ -147,18 +138,21 @@ pub async fn seal(pool: &PgPool) -> anyhow::Result<usize> {
             actor: Actor::Sealer,
             ..CommandMetadata::cli()
         };
-        let inserted = sqlx::query(
-            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, \
-             payload, metadata) VALUES ($1, $2, $3, 'LogSealed', '1.0', $4, $5) ON CONFLICT DO NOTHING",
+        let sealed = NewEvent {
+            stream: SEAL_STREAM_ID.to_string(),
+            sequence: sequence + 1,
+            event_type: "LogSealed".to_string(),
+            payload: serde_json::to_value(SealEvent::LogSealed(seal))?,
+        };
+        let mut conn = pool.acquire().await?;
+        let inserted = append_events(
+            &mut conn,
+            SEAL_STREAM_TYPE,
+            &[sealed],
+            metadata,
+            OnConflict::Skip,
         )
-        .bind(SEAL_STREAM_TYPE)
-        .bind(SEAL_STREAM_ID)
-        .bind(sequence + 1)
-        .bind(serde_json::to_value(SealEvent::LogSealed(seal))?)
-        .bind(serde_json::to_value(metadata.into_map())?)
-        .execute(pool)
-        .await?
-        .rows_affected();
+        .await?;
         if inserted == 0 {
             // Another sealer wrote this seal first; theirs covers the range.
             return Ok(written);
@@ -270,7 +264,11 @@ pub async fn verify(pool: &PgPool, from_position: i64) -> anyhow::Result<Verific
             let mut hasher = Sha256::new();
             hasher.update(seal.previous.as_bytes());
             let mut count = 0i64;
-            let mut hashes = hashes_between(pool, cursor(seal.from), Some(cursor(seal.to)));
+            let mut hashes = hashes_between(
+                pool,
+                LogPosition::from(seal.from),
+                Some(LogPosition::from(seal.to)),
+            );
             while let Some((_, _, hash, _)) = hashes.try_next().await? {
                 hasher.update(&hash);
                 count += 1;

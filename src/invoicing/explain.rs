@@ -8,7 +8,10 @@
 
 use aggregates::billable_metric::AggregationType;
 use aggregates::billing::{Fee, FeeKind, LogPosition};
+use std::collections::HashMap;
+
 use aggregates::charge::{Charge, Pricing};
+use aggregates::closing::LoggedPoint;
 use aggregates::invoice::{InvoiceFinalization, InvoiceHeader};
 use aggregates::period::BillingPeriod;
 use aggregates::plan::PlanDefinition;
@@ -22,6 +25,8 @@ use uuid::Uuid;
 
 use projections::catalog::timestamp;
 
+use crate::event_log::usage_windows::usage_as_of;
+
 #[derive(sqlx::FromRow)]
 struct InvoiceRow {
     service_code: String,
@@ -30,15 +35,12 @@ struct InvoiceRow {
     finalization: Option<Value>,
 }
 
-#[derive(sqlx::FromRow)]
+/// A usage event of a fee, as the explanation shows it.
 struct EventRow {
-    position: i64,
-    log_transaction_id: i64,
+    as_of: LogPosition,
     recorded_at: DateTime<Utc>,
-    timestamp: DateTime<Utc>,
     transaction_id: String,
-    value: Option<Decimal>,
-    unique_key: Option<String>,
+    point: UsagePoint,
 }
 
 fn text(decimal: Decimal) -> String {
@@ -191,6 +193,9 @@ async fn plan_version(
     Ok(definition.map(serde_json::from_value).transpose()?)
 }
 
+/// The events of `metric` in the window as of the invoice's position (the
+/// billing reader, [`usage_as_of`]), in time order, with what an auditor
+/// reads beside them: when each was recorded and its transaction id.
 async fn window_events(
     pool: &PgPool,
     subscription: Uuid,
@@ -198,33 +203,40 @@ async fn window_events(
     window: BillingPeriod,
     as_of: LogPosition,
 ) -> anyhow::Result<Vec<EventRow>> {
-    Ok(sqlx::query_as(
-        "SELECT position, transaction_id::text::bigint AS log_transaction_id, recorded_at, \
-                usage_timestamp AS \"timestamp\", payload -> 'UsageRecorded' -> 'sent' ->> 'transaction_id' AS transaction_id, \
-                usage_value AS value, usage_unique_key AS unique_key \
-         FROM events \
-         WHERE usage_subscription = $1 AND usage_metric = $2 \
-           AND usage_timestamp >= $3 AND usage_timestamp < $4 \
-           AND (transaction_id, position) <= ($5::text::xid8, $6) \
-         ORDER BY usage_timestamp, position",
+    let mut conn = pool.acquire().await?;
+    let mut points: Vec<LoggedPoint> = usage_as_of(&mut conn, &[(subscription, window)], as_of)
+        .await?
+        .remove(&subscription)
+        .unwrap_or_default();
+    points.retain(|p| p.metric_code == metric);
+    points.sort_by_key(|p| (p.point.timestamp, p.point.position));
+    let positions: Vec<i64> = points.iter().map(|p| p.point.position).collect();
+    let details: HashMap<i64, (DateTime<Utc>, String)> = sqlx::query_as(
+        "SELECT position, recorded_at, payload -> 'UsageRecorded' -> 'sent' ->> 'transaction_id' \
+         FROM events WHERE position = ANY($1)",
     )
-    .bind(subscription)
-    .bind(metric)
-    .bind(window.start)
-    .bind(window.end)
-    .bind(as_of.transaction_id.to_string())
-    .bind(as_of.position)
-    .fetch_all(pool)
-    .await?)
-}
-
-fn point(row: &EventRow) -> UsagePoint {
-    UsagePoint {
-        timestamp: row.timestamp,
-        position: row.position,
-        value: row.value,
-        unique_key: row.unique_key.clone(),
-    }
+    .bind(&positions)
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .map(
+        |(position, recorded_at, transaction_id): (i64, _, String)| {
+            (position, (recorded_at, transaction_id))
+        },
+    )
+    .collect();
+    Ok(points
+        .into_iter()
+        .filter_map(|p| {
+            let (recorded_at, transaction_id) = details.get(&p.point.position)?.clone();
+            Some(EventRow {
+                as_of: p.as_of,
+                recorded_at,
+                transaction_id,
+                point: p.point,
+            })
+        })
+        .collect())
 }
 
 async fn explain_fee(
@@ -306,17 +318,14 @@ async fn explain_fee(
     explained["events"] = rows
         .iter()
         .map(|row| {
-            let late = billed_before.is_some_and(|before| {
-                (row.log_transaction_id, row.position) > (before.transaction_id, before.position)
-            });
-            json!({"position": row.position, "recorded_at": timestamp(row.recorded_at),
-                   "timestamp": timestamp(row.timestamp), "transaction_id": row.transaction_id,
-                   "value": row.value.map(text), "unique_key": row.unique_key,
+            let late = billed_before.is_some_and(|before| row.as_of > before);
+            json!({"position": row.point.position, "recorded_at": timestamp(row.recorded_at),
+                   "timestamp": timestamp(row.point.timestamp), "transaction_id": row.transaction_id,
+                   "value": row.point.value.map(text), "unique_key": row.point.unique_key,
                    "late": late})
         })
         .collect();
-    let points: Vec<UsagePoint> = rows.iter().map(point).collect();
-    let all: Vec<&UsagePoint> = points.iter().collect();
+    let all: Vec<&UsagePoint> = rows.iter().map(|row| &row.point).collect();
     let now = usage_in_window(aggregation, window, &all);
     let precise_now = charge_amount(&charge.pricing, &now);
     let mut arithmetic = vec![format!(
@@ -344,12 +353,8 @@ async fn explain_fee(
         Some(before) => {
             let earlier: Vec<&UsagePoint> = rows
                 .iter()
-                .zip(&points)
-                .filter(|(row, _)| {
-                    (row.log_transaction_id, row.position)
-                        <= (before.transaction_id, before.position)
-                })
-                .map(|(_, p)| p)
+                .filter(|row| row.as_of <= before)
+                .map(|row| &row.point)
                 .collect();
             let then = usage_in_window(aggregation, window, &earlier);
             let precise_then = charge_amount(&charge.pricing, &then);

@@ -26,7 +26,10 @@ use aggregates::billable_metric::{AggregationType, MetricRef};
 use aggregates::plan::{validate_plan, PlanDefinition, PlanInput};
 
 use crate::event_log::projection_runner::rebuild_into_upto;
-use crate::invoicing::closer::{compute, subscription_billing, window_points, BilledWindow};
+use aggregates::closing::{compute_invoice, BilledWindow};
+
+use crate::event_log::usage_windows::usage_as_of;
+use crate::invoicing::closer::subscription_billing;
 use projections::catalog::timestamp;
 use projections::{Catalog, Projection};
 
@@ -285,10 +288,7 @@ pub async fn replay(pool: &PgPool, request: &ReplayRequest) -> anyhow::Result<Re
         selected
             .iter()
             .filter_map(|i| i.finalization())
-            .map(|f| LogPosition {
-                transaction_id: f.as_of.transaction_id,
-                position: f.as_of.position,
-            })
+            .map(|f| f.as_of)
             .max()
     });
     let what_if = match &request.pricing {
@@ -387,13 +387,7 @@ async fn compare_in(
         if (starts.year(), starts.month()) != (year, month) {
             continue;
         }
-        let as_of = scope
-            .requested
-            .map(|c| LogPosition {
-                transaction_id: c.transaction_id,
-                position: c.position,
-            })
-            .unwrap_or(recorded.as_of);
+        let as_of = scope.requested.unwrap_or(recorded.as_of);
         // What was billed before this invoice, from the earlier ones.
         let mut billed: BTreeMap<DateTime<Utc>, BilledWindow> = BTreeMap::new();
         for earlier in scope
@@ -413,12 +407,10 @@ async fn compare_in(
                     window.start,
                     BilledWindow {
                         subscription_lago_id: h.subscription_lago_id,
-                        window_start: window.start,
-                        window_end: window.end,
+                        window,
                         plan_code: plan_code.to_string(),
-                        plan_version: plan_version as i32,
-                        as_of_transaction_id: f.as_of.transaction_id,
-                        as_of_position: f.as_of.position,
+                        plan_version,
+                        as_of: f.as_of,
                     },
                 );
             };
@@ -448,22 +440,20 @@ async fn compare_in(
         let Some(layout) = layout else { continue };
         let mut windows: Vec<(Uuid, BillingPeriod)> = billed
             .values()
-            .map(|b| (b.subscription_lago_id, b.window()))
+            .map(|b| (b.subscription_lago_id, b.window))
             .collect();
         windows.extend(layout.usage.map(|(w, _)| (billing.lago_id, w)));
-        let mut points = window_points(&mut *conn, &windows, as_of).await?;
+        let mut points = usage_as_of(&mut *conn, &windows, as_of).await?;
         let points = points.remove(&billing.lago_id).unwrap_or_default();
         let late: Vec<BilledWindow> = billed
             .into_values()
             .filter(|b| {
                 points.iter().any(|p| {
-                    b.window().contains(p.point.timestamp)
-                        && p.as_of > b.as_of()
-                        && p.as_of <= as_of
+                    b.window.contains(p.point.timestamp) && p.as_of > b.as_of && p.as_of <= as_of
                 })
             })
             .collect();
-        let replayed = compute(&billing, layout, &late, &points, as_of);
+        let replayed = compute_invoice(&billing, layout, &late, &points, as_of);
         let mut fees: BTreeMap<(String, String, String), FeeComparison> = BTreeMap::new();
         for fee in &recorded.fees {
             comparison(&mut fees, fee).recorded_cents = Some(fee.amount_cents);
