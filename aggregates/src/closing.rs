@@ -539,3 +539,595 @@ pub fn compute_invoice(
         billed,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Given / when / then: the subscriptions, invoices, billed windows and
+    //! usage a pass sees; the pass at an instant; the events it appends.
+
+    use std::str::FromStr;
+
+    use super::*;
+    use crate::billable_metric::{AggregationType, MetricRef};
+    use crate::billing::FeeKind;
+    use crate::charge::{Charge, Pricing};
+    use crate::plan::BillingInterval;
+    use crate::subscription::BillingTime;
+
+    const SERVICE: &str = "nexacloud";
+
+    fn utc(text: &str) -> DateTime<Utc> {
+        text.parse().unwrap()
+    }
+
+    fn d(text: &str) -> Decimal {
+        Decimal::from_str(text).unwrap()
+    }
+
+    fn at(position: i64) -> LogPosition {
+        LogPosition {
+            transaction_id: 1000 + position,
+            position,
+        }
+    }
+
+    /// NexaCloud's plan: a flat fee per month, 36,000 CPU-seconds included,
+    /// then $0.0075 per 3,600 CPU-seconds.
+    fn plan(code: &str, amount_cents: i64) -> PlanDefinition {
+        PlanDefinition {
+            lago_id: Uuid::from_u128(7),
+            version: 1,
+            code: code.into(),
+            name: code.into(),
+            description: None,
+            interval: BillingInterval::Monthly,
+            amount_cents,
+            amount_currency: "CAD".into(),
+            pay_in_advance: false,
+            trial_period: Decimal::ZERO,
+            charges: vec![Charge {
+                lago_id: Uuid::from_u128(8),
+                metric: MetricRef {
+                    lago_id: Uuid::from_u128(9),
+                    code: "cpu_seconds".into(),
+                    aggregation_type: AggregationType::SumAgg,
+                },
+                pricing: Pricing::Standard {
+                    amount: d("0.0075"),
+                    free_units: d("36000"),
+                    unit_size: d("3600"),
+                },
+                pay_in_advance: false,
+                invoiceable: true,
+                min_amount_cents: 0,
+            }],
+            tax_codes: vec![],
+        }
+    }
+
+    /// A deployment on the $19.00 Starter plan since 1 September 2026 (UTC,
+    /// calendar months), 13% HST, no grace period.
+    fn deployment() -> SubscriptionBilling {
+        SubscriptionBilling {
+            service: SERVICE.into(),
+            lago_id: Uuid::from_u128(1),
+            external_id: "dep_1".into(),
+            customer_lago_id: Uuid::from_u128(2),
+            external_customer_id: "cus_1".into(),
+            shadow: false,
+            grace_days: 0,
+            taxes: vec![("hst_on".into(), d("13"))],
+            schedule: BillingSchedule {
+                billing_time: BillingTime::Calendar,
+                timezone: chrono_tz::UTC,
+                subscription_at: utc("2026-09-01T00:00:00Z"),
+                terminated_at: None,
+                plans: vec![crate::billing::PlanSegment {
+                    since: utc("2026-09-01T00:00:00Z"),
+                    plan: plan("starter", 1900),
+                }],
+            },
+            last_finalized_at: None,
+        }
+    }
+
+    fn cpu(timestamp: &str, seconds: i64, recorded: LogPosition) -> LoggedPoint {
+        LoggedPoint {
+            metric_code: "cpu_seconds".into(),
+            as_of: recorded,
+            point: UsagePoint {
+                timestamp: utc(timestamp),
+                position: recorded.position,
+                value: Some(Decimal::from(seconds)),
+                unique_key: None,
+            },
+        }
+    }
+
+    fn window(start: &str, end: &str) -> BillingPeriod {
+        BillingPeriod {
+            start: utc(start),
+            end: utc(end),
+        }
+    }
+
+    fn september() -> BillingPeriod {
+        window("2026-09-01T00:00:00Z", "2026-10-01T00:00:00Z")
+    }
+
+    fn october() -> BillingPeriod {
+        window("2026-10-01T00:00:00Z", "2026-11-01T00:00:00Z")
+    }
+
+    /// What a pass sees besides the subscriptions.
+    #[derive(Default)]
+    struct Given {
+        invoices: HashMap<String, Invoice>,
+        billed: HashMap<Uuid, Vec<BilledWindow>>,
+        late: HashMap<Uuid, Vec<BilledWindow>>,
+        usage: HashMap<Uuid, Vec<LoggedPoint>>,
+        finalize_early: Option<String>,
+        last_numbers: [i64; 2],
+    }
+
+    impl Given {
+        /// When the closer passes at `now` (usage read as of position 100).
+        fn when_closing_at(
+            &self,
+            billing: &SubscriptionBilling,
+            now: &str,
+        ) -> (Vec<(Uuid, BillingPeriod)>, ClosingPlan) {
+            let subscriptions = [billing];
+            let input = ClosingInput {
+                service: SERVICE,
+                subscriptions: &subscriptions,
+                invoices: &self.invoices,
+                billed: &self.billed,
+                late: &self.late,
+                as_of: at(100),
+                now: utc(now),
+                finalize_early: self.finalize_early.as_deref(),
+                last_numbers: self.last_numbers,
+            };
+            let mut ids = 0u128;
+            let plan = plan_close(&input, &self.usage, &mut || {
+                ids += 1;
+                Uuid::from_u128(1000 + ids)
+            })
+            .expect("planned");
+            (input.usage_windows(), plan)
+        }
+
+        /// An invoice of `billing` issued at `issued_at`, drafted (and
+        /// finalized, when `finalized`) by an earlier pass.
+        fn with_invoice(
+            mut self,
+            billing: &SubscriptionBilling,
+            issued: &str,
+            finalized: bool,
+        ) -> Self {
+            let layout = billing
+                .schedule
+                .layout_issued_at(utc(issued))
+                .expect("an issuing instant");
+            let mut events = vec![InvoiceEvent::InvoiceDrafted(invoice_header(
+                billing,
+                &layout,
+                Uuid::from_u128(500),
+                utc(issued),
+            ))];
+            if finalized {
+                let computed = compute_invoice(billing, layout, &[], &[], at(10));
+                events.push(InvoiceEvent::InvoiceFinalized(InvoiceFinalization {
+                    number: invoice_number(SERVICE, false, 1),
+                    sequential_number: 1,
+                    finalized_at: utc(issued),
+                    as_of: at(10),
+                    fees: computed.fees,
+                    taxes: computed.taxes,
+                    totals: computed.totals,
+                }));
+            }
+            self.invoices
+                .insert(billing.stream_id(utc(issued)), Invoice::from_events(events));
+            self
+        }
+    }
+
+    fn finalization(plan: &ClosingPlan, index: usize) -> &InvoiceFinalization {
+        match &plan.events[index].event {
+            InvoiceEvent::InvoiceFinalized(finalization) => finalization,
+            other => panic!("event {index} is {other:?}, not a finalization"),
+        }
+    }
+
+    fn header(plan: &ClosingPlan, index: usize) -> &InvoiceHeader {
+        match &plan.events[index].event {
+            InvoiceEvent::InvoiceDrafted(header) => header,
+            other => panic!("event {index} is {other:?}, not a draft"),
+        }
+    }
+
+    fn cents(finalization: &InvoiceFinalization) -> Vec<(FeeKind, i64)> {
+        finalization
+            .fees
+            .iter()
+            .map(|fee| (fee.kind, fee.amount_cents))
+            .collect()
+    }
+
+    #[test]
+    fn a_due_period_is_drafted_finalized_numbered_and_billed_as_of_the_position() {
+        let billing = deployment();
+        let mut given = Given {
+            last_numbers: [41, 7],
+            ..Given::default()
+        };
+        given.usage.insert(
+            billing.lago_id,
+            vec![
+                cpu("2026-09-10T00:00:00Z", 210_000, at(20)),
+                cpu("2026-09-30T23:30:00Z", 210_000, at(30)),
+                // Recorded after the position the pass reads as of.
+                cpu("2026-09-30T23:45:00Z", 999_999, at(101)),
+            ],
+        );
+
+        let (windows, plan) = given.when_closing_at(&billing, "2026-10-01T00:00:01Z");
+
+        assert_eq!(windows, vec![(billing.lago_id, september())]);
+        let stream = billing.stream_id(utc("2026-10-01T00:00:00Z"));
+        assert_eq!(
+            plan.events
+                .iter()
+                .map(|e| (e.stream.as_str(), e.sequence))
+                .collect::<Vec<_>>(),
+            vec![(stream.as_str(), 1), (stream.as_str(), 2)]
+        );
+        assert_eq!(header(&plan, 0).lago_id, Uuid::from_u128(1001));
+        assert_eq!(
+            header(&plan, 0).reason,
+            InvoicingReason::SubscriptionPeriodic
+        );
+        let finalized = finalization(&plan, 1);
+        assert_eq!(finalized.number, invoice_number(SERVICE, false, 42));
+        assert_eq!(finalized.sequential_number, 42);
+        assert_eq!(finalized.as_of, at(100));
+        // $19.00 flat; (420,000 − 36,000) × 0.0075 ÷ 3,600 = $0.80; 13% of
+        // each fee: 247 + 10 (10.4, half-up).
+        assert_eq!(
+            cents(finalized),
+            vec![(FeeKind::Subscription, 1900), (FeeKind::Charge, 80)]
+        );
+        assert_eq!(finalized.totals.taxes_amount_cents, 257);
+        assert_eq!(finalized.totals.total_amount_cents, 2237);
+        assert_eq!(plan.last_numbers, [42, 7]);
+        assert_eq!(
+            plan.billed,
+            vec![BilledWindow {
+                subscription_lago_id: billing.lago_id,
+                window: september(),
+                plan_code: "starter".into(),
+                plan_version: 1,
+                as_of: at(100),
+            }]
+        );
+        assert_eq!(
+            plan.report,
+            CloseReport {
+                drafted: 0,
+                finalized: 1,
+                adjustment_invoices: 0,
+                refused: 0
+            }
+        );
+    }
+
+    #[test]
+    fn a_grace_period_keeps_the_invoice_a_draft_and_reads_no_usage() {
+        let billing = SubscriptionBilling {
+            grace_days: 3,
+            ..deployment()
+        };
+
+        let (windows, plan) = Given::default().when_closing_at(&billing, "2026-10-02T00:00:00Z");
+
+        assert_eq!(windows, vec![]);
+        assert_eq!(plan.events.len(), 1);
+        assert_eq!(header(&plan, 0).grace_until, utc("2026-10-04T00:00:00Z"));
+        assert_eq!(plan.report.drafted, 1);
+        assert_eq!(plan.report.finalized, 0);
+        assert_eq!(plan.last_numbers, [0, 0]);
+        assert_eq!(plan.billed, vec![]);
+    }
+
+    #[test]
+    fn once_an_invoice_waits_for_its_grace_later_ones_are_only_drafted() {
+        let billing = SubscriptionBilling {
+            grace_days: 40,
+            ..deployment()
+        };
+
+        // September's invoice (grace until 10 November) and October's.
+        let (windows, plan) = Given::default().when_closing_at(&billing, "2026-11-02T00:00:00Z");
+
+        assert_eq!(windows, vec![]);
+        assert_eq!(plan.report.drafted, 2);
+        assert_eq!(
+            plan.events
+                .iter()
+                .map(|e| (e.stream.clone(), e.sequence))
+                .collect::<Vec<_>>(),
+            vec![
+                (billing.stream_id(utc("2026-10-01T00:00:00Z")), 1),
+                (billing.stream_id(utc("2026-11-01T00:00:00Z")), 1),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_draft_is_finalized_once_its_grace_is_over_and_not_drafted_again() {
+        let billing = SubscriptionBilling {
+            grace_days: 3,
+            ..deployment()
+        };
+        let given = Given::default().with_invoice(&billing, "2026-10-01T00:00:00Z", false);
+
+        let (windows, plan) = given.when_closing_at(&billing, "2026-10-04T00:00:00Z");
+
+        assert_eq!(windows, vec![(billing.lago_id, september())]);
+        assert_eq!(plan.events.len(), 1);
+        assert_eq!(plan.events[0].sequence, 2);
+        assert_eq!(
+            cents(finalization(&plan, 0)),
+            vec![(FeeKind::Subscription, 1900), (FeeKind::Charge, 0)]
+        );
+        assert_eq!(plan.report.drafted, 0);
+        assert_eq!(plan.report.finalized, 1);
+    }
+
+    #[test]
+    fn early_finalization_finalizes_only_the_draft_asked_for() {
+        let billing = SubscriptionBilling {
+            grace_days: 40,
+            ..deployment()
+        };
+        let october_issue = billing.stream_id(utc("2026-10-01T00:00:00Z"));
+        let mut given = Given::default()
+            .with_invoice(&billing, "2026-10-01T00:00:00Z", false)
+            .with_invoice(&billing, "2026-11-01T00:00:00Z", false);
+        given.finalize_early = Some(october_issue.clone());
+
+        let (windows, plan) = given.when_closing_at(&billing, "2026-11-02T00:00:00Z");
+
+        assert_eq!(windows, vec![(billing.lago_id, september())]);
+        assert_eq!(plan.events.len(), 1);
+        assert_eq!(plan.events[0].stream, october_issue);
+        assert_eq!(finalization(&plan, 0).sequential_number, 1);
+        assert_eq!(plan.report.finalized, 1);
+        assert_eq!(plan.report.drafted, 0);
+    }
+
+    #[test]
+    fn late_usage_is_billed_as_an_adjustment_on_the_next_invoice() {
+        let billing = SubscriptionBilling {
+            last_finalized_at: Some(utc("2026-10-01T00:00:00Z")),
+            ..deployment()
+        };
+        let billed_september = BilledWindow {
+            subscription_lago_id: billing.lago_id,
+            window: september(),
+            plan_code: "starter".into(),
+            plan_version: 1,
+            as_of: at(40),
+        };
+        let mut given = Given::default().with_invoice(&billing, "2026-10-01T00:00:00Z", true);
+        given
+            .billed
+            .insert(billing.lago_id, vec![billed_september.clone()]);
+        given
+            .late
+            .insert(billing.lago_id, vec![billed_september.clone()]);
+        given.usage.insert(
+            billing.lago_id,
+            vec![
+                cpu("2026-09-10T00:00:00Z", 420_000, at(20)),
+                // Recorded after September was billed (as of 40).
+                cpu("2026-09-30T23:30:00Z", 7_200, at(60)),
+            ],
+        );
+
+        let (windows, plan) = given.when_closing_at(&billing, "2026-11-01T00:00:00Z");
+
+        assert_eq!(
+            windows,
+            vec![(billing.lago_id, october()), (billing.lago_id, september())]
+        );
+        let finalized = finalization(&plan, 1);
+        // October: $19.00 flat, no CPU; September again: 427,200 units →
+        // $0.815 → 82¢, billed 80¢ before: an adjustment of 2¢.
+        assert_eq!(
+            cents(finalized),
+            vec![
+                (FeeKind::Subscription, 1900),
+                (FeeKind::Charge, 0),
+                (FeeKind::Adjustment, 2)
+            ]
+        );
+        let adjustment = &finalized.fees[2];
+        assert_eq!(adjustment.precise_amount, d("0.015"));
+        assert_eq!(
+            adjustment.adjusts,
+            Some(crate::billing::AdjustedWindow {
+                window: september(),
+                billed_as_of: at(40)
+            })
+        );
+        // Both windows are billed as of this pass now.
+        assert_eq!(
+            plan.billed,
+            vec![
+                BilledWindow {
+                    as_of: at(100),
+                    ..billed_september
+                },
+                BilledWindow {
+                    subscription_lago_id: billing.lago_id,
+                    window: october(),
+                    plan_code: "starter".into(),
+                    plan_version: 1,
+                    as_of: at(100),
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_terminated_subscription_bills_its_partial_period_then_late_usage_on_an_adjustment_invoice()
+    {
+        let mut billing = deployment();
+        billing.schedule.terminated_at = Some(utc("2026-10-16T00:00:00Z"));
+
+        // The termination invoice: 15 of October's 31 days of $19.00.
+        let (windows, plan) = Given::default().when_closing_at(&billing, "2026-10-16T00:00:01Z");
+        let issued = header(&plan, 2);
+        assert_eq!(issued.reason, InvoicingReason::SubscriptionTerminating);
+        assert_eq!(
+            windows,
+            vec![
+                (billing.lago_id, september()),
+                (
+                    billing.lago_id,
+                    window("2026-10-01T00:00:00Z", "2026-10-16T00:00:00Z")
+                )
+            ]
+        );
+        assert_eq!(
+            cents(finalization(&plan, 3)),
+            vec![(FeeKind::Subscription, 919), (FeeKind::Charge, 0)]
+        );
+
+        // Later, usage of its last window arrives late.
+        billing.last_finalized_at = Some(utc("2026-10-16T00:00:00Z"));
+        let last_window = BilledWindow {
+            subscription_lago_id: billing.lago_id,
+            window: window("2026-10-01T00:00:00Z", "2026-10-16T00:00:00Z"),
+            plan_code: "starter".into(),
+            plan_version: 1,
+            as_of: at(40),
+        };
+        let mut given = Given::default()
+            .with_invoice(&billing, "2026-10-01T00:00:00Z", true)
+            .with_invoice(&billing, "2026-10-16T00:00:00Z", true);
+        given
+            .billed
+            .insert(billing.lago_id, vec![last_window.clone()]);
+        given.late.insert(billing.lago_id, vec![last_window]);
+        given.usage.insert(
+            billing.lago_id,
+            vec![cpu("2026-10-15T12:00:00Z", 75_600, at(70))],
+        );
+
+        let (windows, plan) = given.when_closing_at(&billing, "2026-10-20T00:00:00Z");
+
+        let stream = billing.stream_id(utc("2026-10-20T00:00:00Z"));
+        assert_eq!(plan.events[0].stream, stream);
+        assert_eq!(header(&plan, 0).reason, InvoicingReason::Adjustment);
+        assert_eq!(
+            windows,
+            vec![(
+                billing.lago_id,
+                window("2026-10-01T00:00:00Z", "2026-10-16T00:00:00Z")
+            )]
+        );
+        // (75,600 − 36,000) × 0.0075 ÷ 3,600 = $0.0825 → 8¢, none billed before.
+        assert_eq!(
+            cents(finalization(&plan, 1)),
+            vec![(FeeKind::Adjustment, 8)]
+        );
+        assert_eq!(plan.report.adjustment_invoices, 1);
+        assert_eq!(plan.report.finalized, 1);
+    }
+
+    #[test]
+    fn after_a_plan_change_each_period_bills_on_its_own_plan() {
+        let mut billing = deployment();
+        let mut pro = plan("pro", 4900);
+        pro.version = 3;
+        billing.schedule.plans.push(crate::billing::PlanSegment {
+            since: utc("2026-10-01T00:00:00Z"),
+            plan: pro,
+        });
+
+        let (_, plan) = Given::default().when_closing_at(&billing, "2026-11-01T00:00:00Z");
+
+        assert_eq!(plan.report.finalized, 2);
+        assert_eq!(
+            cents(finalization(&plan, 1))[0],
+            (FeeKind::Subscription, 1900)
+        );
+        assert_eq!(
+            cents(finalization(&plan, 3))[0],
+            (FeeKind::Subscription, 4900)
+        );
+        assert_eq!(
+            plan.billed
+                .iter()
+                .map(|b| (b.window, b.plan_code.as_str(), b.plan_version))
+                .collect::<Vec<_>>(),
+            vec![(september(), "starter", 1), (october(), "pro", 3)]
+        );
+        assert_eq!(plan.last_numbers, [2, 0]);
+    }
+
+    #[test]
+    fn an_invoice_whose_window_overlaps_one_already_billed_is_refused() {
+        let billing = deployment();
+        let mut given = Given::default();
+        // September was billed in Toronto time; the customer is now in UTC.
+        given.billed.insert(
+            billing.lago_id,
+            vec![BilledWindow {
+                subscription_lago_id: billing.lago_id,
+                window: window("2026-09-01T04:00:00Z", "2026-10-01T04:00:00Z"),
+                plan_code: "starter".into(),
+                plan_version: 1,
+                as_of: at(40),
+            }],
+        );
+
+        let (windows, plan) = given.when_closing_at(&billing, "2026-10-01T00:00:01Z");
+
+        assert_eq!(windows, vec![]);
+        assert_eq!(plan.events, vec![]);
+        assert_eq!(plan.report.refused, 1);
+        assert_eq!(
+            plan.refusals,
+            vec![OverlapRefusal {
+                subscription_lago_id: billing.lago_id,
+                window: september(),
+            }]
+        );
+        assert_eq!(plan.last_numbers, [0, 0]);
+    }
+
+    #[test]
+    fn shadow_invoices_are_numbered_apart() {
+        let billing = SubscriptionBilling {
+            shadow: true,
+            ..deployment()
+        };
+        let given = Given {
+            last_numbers: [41, 7],
+            ..Given::default()
+        };
+
+        let (_, plan) = given.when_closing_at(&billing, "2026-10-01T00:00:01Z");
+
+        assert_eq!(
+            finalization(&plan, 1).number,
+            invoice_number(SERVICE, true, 8)
+        );
+        assert_eq!(plan.last_numbers, [41, 8]);
+    }
+}
