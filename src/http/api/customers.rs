@@ -16,6 +16,7 @@ use crate::http::error::{ApiError, ApiResult};
 use crate::http::extract::{LagoJson, LagoQuery, RequestContext};
 use crate::http::pagination::PageRequest;
 use crate::http::AppState;
+use crate::usage::current::{self, CurrentUsage};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -133,12 +134,13 @@ async fn current_usage(
         CUSTOMER.name,
     )
     .await?;
-    let directory = crate::usage::directory(
+    let directory = crate::usage::directory::directory(
         &state.pool,
         &tenant.service,
         std::slice::from_ref(&subscription),
     )
-    .await?;
+    .await
+    .map_err(super::events::ingest_failure)?;
     let entry = directory
         .get(&subscription)
         .filter(|entry| entry.external_customer_id == external_id)
@@ -158,6 +160,42 @@ async fn current_usage(
     .await?;
     // Read your writes: usage appended before this request counts.
     state.await_log_projected().await?;
-    let usage = crate::usage::current_usage(&state.pool, entry, &rates, chrono::Utc::now()).await?;
-    Ok(Json(json!({ "customer_usage": usage })))
+    let usage = current::current_usage(&state.pool, entry, &rates, chrono::Utc::now()).await?;
+    Ok(Json(json!({ "customer_usage": customer_usage(&usage) })))
+}
+
+/// Lago's `customer_usage` object.
+fn customer_usage(usage: &CurrentUsage<'_>) -> Value {
+    let currency = usage.currency;
+    let charges: Vec<Value> = usage
+        .charges
+        .iter()
+        .map(|line| {
+            let (charge, units) = (line.charge, line.usage.units.normalize().to_string());
+            json!({
+                "units": units,
+                "total_aggregated_units": units,
+                "events_count": line.usage.events_count,
+                "amount_cents": line.amount_cents,
+                "precise_amount": line.precise_amount.normalize().to_string(),
+                "amount_currency": currency,
+                "charge": {"lago_id": charge.lago_id, "code": charge.metric.code,
+                           "charge_model": charge.pricing.model_name()},
+                "billable_metric": {"lago_id": charge.metric.lago_id, "name": charge.metric.code,
+                                    "code": charge.metric.code,
+                                    "aggregation_type": charge.metric.aggregation_type.as_str()},
+                "filters": [],
+            })
+        })
+        .collect();
+    json!({
+        "from_datetime": projections::catalog::timestamp(usage.period.start),
+        "to_datetime": projections::catalog::timestamp(usage.period.end),
+        "issuing_date": usage.issuing_date.to_string(),
+        "currency": currency,
+        "amount_cents": usage.amount_cents,
+        "taxes_amount_cents": usage.taxes_amount_cents,
+        "total_amount_cents": usage.amount_cents + usage.taxes_amount_cents,
+        "charges_usage": charges,
+    })
 }

@@ -3,20 +3,21 @@
 
 use std::collections::BTreeMap;
 
-use aggregates::usage::{usage_stream_id, SentUsage, UsageEvent, USAGE_STREAM_TYPE};
+use aggregates::usage::{usage_stream_id, SentUsage, UsageEvent, UsageRecord, USAGE_STREAM_TYPE};
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use uuid::Uuid;
 
 use super::{PresentedKey, Tenant};
 use crate::http::error::{ApiError, ApiResult};
 use crate::http::extract::{LagoJson, LagoQuery, RequestContext};
 use crate::http::AppState;
-use crate::usage::{record_batch, EventView, IngestError, Recorded};
+use crate::usage::{IngestError, Recorded};
 
 /// The most events a batch may hold.
 pub const MAX_BATCH: usize = 100;
@@ -58,16 +59,10 @@ async fn record(
 ) -> Result<Vec<Recorded>, IngestError> {
     // The actor is filled in once the key is known.
     let metadata = request.metadata(crate::event_log::store::Actor::Operator);
-    let recorded = record_batch(
-        &state.pool,
-        &state.usage_ingest,
-        &key.0,
-        events,
-        metadata,
-        state.usage_limits,
-        Utc::now(),
-    )
-    .await;
+    let recorded = state
+        .usage_ingest
+        .record_batch(&key.0, events, metadata, state.usage_limits, Utc::now())
+        .await;
     if recorded.is_ok() {
         state.usage_appended.notify_one();
     }
@@ -93,7 +88,7 @@ async fn create(
             Err(ApiError::Validation(errors.fields().clone()))
         }
         Err(IngestError::Unauthorized) => Err(ApiError::Unauthorized),
-        Err(IngestError::Database(error)) => Err(error.into()),
+        Err(failure) => Err(ingest_failure(failure)),
     }
 }
 
@@ -124,7 +119,7 @@ async fn create_batch(
                 .collect::<BTreeMap<_, _>>(),
         )),
         Err(IngestError::Unauthorized) => Err(ApiError::Unauthorized),
-        Err(IngestError::Database(error)) => Err(error.into()),
+        Err(failure) => Err(ingest_failure(failure)),
     }
 }
 
@@ -191,4 +186,46 @@ async fn find(
         event: EventView::new(&record, recorded_at),
     })
     .into_response())
+}
+
+/// Lago's event object, serialized straight from the record.
+#[derive(Serialize)]
+pub struct EventView<'a> {
+    lago_id: Uuid,
+    transaction_id: &'a Option<String>,
+    lago_customer_id: Uuid,
+    code: &'a Option<String>,
+    timestamp: String,
+    properties: &'a Value,
+    lago_subscription_id: Uuid,
+    external_subscription_id: &'a Option<String>,
+    created_at: String,
+}
+
+impl<'a> EventView<'a> {
+    /// The view of `record`, recorded at `recorded_at`.
+    pub fn new(record: &'a UsageRecord, recorded_at: DateTime<Utc>) -> Self {
+        Self {
+            lago_id: record.lago_id,
+            transaction_id: &record.sent.transaction_id,
+            lago_customer_id: record.customer_lago_id,
+            code: &record.sent.code,
+            timestamp: record
+                .timestamp
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            properties: &record.sent.properties,
+            lago_subscription_id: record.subscription_lago_id,
+            external_subscription_id: &record.sent.external_subscription_id,
+            created_at: projections::catalog::timestamp(recorded_at),
+        }
+    }
+}
+
+/// A failure to record usage that is not the caller's to fix.
+pub(super) fn ingest_failure(failure: IngestError) -> ApiError {
+    match failure {
+        IngestError::Unauthorized => ApiError::Unauthorized,
+        IngestError::Database(error) => error.into(),
+        other => ApiError::Unexpected(anyhow::Error::new(other)),
+    }
 }

@@ -25,7 +25,7 @@ use super::error::{ApiError, ApiResult};
 use super::extract::RequestContext;
 use super::pagination::{Page, PageMeta};
 use super::AppState;
-use crate::access::keys;
+use crate::access::{self, keys, Caller};
 use crate::event_log::store::{self, Actor, CommandHandler, CommandMetadata};
 use crate::http::error::Refusal;
 
@@ -44,7 +44,9 @@ pub fn router() -> Router<AppState> {
 /// service. Revoked keys and deactivated services get Lago's 401.
 #[derive(Debug, Clone)]
 pub struct Tenant {
+    /// The service's code.
     pub service: String,
+    /// The key's id.
     pub key_id: String,
 }
 
@@ -88,19 +90,9 @@ impl FromRequestParts<AppState> for Tenant {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let PresentedKey(digest) = PresentedKey::from_request_parts(parts, state).await?;
-        let row: Option<(String, String, String)> = sqlx::query_as(
-            "SELECT k.key_id, k.service_code, k.key_sha256 FROM api_keys k \
-             JOIN service_directory s ON s.code = k.service_code \
-             WHERE k.key_sha256 = $1 AND k.revoked_at IS NULL AND s.status = 'active'",
-        )
-        .bind(&digest)
-        .fetch_optional(&state.pool)
-        .await?;
-        match row {
-            Some((key_id, service, stored)) if keys::digests_match(&stored, &digest) => {
-                Ok(Tenant { service, key_id })
-            }
-            _ => Err(ApiError::Unauthorized),
+        match access::authenticate(&state.pool, &digest).await? {
+            Some(Caller { service, key_id }) => Ok(Tenant { service, key_id }),
+            None => Err(ApiError::Unauthorized),
         }
     }
 }
