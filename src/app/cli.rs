@@ -308,10 +308,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let explained =
                 crate::invoicing::explain::explain_invoice(&database.pool, lago_id).await;
             database.close().await;
-            match explained? {
-                Some(explained) => println!("{}", serde_json::to_string_pretty(&explained)?),
-                None => bail!("no invoice {lago_id}"),
-            }
+            println!("{}", serde_json::to_string_pretty(&explained?)?);
         }
         Command::Replay {
             period,

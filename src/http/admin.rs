@@ -22,6 +22,8 @@ use super::AppState;
 use crate::access::keys;
 use crate::access::services;
 use crate::event_log::store::{self, Actor};
+use crate::invoicing::explain;
+use crate::invoicing::replay::ReplayError;
 
 /// The operator key, as its hex SHA-256 digest.
 #[derive(Clone)]
@@ -319,10 +321,12 @@ async fn explain_invoice(
     Path(lago_id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     let lago_id: uuid::Uuid = lago_id.parse().map_err(|_| ApiError::NotFound("invoice"))?;
-    let explained = crate::invoicing::explain::explain_invoice(&state.pool, lago_id)
+    let explained = explain::explain_invoice(&state.pool, lago_id)
         .await
-        .map_err(ApiError::Unexpected)?
-        .ok_or(ApiError::NotFound("invoice"))?;
+        .map_err(|e| match e {
+            explain::ExplainError::NotFound(_) => ApiError::NotFound("invoice"),
+            explain::ExplainError::Unexpected(error) => ApiError::Unexpected(error),
+        })?;
     Ok(Json(
         serde_json::json!({ "invoice_explanation": explained }),
     ))
@@ -369,12 +373,13 @@ async fn replay_period(
     })
     .await
     .map_err(|e| ApiError::Unexpected(anyhow::Error::new(e)))?
-    .map_err(|e| {
-        if e.to_string().contains("YYYY-MM") || e.to_string().contains("no event at") {
-            ApiError::invalid("period", "value_is_invalid")
-        } else {
-            ApiError::Unexpected(e)
+    .map_err(|e| match e {
+        ReplayError::BadPeriod => ApiError::invalid("period", "value_is_invalid"),
+        ReplayError::NoSuchPosition => ApiError::invalid("as_of", "value_is_invalid"),
+        ReplayError::PricingNeedsService | ReplayError::BadPriceBook { .. } => {
+            ApiError::invalid("pricing", "value_is_invalid")
         }
+        ReplayError::Unexpected(error) => ApiError::Unexpected(error),
     })?;
     Ok(Json(json!({ "replay": report })))
 }

@@ -113,9 +113,25 @@ fn tax_lines(cents: i64, taxes: &[(String, Decimal)]) -> Vec<String> {
         .collect()
 }
 
-/// Explain the invoice `lago_id` (any service: an operator's view). `None`
-/// when there is no such invoice.
-pub async fn explain_invoice(pool: &PgPool, lago_id: Uuid) -> anyhow::Result<Option<Value>> {
+/// Why an invoice was not explained.
+#[derive(Debug, thiserror::Error)]
+pub enum ExplainError {
+    /// There is no such invoice.
+    #[error("no invoice {0}")]
+    NotFound(Uuid),
+    /// Storage failed or stored data could not be read.
+    #[error(transparent)]
+    Unexpected(#[from] anyhow::Error),
+}
+
+/// Explain the invoice `lago_id` (any service: an operator's view).
+pub async fn explain_invoice(pool: &PgPool, lago_id: Uuid) -> Result<Value, ExplainError> {
+    explain(pool, lago_id)
+        .await?
+        .ok_or(ExplainError::NotFound(lago_id))
+}
+
+async fn explain(pool: &PgPool, lago_id: Uuid) -> anyhow::Result<Option<Value>> {
     let Some(row): Option<InvoiceRow> = sqlx::query_as(
         "SELECT service_code, status, header, finalization FROM invoices WHERE lago_id = $1",
     )

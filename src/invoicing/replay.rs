@@ -15,7 +15,6 @@ use std::collections::{BTreeMap, HashMap};
 use aggregates::billing::{Fee, InvoiceLayout, InvoicingReason, LogPosition};
 use aggregates::invoice::{Invoice, InvoiceEvent, INVOICE_STREAM_TYPE};
 use aggregates::period::BillingPeriod;
-use anyhow::{bail, Context};
 use chrono::{DateTime, Datelike, Utc};
 use serde::Serialize;
 use serde_json::Value;
@@ -32,6 +31,56 @@ use crate::event_log::usage_windows::usage_as_of;
 use crate::invoicing::closer::subscription_billing;
 use projections::catalog::timestamp;
 use projections::{Catalog, Projection};
+
+/// Why a replay did not run: the request's mistakes (→ 4xx, by field)
+/// apart from failures (→ 500).
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// `period` is not `YYYY-MM`.
+    #[error("--period is YYYY-MM, e.g. 2026-09")]
+    BadPeriod,
+    /// No event at that log position, or none recorded before that time.
+    #[error("no event at that log position or before that time")]
+    NoSuchPosition,
+    /// A what-if price book without the service its plans belong to.
+    #[error("--pricing needs --service (plans belong to a service)")]
+    PricingNeedsService,
+    /// A price book entry that the plan API would refuse.
+    #[error("plans[{index}]: {reason}")]
+    BadPriceBook {
+        /// The entry's index in `plans`.
+        index: usize,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Storage failed or stored data could not be read.
+    #[error(transparent)]
+    Unexpected(#[from] anyhow::Error),
+}
+
+impl From<sqlx::Error> for ReplayError {
+    fn from(error: sqlx::Error) -> Self {
+        ReplayError::Unexpected(anyhow::Error::new(error).context("database query failed"))
+    }
+}
+
+impl From<serde_json::Error> for ReplayError {
+    fn from(error: serde_json::Error) -> Self {
+        ReplayError::Unexpected(anyhow::Error::new(error).context("unreadable stored event"))
+    }
+}
+
+impl From<crate::invoicing::closer::InvoicingError> for ReplayError {
+    fn from(error: crate::invoicing::closer::InvoicingError) -> Self {
+        ReplayError::Unexpected(anyhow::Error::new(error).context("reading a subscription"))
+    }
+}
+
+impl From<crate::event_log::projection_runner::RebuildError> for ReplayError {
+    fn from(error: crate::event_log::projection_runner::RebuildError) -> Self {
+        ReplayError::Unexpected(anyhow::Error::new(error).context("rebuilding the catalog"))
+    }
+}
 
 /// The log position to replay as of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,16 +175,18 @@ pub struct ReplayReport {
     pub replayed_total_cents: i64,
 }
 
-fn parse_period(period: &str) -> anyhow::Result<(i32, u32)> {
-    let (year, month) = period.split_once('-').context("--period is YYYY-MM")?;
-    let (year, month): (i32, u32) = (year.parse()?, month.parse()?);
+fn parse_period(period: &str) -> Result<(i32, u32), ReplayError> {
+    let (year, month) = period.split_once('-').ok_or(ReplayError::BadPeriod)?;
+    let (Ok(year), Ok(month)) = (year.parse::<i32>(), month.parse::<u32>()) else {
+        return Err(ReplayError::BadPeriod);
+    };
     if !(1..=12).contains(&month) || year.to_string().len() != 4 || period.len() != 7 {
-        bail!("--period is YYYY-MM, e.g. 2026-09");
+        return Err(ReplayError::BadPeriod);
     }
     Ok((year, month))
 }
 
-async fn resolve(pool: &PgPool, as_of: AsOf) -> anyhow::Result<LogPosition> {
+async fn resolve(pool: &PgPool, as_of: AsOf) -> Result<LogPosition, ReplayError> {
     let row: Option<(i64, i64)> = match as_of {
         AsOf::Position(position) => {
             sqlx::query_as(
@@ -153,8 +204,7 @@ async fn resolve(pool: &PgPool, as_of: AsOf) -> anyhow::Result<LogPosition> {
         .fetch_optional(pool)
         .await?,
     };
-    let (transaction_id, position) =
-        row.context("no event at that log position or before that time")?;
+    let (transaction_id, position) = row.ok_or(ReplayError::NoSuchPosition)?;
     Ok(LogPosition {
         transaction_id,
         position,
@@ -192,14 +242,17 @@ async fn price_book(
     pool: &PgPool,
     service: &str,
     book: &PriceBook,
-) -> anyhow::Result<HashMap<String, PlanDefinition>> {
+) -> Result<HashMap<String, PlanDefinition>, ReplayError> {
     let mut plans = HashMap::new();
     for (index, input) in book.plans.iter().enumerate() {
         let mut input = input.clone();
         let code = input
             .code
             .clone()
-            .with_context(|| format!("plans[{index}].code is mandatory"))?;
+            .ok_or_else(|| ReplayError::BadPriceBook {
+                index,
+                reason: "code is mandatory".into(),
+            })?;
         let current: Option<Value> = sqlx::query_scalar(
             "SELECT pv.definition FROM plans p JOIN plan_versions pv ON pv.service_code = p.service_code \
                AND pv.code = p.code AND pv.version = p.version \
@@ -214,8 +267,9 @@ async fn price_book(
             let Some(id) = charge.billable_metric_id.as_deref() else {
                 continue;
             };
-            let lago_id: Uuid = id.trim().parse().with_context(|| {
-                format!("plans[{index}]: billable_metric_id {id} is not a lago_id")
+            let lago_id: Uuid = id.trim().parse().map_err(|_| ReplayError::BadPriceBook {
+                index,
+                reason: format!("billable_metric_id {id} is not a lago_id"),
             })?;
             let (metric_code, aggregation): (String, String) = sqlx::query_as(
                 "SELECT code, resource->>'aggregation_type' FROM billable_metrics \
@@ -225,27 +279,32 @@ async fn price_book(
             .bind(lago_id)
             .fetch_optional(pool)
             .await?
-            .with_context(|| {
-                format!("plans[{index}]: no billable metric {lago_id} in {service}")
+            .ok_or_else(|| ReplayError::BadPriceBook {
+                index,
+                reason: format!("no billable metric {lago_id} in {service}"),
             })?;
             charge.metric = Some(MetricRef {
                 lago_id,
                 code: metric_code,
                 aggregation_type: AggregationType::parse(&aggregation)
-                    .with_context(|| format!("stored aggregation {aggregation}"))?,
+                    .ok_or_else(|| anyhow::anyhow!("stored aggregation {aggregation}"))?,
             });
         }
         let lago_id = base.as_ref().map_or_else(Uuid::new_v4, |b| b.lago_id);
         let version = base.as_ref().map_or(1, |b| b.version);
-        let plan = validate_plan(lago_id, version, input, base.as_ref())
-            .map_err(|e| anyhow::anyhow!("plans[{index}] ({code}): {e}"))?;
+        let plan = validate_plan(lago_id, version, input, base.as_ref()).map_err(|e| {
+            ReplayError::BadPriceBook {
+                index,
+                reason: format!("({code}) {e}"),
+            }
+        })?;
         plans.insert(code, plan);
     }
     Ok(plans)
 }
 
 /// Replay a period (see the module documentation).
-pub async fn replay(pool: &PgPool, request: &ReplayRequest) -> anyhow::Result<ReplayReport> {
+pub async fn replay(pool: &PgPool, request: &ReplayRequest) -> Result<ReplayReport, ReplayError> {
     let (year, month) = parse_period(&request.period)?;
     // Every invoice in the log, in log order.
     let rows: Vec<(String, Value)> = sqlx::query_as(
@@ -296,7 +355,7 @@ pub async fn replay(pool: &PgPool, request: &ReplayRequest) -> anyhow::Result<Re
             let service = request
                 .service
                 .as_deref()
-                .context("--pricing needs --service (plans belong to a service)")?;
+                .ok_or(ReplayError::PricingNeedsService)?;
             price_book(pool, service, book).await?
         }
         None => HashMap::new(),
@@ -349,7 +408,7 @@ async fn compare(
     schema: &str,
     scope: &Scope<'_>,
     report: &mut ReplayReport,
-) -> anyhow::Result<()> {
+) -> Result<(), ReplayError> {
     let mut conn = pool.acquire().await?;
     sqlx::query(&format!("SET search_path TO {schema}, public"))
         .execute(&mut *conn)
@@ -363,7 +422,7 @@ async fn compare_in(
     conn: &mut sqlx::PgConnection,
     scope: &Scope<'_>,
     report: &mut ReplayReport,
-) -> anyhow::Result<()> {
+) -> Result<(), ReplayError> {
     let (year, month) = scope.period;
     for invoice in scope.selected {
         let header = invoice.header().expect("drafted");

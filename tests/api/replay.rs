@@ -142,6 +142,12 @@ async fn a_replayed_period_matches_to_the_cent_and_shows_what_late_usage_changed
     let (status, body) = app.get_admin("/admin/v1/replay?period=September").await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(body["error_details"]["period"][0], "value_is_invalid");
+    // A position the log does not have is the `as_of` field's fault.
+    let (status, body) = app
+        .get_admin("/admin/v1/replay?period=2026-09&as_of=999999999")
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["error_details"]["as_of"][0], "value_is_invalid");
 
     // Nothing live was written; the scratch schemas are gone.
     let invoices_after: i64 = sqlx::query_scalar("SELECT count(*) FROM invoices")
