@@ -1,3 +1,6 @@
+//! The `ledger` binary: parses the command line and runs it (see
+//! [`ledger::app::cli`]).
+
 use std::process::ExitCode;
 
 use clap::Parser;

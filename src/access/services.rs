@@ -12,9 +12,13 @@ use crate::event_log::store::{self, CommandBus, CommandMetadata};
 /// client that receives it.
 #[derive(Debug, Serialize)]
 pub struct IssuedKey {
+    /// The key's id (public: listed, revoked by it).
     pub id: String,
+    /// The key itself: shown once, never stored.
     pub key: String,
+    /// The service it acts for.
     pub service_code: String,
+    /// What it is for.
     pub label: Option<String>,
 }
 

@@ -1,5 +1,9 @@
 //! The `ledger` command line. Every option can also come from the
 //! environment variable named in `ledger --help`.
+//!
+//! Its documentation is `--help`: clap turns doc comments into help text,
+//! so the command types carry them only where they are help.
+#![allow(missing_docs)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -118,6 +118,7 @@ impl Application {
         })
     }
 
+    /// The address the listener is bound to (the real port when asked for 0).
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
     }

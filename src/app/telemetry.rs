@@ -3,12 +3,16 @@
 
 use tracing_subscriber::EnvFilter;
 
+/// How log lines are written to stderr.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
+    /// Readable lines for a terminal.
     Human,
+    /// One JSON object per line, for a log pipeline.
     Json,
 }
 
+/// Install the global subscriber: level from `RUST_LOG` (default `info`).
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,tower_http=info"));

@@ -57,8 +57,11 @@ pub enum BatchOutcome {
 /// A projection's progress, as `ledger projections status` and `/ready` show it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct ProjectionStatus {
+    /// The projection's name.
     pub name: String,
+    /// The global position of the last event it applied.
     pub last_position: i64,
+    /// Events applied since its last reset.
     pub events_applied: i64,
     /// Committed events after the checkpoint (counted up to 100,000).
     pub lag: i64,
@@ -421,8 +424,10 @@ pub enum RebuildError {
     /// The schema name is not a plain lower-case identifier, or is `public`.
     #[error("'{0}' is not a schema a rebuild may write to (lower-case letters, digits and _, not public)")]
     InvalidSchema(String),
+    /// A projection's fold or tables failed.
     #[error(transparent)]
     Projection(#[from] ProjectionError),
+    /// Storage failed.
     #[error(transparent)]
     Database(#[from] sqlx::Error),
 }

@@ -42,9 +42,13 @@ impl fmt::Display for Actor {
 /// What every command carries into the metadata of the events it records.
 #[derive(Debug, Clone)]
 pub struct CommandMetadata {
+    /// Who recorded the event.
     pub actor: Actor,
+    /// The request (or CLI run) it was recorded in.
     pub request_id: String,
+    /// When the writer recorded it (the log also keeps its own time).
     pub recorded_at: DateTime<Utc>,
+    /// The client's address, for HTTP requests.
     pub client_ip: Option<String>,
     /// The API key the request was authenticated with (services only).
     pub api_key_id: Option<String>,
@@ -85,15 +89,22 @@ impl CommandMetadata {
 
 /// The command handlers of every aggregate, sharing one pool.
 pub struct CommandBus {
+    /// Services and their API keys.
     pub services: CommandHandler<Service>,
+    /// Billable metrics.
     pub billable_metrics: CommandHandler<BillableMetric>,
+    /// Taxes.
     pub taxes: CommandHandler<Tax>,
+    /// Plans.
     pub plans: CommandHandler<Plan>,
+    /// Customers.
     pub customers: CommandHandler<Customer>,
+    /// Subscriptions.
     pub subscriptions: CommandHandler<Subscription>,
 }
 
 impl CommandBus {
+    /// A handler per aggregate, all committing to the log in `pool`.
     pub fn new(pool: &PgPool) -> Self {
         Self {
             services: command_handler(pool),

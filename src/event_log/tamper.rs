@@ -173,12 +173,20 @@ fn hex(bytes: &[u8]) -> String {
 pub enum Break {
     /// An event's content does not match its hash, or its stream's chain or
     /// sequence is broken at it.
-    Chain { position: i64, reason: String },
+    Chain {
+        /// The event's position.
+        position: i64,
+        /// What does not match.
+        reason: String,
+    },
     /// A seal's range no longer hashes to its digest (an event in it was
     /// removed, inserted or moved); the range starts after `after_position`.
     Seal {
+        /// The seal's own position.
         seal_position: i64,
+        /// Its range starts after this position.
         after_position: i64,
+        /// What does not match.
         reason: String,
     },
 }

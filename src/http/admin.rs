@@ -30,6 +30,7 @@ use crate::invoicing::replay::ReplayError;
 pub struct AdminKey(String);
 
 impl AdminKey {
+    /// The key `key` (kept only as its digest).
     pub fn new(key: &str) -> Self {
         Self(keys::digest(key))
     }
@@ -70,6 +71,7 @@ impl FromRequestParts<AppState> for Operator {
     }
 }
 
+/// The operator API under `/admin/v1`.
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/services", post(register_service).get(list_services))
@@ -99,10 +101,15 @@ struct RegisterService {
 /// A service as the admin API shows it (read from `service_directory`).
 #[derive(Debug, Serialize, sqlx::FromRow)]
 pub struct ServiceView {
+    /// The service's code.
     pub code: String,
+    /// Its display name.
     pub name: String,
+    /// `active` or `deactivated`.
     pub status: String,
+    /// When it was registered.
     pub registered_at: DateTime<Utc>,
+    /// When it last changed.
     pub updated_at: DateTime<Utc>,
 }
 

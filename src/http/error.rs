@@ -17,11 +17,13 @@ use serde_json::json;
 /// `Result` with the API's error.
 pub type ApiResult<T, E = ApiError> = Result<T, E>;
 
+/// Every way a request can fail, each with its status and Lago's body.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     /// Malformed JSON, a missing root key, bad query parameters.
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// No key, or an unknown or revoked one (Lago's 401).
     #[error("unauthorized")]
     Unauthorized,
     /// `{resource}_not_found`.
@@ -39,6 +41,7 @@ pub enum ApiError {
     /// Another writer changed the resource at the same moment, repeatedly.
     #[error("conflict")]
     Conflict,
+    /// Anything the client did not cause: logged, answered with a generic 500.
     #[error(transparent)]
     Unexpected(#[from] anyhow::Error),
 }
@@ -107,6 +110,7 @@ impl From<sqlx::Error> for ApiError {
 
 /// How a domain refusal reads on the wire.
 pub trait Refusal: std::error::Error + Send + Sync + 'static {
+    /// The API error this refusal answers with.
     fn into_api_error(self) -> ApiError;
 }
 

@@ -50,7 +50,9 @@ where
 /// Who sent the request and which request it is, for event metadata.
 #[derive(Debug, Clone)]
 pub struct RequestContext {
+    /// The request's id (the client's `x-request-id`, or generated).
     pub request_id: String,
+    /// The client's address.
     pub client_ip: Option<String>,
 }
 

@@ -15,6 +15,7 @@ use crate::postgres as database;
 /// How long `/ready` waits for the database before calling it unreachable.
 const READY_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// `/health` (the process answers) and `/ready` (its database and projections can serve).
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/health", get(health))

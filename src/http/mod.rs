@@ -25,15 +25,20 @@ use crate::event_log::projection_runner::ProjectionRunner;
 use crate::event_log::store::{self, CommandBus};
 use error::ApiError;
 
+/// The header carrying a request's id, in and out.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
 /// What every handler can reach.
 #[derive(Clone)]
 pub struct AppState(Arc<AppStateInner>);
 
+/// The state behind [`AppState`].
 pub struct AppStateInner {
+    /// The database pool.
     pub pool: PgPool,
+    /// The command handlers of the write model.
     pub commands: CommandBus,
+    /// The operator key for `/admin/v1` (`None`: the admin API refuses all).
     pub admin_key: Option<admin::AdminKey>,
     /// Drives the projections up to a request's own write before it answers.
     pub projections: ProjectionRunner,
@@ -51,6 +56,7 @@ pub struct AppStateInner {
 const READ_YOUR_WRITES_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl AppState {
+    /// Assemble the state on `pool` (registers the projections).
     pub async fn new(
         pool: PgPool,
         admin_key: Option<admin::AdminKey>,

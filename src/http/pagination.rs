@@ -10,18 +10,23 @@ const MAX_PER_PAGE: i64 = 1000;
 /// The requested page (1-based).
 #[derive(Debug, Clone, Copy, Deserialize)]
 pub struct PageRequest {
+    /// The page asked for (from 1).
     pub page: Option<i64>,
+    /// Items per page (default 100).
     pub per_page: Option<i64>,
 }
 
 /// A validated page request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Page {
+    /// The page (from 1).
     pub page: i64,
+    /// Items per page.
     pub per_page: i64,
 }
 
 impl PageRequest {
+    /// The page, or a 422 naming the parameter that is out of range.
     pub fn validate(self) -> Result<Page, ApiError> {
         let page = self.page.unwrap_or(1);
         let per_page = self.per_page.unwrap_or(DEFAULT_PER_PAGE);
@@ -37,10 +42,12 @@ impl PageRequest {
 }
 
 impl Page {
+    /// Rows to skip before this page.
     pub fn offset(&self) -> i64 {
         (self.page - 1) * self.per_page
     }
 
+    /// Lago's `meta` object for a list of `total_count` items.
     pub fn meta(&self, total_count: i64) -> PageMeta {
         let total_pages = (total_count + self.per_page - 1) / self.per_page;
         PageMeta {
@@ -56,10 +63,15 @@ impl Page {
 /// Lago's `meta` object.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct PageMeta {
+    /// This page.
     pub current_page: i64,
+    /// The next page, if any.
     pub next_page: Option<i64>,
+    /// The previous page, if any.
     pub prev_page: Option<i64>,
+    /// Pages in all.
     pub total_pages: i64,
+    /// Items in all.
     pub total_count: i64,
 }
 

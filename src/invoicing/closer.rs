@@ -530,9 +530,13 @@ pub async fn preview_draft(
 /// projections up to date, drafts and finalizes what is due, and projects
 /// the result. Safe beside other closers (see the module documentation).
 pub struct PeriodCloser {
+    /// The database.
     pub pool: PgPool,
+    /// Brings the projections up to date before and after a pass.
     pub runner: ProjectionRunner,
+    /// How long usage may arrive late (terminated subscriptions are looked at that long).
     pub acceptance_window: Duration,
+    /// How often a pass runs.
     pub interval: std::time::Duration,
 }
 

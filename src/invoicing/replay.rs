@@ -109,8 +109,11 @@ pub struct ReplayRequest {
     /// `YYYY-MM`: invoices whose usage window starts in that month (in the
     /// customer's time zone).
     pub period: String,
+    /// Only this service.
     pub service: Option<String>,
+    /// Only this subscription (external id).
     pub subscription: Option<String>,
+    /// Replay as of this position or time (default: each invoice's own).
     pub as_of: Option<AsOf>,
     /// What-if pricing: plan changes (the plan API's format, by code) to
     /// bill the period with instead of the plans it was billed on.
@@ -122,52 +125,76 @@ pub struct ReplayRequest {
 /// given, as `PUT /plans/{code}` would).
 #[derive(Debug, Clone, Default, serde::Deserialize)]
 pub struct PriceBook {
+    /// The plans, as `POST /plans` takes them.
     pub plans: Vec<PlanInput>,
 }
 
 /// One fee, as recorded and as replayed.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct FeeComparison {
+    /// The fee: its kind and code.
     pub fee: String,
+    /// Start of its window.
     pub from_datetime: String,
+    /// End of its window (exclusive).
     pub to_datetime: String,
+    /// What the invoice recorded (none: the replay found a fee it lacks).
     pub recorded_cents: Option<i64>,
+    /// What the replay computed (none: the invoice has a fee the replay lacks).
     pub replayed_cents: Option<i64>,
 }
 
 /// One invoice, as recorded and as replayed.
 #[derive(Debug, Clone, Serialize)]
 pub struct InvoiceComparison {
+    /// The invoice.
     pub lago_id: Uuid,
+    /// Its number.
     pub number: String,
+    /// Its service.
     pub service: String,
+    /// Its subscription (external id).
     pub external_subscription_id: String,
+    /// The log position it was computed as of.
     pub recorded_as_of: i64,
+    /// The log position the replay read as of.
     pub replayed_as_of: i64,
+    /// Its recorded total.
     pub recorded_total_cents: i64,
+    /// The replayed total.
     pub replayed_total_cents: i64,
+    /// Fee by fee.
     pub fees: Vec<FeeComparison>,
 }
 
 /// A fee whose replayed cents differ from the recorded ones.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Difference {
+    /// The service.
     pub service: String,
+    /// The subscription (external id).
     pub external_subscription_id: String,
+    /// The invoice's number.
     pub number: String,
+    /// The fee and its window.
     pub fee: String,
+    /// What the replay computed.
     pub expected_cents: i64,
+    /// What the invoice recorded.
     pub recorded_cents: i64,
 }
 
 /// The replay of a period.
 #[derive(Debug, Clone, Serialize)]
 pub struct ReplayReport {
+    /// The period replayed (`YYYY-MM`).
     pub period: String,
     /// Whether an alternative price book was applied (differences are then
     /// what the price change would do, not errors).
     pub what_if: bool,
+    /// Every invoice replayed.
     pub invoices: Vec<InvoiceComparison>,
+    /// Every fee whose cents differ.
     pub differences: Vec<Difference>,
     /// Sum of the recorded invoices' totals.
     pub recorded_total_cents: i64,

@@ -34,27 +34,51 @@ const PORT: u16 = 5432;
 /// Why the embedded cluster could not be used. Each message says what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum EmbeddedError {
+    /// No `initdb`/`pg_ctl` to start a cluster with.
     #[error(
         "PostgreSQL server binaries (initdb, pg_ctl) were not found on PATH or under \
          /usr/lib/postgresql/*/bin. Install them (Debian: `apt-get install postgresql`) \
          or set DATABASE_URL to use an existing PostgreSQL server."
     )]
     BinariesNotFound,
+    /// Another ledger holds the data directory's lock.
     #[error(
         "another ledger (pid {pid}) is already using the data directory {dir}; stop it, \
          or give this one its own --data-dir"
     )]
-    DirectoryInUse { dir: PathBuf, pid: String },
+    DirectoryInUse {
+        /// The data directory.
+        dir: PathBuf,
+        /// The process holding it.
+        pid: String,
+    },
+    /// The data directory cannot be created, read or locked.
     #[error("the data directory {dir} cannot be used: {reason}")]
-    DataDirectory { dir: PathBuf, reason: String },
+    DataDirectory {
+        /// The data directory.
+        dir: PathBuf,
+        /// What failed.
+        reason: String,
+    },
+    /// Running as root, and the cluster's unprivileged user is missing.
     #[error(
         "running as root, and PostgreSQL refuses to run as root: the unprivileged user \
          '{CLUSTER_USER}' it would run as could not be created ({reason}). Create it \
          (`useradd --system {CLUSTER_USER}`), run the ledger as a normal user, or set DATABASE_URL."
     )]
-    ClusterUser { reason: String },
+    ClusterUser {
+        /// Why it could not be created.
+        reason: String,
+    },
+    /// `initdb` or `pg_ctl` failed.
     #[error("{command} failed: {detail}")]
-    Command { command: String, detail: String },
+    Command {
+        /// The command.
+        command: String,
+        /// What it printed.
+        detail: String,
+    },
+    /// The server started but refuses connections.
     #[error("the embedded PostgreSQL server started but cannot be reached: {0}")]
     Connect(#[from] sqlx::Error),
 }

@@ -20,12 +20,16 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 /// Why the ledger has no database. Messages are meant for the operator.
 #[derive(Debug, thiserror::Error)]
 pub enum DatabaseError {
+    /// The embedded cluster could not be used.
     #[error(transparent)]
     Embedded(#[from] EmbeddedError),
+    /// `DATABASE_URL` does not parse.
     #[error("DATABASE_URL is not a valid PostgreSQL URL: {0}")]
     InvalidUrl(String),
+    /// The server cannot be reached.
     #[error("cannot connect to PostgreSQL: {0}")]
     Connect(sqlx::Error),
+    /// The schema could not be brought up to date.
     #[error("cannot apply the database migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
@@ -52,6 +56,7 @@ pub enum ClusterAccess {
 
 /// The open database: a pool, and the embedded cluster if the ledger runs one.
 pub struct Database {
+    /// The pool every part of the ledger shares.
     pub pool: PgPool,
     embedded: Option<EmbeddedPostgres>,
 }

@@ -17,6 +17,7 @@ const SERVICES: [(&str, &str); 3] = [
     ("nexamaps", "NexaMaps API"),
 ];
 
+/// Run the demo on the database `config` names (see the README).
 pub async fn run(config: &DatabaseConfig) -> anyhow::Result<()> {
     let database = Database::open(config, ClusterAccess::Own).await?;
     let result = demonstrate(&database).await;

@@ -29,6 +29,7 @@ use crate::access::{self, keys, Caller};
 use crate::event_log::store::{self, Actor, CommandHandler, CommandMetadata};
 use crate::http::error::Refusal;
 
+/// The Lago-compatible API under `/api/v1`.
 pub fn router() -> Router<AppState> {
     Router::new()
         .merge(billable_metrics::router())

@@ -27,11 +27,15 @@ use crate::tools::bench::{peak_rss_mib, Throwaway};
 /// What to measure.
 #[derive(Debug, Clone)]
 pub struct CloseBench {
+    /// Where the throwaway cluster lives.
     pub data_dir: std::path::PathBuf,
+    /// Subscriptions to invoice.
     pub subscriptions: usize,
+    /// Usage events per subscription.
     pub events_per_subscription: usize,
 }
 
+/// Run the benchmark and print its table.
 pub async fn run(options: CloseBench) -> anyhow::Result<()> {
     let cluster = Throwaway::start(&options.data_dir, "bench-close", 100).await?;
     let result = measure(&cluster.cluster, &options).await;

@@ -31,11 +31,15 @@ const BATCH: usize = 100;
 /// What to measure.
 #[derive(Debug, Clone)]
 pub struct IngestBench {
+    /// Where the throwaway cluster lives.
     pub data_dir: std::path::PathBuf,
+    /// Seconds per measurement.
     pub seconds: u64,
+    /// Client concurrencies to measure.
     pub concurrency: Vec<usize>,
 }
 
+/// Run the benchmark and print its table.
 pub async fn run(options: IngestBench) -> anyhow::Result<()> {
     let cluster = Throwaway::start(&options.data_dir, "bench", 200).await?;
     let result = measure(&cluster.cluster, &options).await;

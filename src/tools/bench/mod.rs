@@ -10,11 +10,13 @@ use crate::postgres::embedded::{ClusterSettings, EmbeddedPostgres};
 /// A throwaway embedded cluster for a benchmark, with production's durable
 /// settings, in its own directory under the data directory.
 pub struct Throwaway {
+    /// The running cluster.
     pub cluster: EmbeddedPostgres,
     dir: std::path::PathBuf,
 }
 
 impl Throwaway {
+    /// Start a durable cluster named `name` under `data_dir`.
     pub async fn start(
         data_dir: &std::path::Path,
         name: &str,

@@ -24,11 +24,15 @@ use projections::Projection;
 /// What to measure.
 #[derive(Debug, Clone)]
 pub struct RebuildBench {
+    /// Where the throwaway cluster lives.
     pub data_dir: std::path::PathBuf,
+    /// Subscriptions.
     pub subscriptions: usize,
+    /// Usage events per subscription.
     pub events_per_subscription: usize,
 }
 
+/// Run the benchmark and print its table.
 pub async fn run(options: RebuildBench) -> anyhow::Result<()> {
     let cluster = Throwaway::start(&options.data_dir, "bench-rebuild", 100).await?;
     let result = measure(&cluster.cluster, &options).await;
