@@ -1,5 +1,5 @@
 //! The HTTP API: `/health` and `/ready`, the operator API under `/admin/v1`
-//! and (as the catalog issues land) the Lago-compatible API under `/api/v1`.
+//! and the Lago-compatible API under `/api/v1`.
 //!
 //! Every request runs in a tracing span carrying its request id (taken from
 //! `x-request-id` or generated, and echoed back).
