@@ -43,7 +43,9 @@ use uuid::Uuid;
 use crate::billable_metric::AggregationType;
 use crate::period::{billing_period_for, local_midnight, BillingPeriod, PeriodRule};
 use crate::plan::PlanDefinition;
-use crate::pricing::{charge_amount, minor_unit_exponent, tax_minor_units, to_minor_units};
+use crate::pricing::{
+    charge_amount, checked, minor_unit_exponent, tax_minor_units, to_minor_units, Checked,
+};
 use crate::subscription::BillingTime;
 use crate::usage::{usage_in_window, UsagePoint};
 
@@ -531,7 +533,7 @@ pub fn invoice_fees(
     usage: &WindowUsage<'_>,
     late: &[LateWindow<'_, '_>],
     tax_rates: &[Decimal],
-) -> Vec<Fee> {
+) -> Checked<Vec<Fee>> {
     let mut fees = Vec::new();
     let flat_fee = |fee: &FlatFeeWindow| {
         let plan = &schedule.plans[fee.segment].plan;
@@ -541,7 +543,7 @@ pub fn invoice_fees(
         } else {
             Decimal::ONE
         };
-        let precise = sign * flat_amount(plan) * share;
+        let precise = checked::mul(sign * flat_amount(plan), share, "flat fee")?;
         let mut line = Fee::new(
             if fee.credit {
                 FeeKind::Credit
@@ -564,9 +566,11 @@ pub fn invoice_fees(
             period_days: fee.period_days,
             period: fee.period,
         });
-        line
+        Ok(line)
     };
-    fees.extend(layout.flat_fees.iter().filter(|f| !f.credit).map(flat_fee));
+    for fee in layout.flat_fees.iter().filter(|f| !f.credit) {
+        fees.push(flat_fee(fee)?);
+    }
     if let Some((window, segment)) = layout.usage {
         let plan = &schedule.plans[segment].plan;
         for charge in &plan.charges {
@@ -574,8 +578,8 @@ pub fn invoice_fees(
                 charge.metric.aggregation_type,
                 window,
                 &usage(&charge.metric.code),
-            );
-            let precise = charge_amount(&charge.pricing, &used);
+            )?;
+            let precise = charge_amount(&charge.pricing, &used)?;
             let mut line = Fee::charge(FeeKind::Charge, plan, charge, window, precise);
             line.units = used.units;
             line.events_count = used.events_count;
@@ -585,8 +589,8 @@ pub fn invoice_fees(
                 minor_unit_exponent(&plan.amount_currency),
             );
             if precise < minimum {
-                let mut true_up =
-                    Fee::charge(FeeKind::TrueUp, plan, charge, window, minimum - precise);
+                let shortfall = checked::sub(minimum, precise, "minimum")?;
+                let mut true_up = Fee::charge(FeeKind::TrueUp, plan, charge, window, shortfall);
                 true_up.name = format!("{} — minimum", charge.metric.code);
                 fees.push(true_up);
             }
@@ -596,32 +600,35 @@ pub fn invoice_fees(
         for charge in &late.plan.charges {
             let aggregation = charge.metric.aggregation_type;
             let code = &charge.metric.code;
-            let before = usage_in_window(aggregation, late.window, &(late.before)(code));
-            let now = usage_in_window(aggregation, late.window, &(late.now)(code));
+            let before = usage_in_window(aggregation, late.window, &(late.before)(code))?;
+            let now = usage_in_window(aggregation, late.window, &(late.now)(code))?;
             if before == now {
                 continue;
             }
-            let precise_before = charge_amount(&charge.pricing, &before);
-            let precise_now = charge_amount(&charge.pricing, &now);
+            let precise_before = charge_amount(&charge.pricing, &before)?;
+            let precise_now = charge_amount(&charge.pricing, &now)?;
             let currency = &late.plan.amount_currency;
             let mut line = Fee::charge(
                 FeeKind::Adjustment,
                 late.plan,
                 charge,
                 late.window,
-                precise_now - precise_before,
+                checked::sub(precise_now, precise_before, "adjustment")?,
             );
             // Rounded so that the window's billed cents add up to the
             // rounded amount of all its usage.
-            line.amount_cents =
-                to_minor_units(precise_now, currency) - to_minor_units(precise_before, currency);
+            line.amount_cents = checked::sub_minor(
+                to_minor_units(precise_now, currency)?,
+                to_minor_units(precise_before, currency)?,
+                "adjustment",
+            )?;
             line.name = format!(
                 "{} — late usage for {} to {}",
                 code,
                 late.window.start.to_rfc3339(),
                 late.window.end.to_rfc3339()
             );
-            line.units = now.units - before.units;
+            line.units = checked::sub(now.units, before.units, "adjustment")?;
             line.events_count = now.events_count - before.events_count;
             line.adjusts = Some(AdjustedWindow {
                 window: late.window,
@@ -630,15 +637,17 @@ pub fn invoice_fees(
             fees.push(line);
         }
     }
-    fees.extend(layout.flat_fees.iter().filter(|f| f.credit).map(flat_fee));
+    for fee in layout.flat_fees.iter().filter(|f| f.credit) {
+        fees.push(flat_fee(fee)?);
+    }
     let currency = schedule.plans[0].plan.amount_currency.clone();
     for fee in &mut fees {
         if fee.kind != FeeKind::Adjustment {
-            fee.amount_cents = to_minor_units(fee.precise_amount, &currency);
+            fee.amount_cents = to_minor_units(fee.precise_amount, &currency)?;
         }
-        fee.taxes_amount_cents = tax_minor_units(fee.amount_cents, tax_rates);
+        fee.taxes_amount_cents = tax_minor_units(fee.amount_cents, tax_rates)?;
     }
-    fees
+    Ok(fees)
 }
 
 impl Fee {
@@ -688,28 +697,33 @@ impl Fee {
 pub fn invoice_totals(
     fees: &[Fee],
     taxes: &[(String, Decimal)],
-) -> (InvoiceTotals, Vec<AppliedTax>) {
-    let fees_amount_cents: i64 = fees.iter().map(|f| f.amount_cents).sum();
-    let taxes_amount_cents: i64 = fees.iter().map(|f| f.taxes_amount_cents).sum();
-    let applied = taxes
-        .iter()
-        .map(|(code, rate)| AppliedTax {
+) -> Checked<(InvoiceTotals, Vec<AppliedTax>)> {
+    let fees_amount_cents = checked::sum_minor(fees.iter().map(|f| f.amount_cents), "total")?;
+    let taxes_amount_cents =
+        checked::sum_minor(fees.iter().map(|f| f.taxes_amount_cents), "total")?;
+    let mut applied = Vec::with_capacity(taxes.len());
+    for (code, rate) in taxes {
+        let per_fee = fees
+            .iter()
+            .map(|f| tax_minor_units(f.amount_cents, &[*rate]))
+            .collect::<Checked<Vec<i64>>>()?;
+        applied.push(AppliedTax {
             code: code.clone(),
             rate: *rate,
-            amount_cents: fees
-                .iter()
-                .map(|f| tax_minor_units(f.amount_cents, &[*rate]))
-                .sum(),
-        })
-        .collect();
-    (
+            amount_cents: checked::sum_minor(per_fee, "tax")?,
+        });
+    }
+    Ok((
         InvoiceTotals {
             fees_amount_cents,
             taxes_amount_cents,
-            total_amount_cents: fees_amount_cents + taxes_amount_cents,
+            total_amount_cents: checked::sum_minor(
+                [fees_amount_cents, taxes_amount_cents],
+                "total",
+            )?,
         },
         applied,
-    )
+    ))
 }
 
 #[cfg(test)]
@@ -783,7 +797,7 @@ mod tests {
         s.layouts(utc(until))
             .iter()
             .map(|layout| {
-                let fees = invoice_fees(s, layout, &|_| vec![], &[], &[]);
+                let fees = invoice_fees(s, layout, &|_| vec![], &[], &[]).unwrap();
                 (
                     layout.issued_at.to_rfc3339(),
                     fees.iter()
@@ -873,6 +887,7 @@ mod tests {
             .iter()
             .map(|l| {
                 invoice_fees(&s, l, &|_| vec![], &[], &[])
+                    .unwrap()
                     .iter()
                     .filter(|f| f.kind == FeeKind::Subscription)
                     .map(|f| (f.plan_code.clone(), f.amount_cents))
@@ -961,7 +976,7 @@ mod tests {
         let layouts = s.layouts(utc("2026-11-01T04:00:00Z"));
         assert_eq!(layouts.len(), 1);
         assert_eq!(layouts[0].issued_at, utc("2026-11-01T04:00:00Z"));
-        let fees = invoice_fees(&s, &layouts[0], &|_| points.iter().collect(), &[], &[]);
+        let fees = invoice_fees(&s, &layouts[0], &|_| points.iter().collect(), &[], &[]).unwrap();
         let cpu = fees.iter().find(|f| f.kind == FeeKind::Charge).unwrap();
         assert_eq!((cpu.units, cpu.events_count), (d("40000"), 1));
         // (40,000 − 36,000) × 0.0075 / 3,600 = 0.008333… → 1 cent.
@@ -1000,13 +1015,14 @@ mod tests {
         let layout = &s.layouts(utc("2026-12-01T00:00:00Z"))[0];
         for (seconds, cents) in [("38400", 1), ("37000", 0), ("396000", 75)] {
             let points = [point("2026-11-10T00:00:00Z", 1, seconds)];
-            let fees = invoice_fees(&s, layout, &|_| points.iter().collect(), &[], &[d("13")]);
+            let fees =
+                invoice_fees(&s, layout, &|_| points.iter().collect(), &[], &[d("13")]).unwrap();
             let cpu = &fees[1];
             assert_eq!(cpu.amount_cents, cents, "{seconds} s");
             // HST 13% on $19.01 = 247.13 → 247; on 75¢ = 9.75 → 10.
             assert_eq!(fees[0].taxes_amount_cents, 247);
-            let (totals, applied) = invoice_totals(&fees, &[("HST".into(), d("13"))]);
-            let tax = 247 + tax_minor_units(cents, &[d("13")]);
+            let (totals, applied) = invoice_totals(&fees, &[("HST".into(), d("13"))]).unwrap();
+            let tax = 247 + tax_minor_units(cents, &[d("13")]).unwrap();
             assert_eq!(
                 totals,
                 InvoiceTotals {
@@ -1040,7 +1056,7 @@ mod tests {
             before: &before,
             now: &now,
         }];
-        let fees = invoice_fees(&s, &layouts[1], &|_| vec![], &late, &[]);
+        let fees = invoice_fees(&s, &layouts[1], &|_| vec![], &late, &[]).unwrap();
         let adjustment = fees.iter().find(|f| f.kind == FeeKind::Adjustment).unwrap();
         assert_eq!(adjustment.units, d("1000"));
         assert_eq!(adjustment.events_count, 1);
@@ -1054,7 +1070,7 @@ mod tests {
             now: &now,
             ..late[0]
         }];
-        let fees = invoice_fees(&s, &layouts[1], &|_| vec![], &late, &[]);
+        let fees = invoice_fees(&s, &layouts[1], &|_| vec![], &late, &[]).unwrap();
         let adjustment = fees.iter().find(|f| f.kind == FeeKind::Adjustment).unwrap();
         assert_eq!(adjustment.amount_cents, 1, "2¢ due, 1¢ billed");
     }
@@ -1091,7 +1107,7 @@ mod tests {
         let s = schedule("2026-11-01T00:00:00Z", with_minimum);
         let layout = &s.layouts(utc("2026-12-01T00:00:00Z"))[0];
         let points = [point("2026-11-10T00:00:00Z", 1, "396000")];
-        let fees = invoice_fees(&s, layout, &|_| points.iter().collect(), &[], &[]);
+        let fees = invoice_fees(&s, layout, &|_| points.iter().collect(), &[], &[]).unwrap();
         let lines: Vec<(FeeKind, i64)> = fees.iter().map(|f| (f.kind, f.amount_cents)).collect();
         // 75¢ of usage, 5.00 minimum: 4.25 true-up.
         assert_eq!(

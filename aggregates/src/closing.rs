@@ -25,6 +25,7 @@ use crate::invoice::{
 };
 use crate::period::BillingPeriod;
 use crate::plan::PlanDefinition;
+use crate::pricing::{Checked, Overflow};
 use crate::usage::UsagePoint;
 
 /// A subscription with everything billing it needs.
@@ -125,6 +126,10 @@ pub struct CloseReport {
     /// billed (e.g. after the customer's time zone changed): they would bill
     /// the same usage twice. Logged as errors, for an operator.
     pub refused: usize,
+    /// Subscriptions whose invoice could not be computed (their usage or
+    /// amounts are beyond what a bill holds): nothing of theirs was written
+    /// by the pass; the other subscriptions were billed.
+    pub quarantined: usize,
 }
 
 impl std::ops::AddAssign for CloseReport {
@@ -133,6 +138,7 @@ impl std::ops::AddAssign for CloseReport {
         self.finalized += other.finalized;
         self.adjustment_invoices += other.adjustment_invoices;
         self.refused += other.refused;
+        self.quarantined += other.quarantined;
     }
 }
 
@@ -182,6 +188,21 @@ pub struct OverlapRefusal {
     pub window: BillingPeriod,
 }
 
+/// A subscription the pass could not bill: computing one of its invoices
+/// overflowed. It stays unbilled (and is shown as quarantined) until an
+/// operator acts; every other subscription is billed as usual.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quarantine {
+    /// The subscription.
+    pub subscription_lago_id: Uuid,
+    /// The service's id for it.
+    pub external_subscription_id: String,
+    /// When the invoice that failed is issued.
+    pub issued_at: DateTime<Utc>,
+    /// What overflowed.
+    pub cause: Overflow,
+}
+
 /// What a pass decided: everything to write, in one transaction.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClosingPlan {
@@ -195,6 +216,8 @@ pub struct ClosingPlan {
     pub report: CloseReport,
     /// The subscriptions refused for an overlapping window.
     pub refusals: Vec<OverlapRefusal>,
+    /// The subscriptions that could not be billed.
+    pub quarantined: Vec<Quarantine>,
 }
 
 /// What to do with one invoice of a subscription.
@@ -321,6 +344,7 @@ pub fn plan_close(
         last_numbers: input.last_numbers,
         report: CloseReport::default(),
         refusals: Vec::new(),
+        quarantined: Vec::new(),
     };
     let no_points = Vec::new();
     for billing in input.subscriptions {
@@ -329,12 +353,62 @@ pub fn plan_close(
             plan.report.refused += 1;
             plan.refusals.push(refusal);
         }
+        let points = usage.get(&billing.lago_id).unwrap_or(&no_points);
+        // A subscription is planned whole or not at all: on an overflow its
+        // events, windows, numbers and counts are taken back.
+        let before = (
+            plan.events.len(),
+            plan.billed.len(),
+            plan.last_numbers,
+            plan.report,
+        );
+        match plan_subscription(&mut plan, billing, actions, input, points, new_invoice_id) {
+            Ok(()) => {}
+            Err(PlanFailure::Invoice(error)) => return Err(error),
+            Err(PlanFailure::Overflow { issued_at, cause }) => {
+                plan.events.truncate(before.0);
+                plan.billed.truncate(before.1);
+                plan.last_numbers = before.2;
+                plan.report = before.3;
+                plan.report.quarantined += 1;
+                plan.quarantined.push(Quarantine {
+                    subscription_lago_id: billing.lago_id,
+                    external_subscription_id: billing.external_id.clone(),
+                    issued_at,
+                    cause,
+                });
+            }
+        }
+    }
+    Ok(plan)
+}
+
+/// Why one subscription's part of a pass was not planned.
+enum PlanFailure {
+    /// An invoice's amounts overflowed (the subscription is quarantined).
+    Overflow {
+        issued_at: DateTime<Utc>,
+        cause: Overflow,
+    },
+    /// An invoice command was refused (a bug: the pass stops).
+    Invoice(InvoiceError),
+}
+
+/// Plan `actions` of one subscription into `plan`.
+fn plan_subscription(
+    plan: &mut ClosingPlan,
+    billing: &SubscriptionBilling,
+    actions: Vec<Action>,
+    input: &ClosingInput<'_>,
+    points: &[LoggedPoint],
+    new_invoice_id: &mut dyn FnMut() -> Uuid,
+) -> Result<(), PlanFailure> {
+    {
         let mut late_left = input
             .late
             .get(&billing.lago_id)
             .cloned()
             .unwrap_or_default();
-        let points = usage.get(&billing.lago_id).unwrap_or(&no_points);
         for action in actions {
             let (layout, finalize) = match action {
                 Action::Draft(layout) => (layout, false),
@@ -365,24 +439,28 @@ pub fn plan_close(
                 plan.report.drafted += 1;
                 continue;
             }
+            let issued_at = layout.issued_at;
             let computed = compute_invoice(
                 billing,
                 layout,
                 &std::mem::take(&mut late_left),
                 points,
                 input.as_of,
-            );
+            )
+            .map_err(|cause| PlanFailure::Overflow { issued_at, cause })?;
             let counter = &mut plan.last_numbers[usize::from(billing.shadow)];
             *counter += 1;
-            let event = invoice.finalize(InvoiceFinalization {
-                number: invoice_number(input.service, billing.shadow, *counter),
-                sequential_number: *counter,
-                finalized_at: input.now,
-                as_of: input.as_of,
-                fees: computed.fees,
-                taxes: computed.taxes,
-                totals: computed.totals,
-            })?;
+            let event = invoice
+                .finalize(InvoiceFinalization {
+                    number: invoice_number(input.service, billing.shadow, *counter),
+                    sequential_number: *counter,
+                    finalized_at: input.now,
+                    as_of: input.as_of,
+                    fees: computed.fees,
+                    taxes: computed.taxes,
+                    totals: computed.totals,
+                })
+                .map_err(PlanFailure::Invoice)?;
             plan.events.push(PlannedEvent {
                 stream,
                 sequence: invoice.version() + 1,
@@ -395,7 +473,7 @@ pub fn plan_close(
             }
         }
     }
-    Ok(plan)
+    Ok(())
 }
 
 /// The header of `billing`'s invoice laid out by `layout`.
@@ -456,7 +534,7 @@ pub fn compute_invoice(
     late: &[BilledWindow],
     points: &[LoggedPoint],
     as_of: LogPosition,
-) -> ComputedInvoice {
+) -> Checked<ComputedInvoice> {
     let in_window = |window: BillingPeriod, code: &str, upto: LogPosition| -> Vec<&UsagePoint> {
         points
             .iter()
@@ -514,8 +592,8 @@ pub fn compute_invoice(
         &usage,
         &late_windows,
         &billing.tax_rates(),
-    );
-    let (totals, taxes) = invoice_totals(&fees, &billing.taxes);
+    )?;
+    let (totals, taxes) = invoice_totals(&fees, &billing.taxes)?;
     let mut billed: Vec<BilledWindow> = late
         .iter()
         .map(|b| BilledWindow { as_of, ..b.clone() })
@@ -530,14 +608,14 @@ pub fn compute_invoice(
             as_of,
         });
     }
-    ComputedInvoice {
+    Ok(ComputedInvoice {
         layout,
         fees,
         totals,
         taxes,
         as_of,
         billed,
-    }
+    })
 }
 
 #[cfg(test)]
@@ -677,10 +755,18 @@ mod tests {
             billing: &SubscriptionBilling,
             now: &str,
         ) -> (Vec<(Uuid, BillingPeriod)>, ClosingPlan) {
-            let subscriptions = [billing];
+            self.when_closing_all(&[billing], now)
+        }
+
+        /// When the closer passes at `now` over several subscriptions.
+        fn when_closing_all(
+            &self,
+            subscriptions: &[&SubscriptionBilling],
+            now: &str,
+        ) -> (Vec<(Uuid, BillingPeriod)>, ClosingPlan) {
             let input = ClosingInput {
                 service: SERVICE,
-                subscriptions: &subscriptions,
+                subscriptions,
                 invoices: &self.invoices,
                 billed: &self.billed,
                 late: &self.late,
@@ -717,7 +803,7 @@ mod tests {
                 utc(issued),
             ))];
             if finalized {
-                let computed = compute_invoice(billing, layout, &[], &[], at(10));
+                let computed = compute_invoice(billing, layout, &[], &[], at(10)).unwrap();
                 events.push(InvoiceEvent::InvoiceFinalized(InvoiceFinalization {
                     number: invoice_number(SERVICE, false, 1),
                     sequential_number: 1,
@@ -818,7 +904,8 @@ mod tests {
                 drafted: 0,
                 finalized: 1,
                 adjustment_invoices: 0,
-                refused: 0
+                refused: 0,
+                quarantined: 0
             }
         );
     }
@@ -1129,5 +1216,69 @@ mod tests {
             invoice_number(SERVICE, true, 8)
         );
         assert_eq!(plan.last_numbers, [41, 8]);
+    }
+
+    #[test]
+    fn a_subscription_whose_invoice_overflows_is_quarantined_and_the_others_are_billed() {
+        let broken = deployment();
+        let healthy = SubscriptionBilling {
+            lago_id: Uuid::from_u128(3),
+            external_id: "dep_2".into(),
+            ..deployment()
+        };
+        let mut given = Given {
+            last_numbers: [41, 0],
+            ..Given::default()
+        };
+        // Two events at the decimal type's maximum: their sum does not fit.
+        let most = |at_position| LoggedPoint {
+            point: UsagePoint {
+                value: Some(Decimal::MAX),
+                ..cpu("2026-09-10T00:00:00Z", 0, at(at_position)).point
+            },
+            ..cpu("2026-09-10T00:00:00Z", 0, at(at_position))
+        };
+        given.usage.insert(broken.lago_id, vec![most(20), most(21)]);
+        given.usage.insert(
+            healthy.lago_id,
+            vec![cpu("2026-09-10T00:00:00Z", 40_000, at(22))],
+        );
+
+        let (_, plan) = given.when_closing_all(&[&broken, &healthy], "2026-10-01T00:00:01Z");
+
+        assert_eq!(
+            plan.quarantined,
+            vec![Quarantine {
+                subscription_lago_id: broken.lago_id,
+                external_subscription_id: "dep_1".into(),
+                issued_at: utc("2026-10-01T00:00:00Z"),
+                cause: Overflow("usage"),
+            }]
+        );
+        // Nothing of the broken subscription is written, not even its draft;
+        // the healthy one takes the next number.
+        assert_eq!(plan.events.len(), 2);
+        assert!(plan
+            .events
+            .iter()
+            .all(|e| e.stream == healthy.stream_id(utc("2026-10-01T00:00:00Z"))));
+        let finalized = finalization(&plan, 1);
+        assert_eq!(finalized.number, invoice_number(SERVICE, false, 42));
+        // $19.00 + 4,000 CPU-seconds over the quota ($0.008333… → 1¢), 13% HST.
+        assert_eq!(finalized.totals.fees_amount_cents, 1901);
+        assert_eq!(finalized.totals.total_amount_cents, 1901 + 247);
+        assert_eq!(plan.last_numbers, [42, 0]);
+        assert_eq!(plan.billed.len(), 1);
+        assert_eq!(plan.billed[0].subscription_lago_id, healthy.lago_id);
+        assert_eq!(
+            plan.report,
+            CloseReport {
+                drafted: 0,
+                finalized: 1,
+                adjustment_invoices: 0,
+                refused: 0,
+                quarantined: 1
+            }
+        );
     }
 }

@@ -6,11 +6,77 @@
 //! except by [`to_minor_units`], which rounds half away from zero (half-up
 //! for the non-negative amounts billed) to the currency's minor unit, once,
 //! on the fee.
+//!
+//! Every operation is checked: a sum, product or conversion that does not
+//! fit (a decimal holds about 7.9 × 10²⁸, a bill's minor units 9.2 × 10¹⁸)
+//! is an [`Overflow`], never a panic and never a wrapped or saturated
+//! number. The bounds at the door ([`crate::wire::MAX_MAGNITUDE`]) keep
+//! every real bill far from these limits; the checks are what guards a
+//! value that reached the log anyway.
 
 use iso_currency::Currency;
 use rust_decimal::{Decimal, RoundingStrategy};
 
 use crate::charge::{PriceRange, Pricing};
+
+/// A computation of a bill whose result does not fit: the usage or the
+/// amount is beyond what a bill can hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the {0} is beyond what a bill can hold")]
+pub struct Overflow(pub &'static str);
+
+/// The result of a checked computation.
+pub type Checked<T> = Result<T, Overflow>;
+
+/// Checked operations on amounts and units (each names what overflowed).
+pub mod checked {
+    use rust_decimal::Decimal;
+
+    use super::{Checked, Overflow};
+
+    /// `a + b`.
+    pub fn add(a: Decimal, b: Decimal, what: &'static str) -> Checked<Decimal> {
+        a.checked_add(b).ok_or(Overflow(what))
+    }
+
+    /// `a - b`.
+    pub fn sub(a: Decimal, b: Decimal, what: &'static str) -> Checked<Decimal> {
+        a.checked_sub(b).ok_or(Overflow(what))
+    }
+
+    /// `a × b`.
+    pub fn mul(a: Decimal, b: Decimal, what: &'static str) -> Checked<Decimal> {
+        a.checked_mul(b).ok_or(Overflow(what))
+    }
+
+    /// `a ÷ b` (a zero divisor is an overflow too: it has no result).
+    pub fn div(a: Decimal, b: Decimal, what: &'static str) -> Checked<Decimal> {
+        a.checked_div(b).ok_or(Overflow(what))
+    }
+
+    /// The sum of `values`.
+    pub fn sum(values: impl IntoIterator<Item = Decimal>, what: &'static str) -> Checked<Decimal> {
+        values
+            .into_iter()
+            .try_fold(Decimal::ZERO, |total, value| add(total, value, what))
+    }
+
+    /// The sum of amounts in minor units.
+    pub fn sum_minor(values: impl IntoIterator<Item = i64>, what: &'static str) -> Checked<i64> {
+        values.into_iter().try_fold(0i64, |total, value| {
+            total.checked_add(value).ok_or(Overflow(what))
+        })
+    }
+
+    /// `a - b` in minor units.
+    pub fn sub_minor(a: i64, b: i64, what: &'static str) -> Checked<i64> {
+        a.checked_sub(b).ok_or(Overflow(what))
+    }
+}
+
+use checked::{add, div, mul, sub};
+
+const AMOUNT: &str = "charge amount";
 
 /// A period's usage of one charge's metric.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -24,24 +90,27 @@ pub struct ChargeUsage {
 }
 
 /// The precise amount of a charge for `usage`.
-pub fn charge_amount(pricing: &Pricing, usage: &ChargeUsage) -> Decimal {
+pub fn charge_amount(pricing: &Pricing, usage: &ChargeUsage) -> Checked<Decimal> {
     let units = usage.units.max(Decimal::ZERO);
     match pricing {
         Pricing::Standard {
             amount,
             free_units,
             unit_size,
-        } => (units - free_units).max(Decimal::ZERO) * amount / unit_size,
+        } => {
+            let paid = sub(units, *free_units, AMOUNT)?.max(Decimal::ZERO);
+            div(mul(paid, *amount, AMOUNT)?, *unit_size, AMOUNT)
+        }
         Pricing::Package {
             amount,
             free_units,
             package_size,
         } => {
-            let paid = units - free_units;
+            let paid = sub(units, *free_units, AMOUNT)?;
             if paid <= Decimal::ZERO {
-                Decimal::ZERO
+                Ok(Decimal::ZERO)
             } else {
-                (paid / package_size).ceil() * amount
+                mul(div(paid, *package_size, AMOUNT)?.ceil(), *amount, AMOUNT)
             }
         }
         Pricing::Graduated { ranges } => graduated(ranges, units),
@@ -67,11 +136,27 @@ pub fn charge_amount(pricing: &Pricing, usage: &ChargeUsage) -> Decimal {
                     &usage.event_values,
                 )
             } else {
-                let paid_units = (units - free_units_per_total_aggregation.unwrap_or_default())
-                    .max(Decimal::ZERO);
-                let paid_events = (usage.events_count - free_units_per_events.unwrap_or(0)).max(0);
-                paid_units * rate / Decimal::ONE_HUNDRED
-                    + Decimal::from(paid_events) * fixed_amount.unwrap_or_default()
+                let paid_units = sub(
+                    units,
+                    free_units_per_total_aggregation.unwrap_or_default(),
+                    AMOUNT,
+                )?
+                .max(Decimal::ZERO);
+                let paid_events = usage
+                    .events_count
+                    .saturating_sub(free_units_per_events.unwrap_or(0))
+                    .max(0);
+                let share = div(
+                    mul(paid_units, *rate, AMOUNT)?,
+                    Decimal::ONE_HUNDRED,
+                    AMOUNT,
+                )?;
+                let fixed = mul(
+                    Decimal::from(paid_events),
+                    fixed_amount.unwrap_or_default(),
+                    AMOUNT,
+                )?;
+                add(share, fixed, AMOUNT)
             }
         }
     }
@@ -80,7 +165,7 @@ pub fn charge_amount(pricing: &Pricing, usage: &ChargeUsage) -> Decimal {
 /// Each range prices the units above the previous range's `to_value` up to
 /// its own; the flat amount of every range reached is charged, the first
 /// range's even at zero units.
-fn graduated(ranges: &[PriceRange], units: Decimal) -> Decimal {
+fn graduated(ranges: &[PriceRange], units: Decimal) -> Checked<Decimal> {
     let mut total = Decimal::ZERO;
     let mut floor = Decimal::ZERO;
     for (index, range) in ranges.iter().enumerate() {
@@ -88,29 +173,35 @@ fn graduated(ranges: &[PriceRange], units: Decimal) -> Decimal {
             break;
         }
         let ceiling = range.to_value.unwrap_or(Decimal::MAX);
-        let in_range = (units.min(ceiling) - floor).max(Decimal::ZERO);
-        total += range.flat_amount + in_range * range.per_unit_amount;
+        let in_range = sub(units.min(ceiling), floor, AMOUNT)?.max(Decimal::ZERO);
+        let priced = mul(in_range, range.per_unit_amount, AMOUNT)?;
+        total = add(total, add(range.flat_amount, priced, AMOUNT)?, AMOUNT)?;
         match range.to_value {
             Some(to) => floor = to,
             None => break,
         }
     }
-    total
+    Ok(total)
 }
 
 /// The range holding the total prices every unit, plus its flat amount; no
 /// usage costs nothing.
-fn volume(ranges: &[PriceRange], units: Decimal) -> Decimal {
+fn volume(ranges: &[PriceRange], units: Decimal) -> Checked<Decimal> {
     if units.is_zero() {
-        return Decimal::ZERO;
+        return Ok(Decimal::ZERO);
     }
     let range = ranges
         .iter()
         .find(|range| range.to_value.is_none_or(|to| units <= to))
         .or(ranges.last());
-    range.map_or(Decimal::ZERO, |range| {
-        units * range.per_unit_amount + range.flat_amount
-    })
+    match range {
+        None => Ok(Decimal::ZERO),
+        Some(range) => add(
+            mul(units, range.per_unit_amount, AMOUNT)?,
+            range.flat_amount,
+            AMOUNT,
+        ),
+    }
 }
 
 fn percentage_per_event(
@@ -121,15 +212,16 @@ fn percentage_per_event(
     min: Option<Decimal>,
     max: Option<Decimal>,
     values: &[Decimal],
-) -> Decimal {
+) -> Checked<Decimal> {
     let mut free_left = free_total;
     let mut total = Decimal::ZERO;
     for (index, value) in values.iter().enumerate() {
         let free_part = free_left.min(*value).max(Decimal::ZERO);
-        free_left -= free_part;
-        let mut amount = (*value - free_part) * rate / Decimal::ONE_HUNDRED;
+        free_left = sub(free_left, free_part, AMOUNT)?;
+        let paid = sub(*value, free_part, AMOUNT)?;
+        let mut amount = div(mul(paid, rate, AMOUNT)?, Decimal::ONE_HUNDRED, AMOUNT)?;
         if index as i64 >= free_events {
-            amount += fixed_amount;
+            amount = add(amount, fixed_amount, AMOUNT)?;
         }
         if let Some(min) = min {
             amount = amount.max(min);
@@ -137,9 +229,9 @@ fn percentage_per_event(
         if let Some(max) = max {
             amount = amount.min(max);
         }
-        total += amount;
+        total = add(total, amount, AMOUNT)?;
     }
-    total
+    Ok(total)
 }
 
 /// The currency's minor-unit exponent (2 for CAD, 0 for JPY, 3 for KWD).
@@ -152,25 +244,27 @@ pub fn minor_unit_exponent(currency: &str) -> u32 {
 
 /// Round a precise amount to the currency's minor unit, half away from zero,
 /// and express it in minor units (cents).
-pub fn to_minor_units(amount: Decimal, currency: &str) -> i64 {
+pub fn to_minor_units(amount: Decimal, currency: &str) -> Checked<i64> {
     let exponent = minor_unit_exponent(currency);
     let rounded = amount.round_dp_with_strategy(exponent, RoundingStrategy::MidpointAwayFromZero);
-    let minor = rounded * Decimal::from(10i64.pow(exponent));
-    minor.trunc().try_into().unwrap_or(i64::MAX)
+    let minor = mul(rounded, Decimal::from(10i64.pow(exponent)), "amount")?;
+    minor.trunc().try_into().map_err(|_| Overflow("amount"))
 }
 
 /// The tax rule: each of the customer's tax rates applies to the sum of the
 /// (already rounded) fees, in minor units, and is rounded half-up to the
 /// minor unit; the taxes are the sum of those amounts.
-pub fn tax_minor_units(fees_minor_units: i64, rates_percent: &[Decimal]) -> i64 {
-    rates_percent
-        .iter()
-        .map(|rate| {
-            let tax = Decimal::from(fees_minor_units) * rate / Decimal::ONE_HUNDRED;
-            let rounded = tax.round_dp_with_strategy(0, RoundingStrategy::MidpointAwayFromZero);
-            i64::try_from(rounded).unwrap_or(i64::MAX)
-        })
-        .sum()
+pub fn tax_minor_units(fees_minor_units: i64, rates_percent: &[Decimal]) -> Checked<i64> {
+    let taxes = rates_percent.iter().map(|rate| {
+        let tax = div(
+            mul(Decimal::from(fees_minor_units), *rate, "tax")?,
+            Decimal::ONE_HUNDRED,
+            "tax",
+        )?;
+        let rounded = tax.round_dp_with_strategy(0, RoundingStrategy::MidpointAwayFromZero);
+        i64::try_from(rounded).map_err(|_| Overflow("tax"))
+    });
+    checked::sum_minor(taxes.collect::<Checked<Vec<i64>>>()?, "tax")
 }
 
 #[cfg(test)]
@@ -180,6 +274,18 @@ mod tests {
 
     fn d(text: &str) -> Decimal {
         Decimal::from_str(text).unwrap()
+    }
+
+    fn amount_of(pricing: &Pricing, usage: &ChargeUsage) -> Decimal {
+        charge_amount(pricing, usage).expect("fits")
+    }
+
+    fn cents_of(amount: Decimal, currency: &str) -> i64 {
+        to_minor_units(amount, currency).expect("fits")
+    }
+
+    fn tax_of(cents: i64, rates: &[Decimal]) -> i64 {
+        tax_minor_units(cents, rates).expect("fits")
     }
 
     fn usage(units: &str, events: i64) -> ChargeUsage {
@@ -201,18 +307,15 @@ mod tests {
     #[test]
     fn sub_cent_rates_survive_until_the_fee_is_rounded() {
         // 2,400 CPU-seconds over the quota: exactly $0.005, one cent.
-        let amount = charge_amount(&nexacloud(), &usage("38400", 10));
+        let amount = amount_of(&nexacloud(), &usage("38400", 10));
         assert_eq!(amount, d("0.005"));
-        assert_eq!(to_minor_units(amount, "CAD"), 1);
+        assert_eq!(cents_of(amount, "CAD"), 1);
         // 1,000 seconds over: $0.00208333..., zero cents.
-        let amount = charge_amount(&nexacloud(), &usage("37000", 10));
+        let amount = amount_of(&nexacloud(), &usage("37000", 10));
         assert_eq!(amount.round_dp(10), d("0.0020833333"));
-        assert_eq!(to_minor_units(amount, "CAD"), 0);
+        assert_eq!(cents_of(amount, "CAD"), 0);
         // Within the quota: nothing.
-        assert_eq!(
-            charge_amount(&nexacloud(), &usage("36000", 3)),
-            Decimal::ZERO
-        );
+        assert_eq!(amount_of(&nexacloud(), &usage("36000", 3)), Decimal::ZERO);
     }
 
     #[test]
@@ -222,7 +325,7 @@ mod tests {
             free_units: Decimal::ZERO,
             unit_size: Decimal::ONE,
         };
-        assert_eq!(charge_amount(&pricing, &usage("7", 7)), d("1.75"));
+        assert_eq!(amount_of(&pricing, &usage("7", 7)), d("1.75"));
     }
 
     #[test]
@@ -232,10 +335,10 @@ mod tests {
             free_units: d("100"),
             package_size: d("1000"),
         };
-        assert_eq!(charge_amount(&pricing, &usage("100", 1)), d("0"));
-        assert_eq!(charge_amount(&pricing, &usage("101", 1)), d("5"));
-        assert_eq!(charge_amount(&pricing, &usage("1100", 1)), d("5"));
-        assert_eq!(charge_amount(&pricing, &usage("1101", 1)), d("10"));
+        assert_eq!(amount_of(&pricing, &usage("100", 1)), d("0"));
+        assert_eq!(amount_of(&pricing, &usage("101", 1)), d("5"));
+        assert_eq!(amount_of(&pricing, &usage("1100", 1)), d("5"));
+        assert_eq!(amount_of(&pricing, &usage("1101", 1)), d("10"));
     }
 
     fn ranges(spec: &[(i64, Option<i64>, &str, &str)]) -> Vec<PriceRange> {
@@ -259,30 +362,26 @@ mod tests {
             ]),
         };
         assert_eq!(
-            charge_amount(&pricing, &usage("0", 0)),
+            amount_of(&pricing, &usage("0", 0)),
             d("2"),
             "first flat fee even at 0"
         );
         assert_eq!(
-            charge_amount(&pricing, &usage("10", 1)),
+            amount_of(&pricing, &usage("10", 1)),
             d("12"),
             "edge: all in the first range"
         );
         assert_eq!(
-            charge_amount(&pricing, &usage("11", 1)),
+            amount_of(&pricing, &usage("11", 1)),
             d("15.5"),
             "10×1+2 + 1×0.5+3"
         );
         assert_eq!(
-            charge_amount(&pricing, &usage("20", 1)),
+            amount_of(&pricing, &usage("20", 1)),
             d("20"),
             "10×1+2 + 10×0.5+3"
         );
-        assert_eq!(
-            charge_amount(&pricing, &usage("25", 1)),
-            d("20.5"),
-            "+ 5×0.1"
-        );
+        assert_eq!(amount_of(&pricing, &usage("25", 1)), d("20.5"), "+ 5×0.1");
     }
 
     #[test]
@@ -290,13 +389,13 @@ mod tests {
         let pricing = Pricing::Volume {
             ranges: ranges(&[(0, Some(100), "2", "0"), (101, None, "1", "10")]),
         };
-        assert_eq!(charge_amount(&pricing, &usage("0", 0)), d("0"));
+        assert_eq!(amount_of(&pricing, &usage("0", 0)), d("0"));
         assert_eq!(
-            charge_amount(&pricing, &usage("100", 1)),
+            amount_of(&pricing, &usage("100", 1)),
             d("200"),
             "edge: still the first range"
         );
-        assert_eq!(charge_amount(&pricing, &usage("101", 1)), d("111"));
+        assert_eq!(amount_of(&pricing, &usage("101", 1)), d("111"));
     }
 
     #[test]
@@ -310,7 +409,7 @@ mod tests {
             per_transaction_max_amount: None,
         };
         // (1000 - 100) × 2.9% + (5 - 2) × 0.30
-        assert_eq!(charge_amount(&pricing, &usage("1000", 5)), d("27.0"));
+        assert_eq!(amount_of(&pricing, &usage("1000", 5)), d("27.0"));
     }
 
     #[test]
@@ -329,26 +428,64 @@ mod tests {
             event_values: vec![d("10"), d("1000")],
         };
         // 10 → 0.10 raised to 0.50; 1000 → 10 capped at 2.
-        assert_eq!(charge_amount(&pricing, &usage), d("2.50"));
+        assert_eq!(amount_of(&pricing, &usage), d("2.50"));
     }
 
     #[test]
     fn each_tax_rate_applies_to_the_fees_and_rounds_half_up() {
         // 13% HST on $19.01: 247.13 cents → 247.
-        assert_eq!(tax_minor_units(1901, &[d("13")]), 247);
+        assert_eq!(tax_of(1901, &[d("13")]), 247);
         // 13% on $0.50 = 6.5 cents → 7 (half-up).
-        assert_eq!(tax_minor_units(50, &[d("13")]), 7);
+        assert_eq!(tax_of(50, &[d("13")]), 7);
         // GST 5% + QST 9.975% on $100: 500 + 997.5 → 500 + 998.
-        assert_eq!(tax_minor_units(10000, &[d("5"), d("9.975")]), 1498);
-        assert_eq!(tax_minor_units(10000, &[]), 0);
+        assert_eq!(tax_of(10000, &[d("5"), d("9.975")]), 1498);
+        assert_eq!(tax_of(10000, &[]), 0);
     }
 
     #[test]
     fn rounding_is_half_up_to_the_currency_minor_unit() {
-        assert_eq!(to_minor_units(d("0.005"), "USD"), 1);
-        assert_eq!(to_minor_units(d("0.00499999"), "USD"), 0);
-        assert_eq!(to_minor_units(d("10.125"), "CAD"), 1013);
-        assert_eq!(to_minor_units(d("1234.5"), "JPY"), 1235);
-        assert_eq!(to_minor_units(d("1.2345"), "KWD"), 1235);
+        assert_eq!(cents_of(d("0.005"), "USD"), 1);
+        assert_eq!(cents_of(d("0.00499999"), "USD"), 0);
+        assert_eq!(cents_of(d("10.125"), "CAD"), 1013);
+        assert_eq!(cents_of(d("1234.5"), "JPY"), 1235);
+        assert_eq!(cents_of(d("1.2345"), "KWD"), 1235);
+    }
+
+    #[test]
+    fn amounts_beyond_what_a_bill_holds_are_overflows_not_wrapped_numbers() {
+        let cent_per_unit = Pricing::Standard {
+            amount: d("0.01"),
+            free_units: Decimal::ZERO,
+            unit_size: Decimal::ONE,
+        };
+        // 10^21 units at $0.01: $10^19, more cents than an i64 holds.
+        let amount = amount_of(&cent_per_unit, &usage("1000000000000000000000", 1));
+        assert_eq!(amount, d("10000000000000000000"));
+        assert_eq!(to_minor_units(amount, "USD"), Err(Overflow("amount")));
+        // The decimal type's maximum times a price does not fit a decimal.
+        let dollar = Pricing::Standard {
+            amount: d("2"),
+            free_units: Decimal::ZERO,
+            unit_size: Decimal::ONE,
+        };
+        let most = ChargeUsage {
+            units: Decimal::MAX,
+            events_count: 1,
+            event_values: vec![],
+        };
+        assert_eq!(
+            charge_amount(&dollar, &most),
+            Err(Overflow("charge amount"))
+        );
+        // A tax on the largest amount overflows instead of saturating.
+        assert_eq!(tax_minor_units(i64::MAX, &[d("200")]), Err(Overflow("tax")));
+        assert_eq!(
+            tax_minor_units(i64::MAX / 2, &[d("100"), d("100")]),
+            Ok(i64::MAX - 1)
+        );
+        assert_eq!(
+            tax_minor_units(i64::MAX / 2 + 1, &[d("100"), d("100")]),
+            Err(Overflow("tax"))
+        );
     }
 }

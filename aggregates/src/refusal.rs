@@ -82,4 +82,7 @@ pub mod codes {
     pub const ALREADY_EXISTS: &str = "value_already_exist";
     /// A price is not a non-negative decimal string.
     pub const INVALID_AMOUNT: &str = "invalid_amount";
+    /// A number beyond the bounds a bill can hold
+    /// ([`crate::wire::MAX_MAGNITUDE`]).
+    pub const OUT_OF_RANGE: &str = "value_is_out_of_range";
 }

@@ -18,8 +18,11 @@ use uuid::Uuid;
 
 use crate::billable_metric::AggregationType;
 use crate::period::{billing_period_for, BillingPeriod, PeriodRule};
+use crate::pricing::{checked, Checked};
 use crate::refusal::{codes, FieldErrors};
-use crate::wire::{decimal_number_or_string, parse_decimal, MAX_IDENTIFIER_LENGTH};
+use crate::wire::{
+    decimal_number_or_string, nul_in, parse_decimal, valid_identifier, within_bounds,
+};
 
 /// The aggregate type of usage streams.
 pub const USAGE_STREAM_TYPE: &str = "Usage";
@@ -189,9 +192,7 @@ pub fn validate_usage(
     ] {
         match value.as_deref().map(str::trim) {
             None | Some("") => errors.add(field, codes::MANDATORY),
-            Some(text) if text.chars().count() > MAX_IDENTIFIER_LENGTH => {
-                errors.add(field, codes::INVALID)
-            }
+            Some(text) if !valid_identifier(text) => errors.add(field, codes::INVALID),
             Some(_) => {}
         }
     }
@@ -212,6 +213,8 @@ pub fn validate_usage(
     };
     if !(sent.properties.is_null() || sent.properties.is_object()) {
         errors.add("properties", codes::INVALID);
+    } else if let Some(path) = nul_in(&sent.properties, "properties") {
+        errors.add(path, codes::INVALID);
     }
     let Some(subscription) = subscription else {
         if sent
@@ -245,6 +248,9 @@ pub fn validate_usage(
         match metric.aggregation_type {
             AggregationType::CountAgg => {}
             AggregationType::UniqueCountAgg => match property {
+                Some(Value::String(text)) if !valid_identifier(text) => {
+                    errors.add(path, codes::INVALID)
+                }
                 Some(Value::String(text)) if !text.is_empty() => unique_key = Some(text.clone()),
                 Some(Value::Number(number)) => unique_key = Some(number.to_string()),
                 None | Some(Value::Null) => errors.add(path, codes::MANDATORY),
@@ -254,6 +260,7 @@ pub fn validate_usage(
                 None | Some(Value::Null) => errors.add(path, codes::MANDATORY),
                 Some(raw) => match exact_number(raw) {
                     None => errors.add(path, "value_is_not_numeric"),
+                    Some(number) if !within_bounds(number) => errors.add(path, codes::OUT_OF_RANGE),
                     // A weighted sum's values are changes, which may be negative.
                     Some(number)
                         if number.is_sign_negative()
@@ -300,26 +307,53 @@ fn exact_number(value: &Value) -> Option<Decimal> {
 /// event changes a running total by its value; the result is the total's
 /// average over the period, weighted by how long each total held.
 /// `events` must be in time order; `initial` is the total at the start.
+///
+/// Computed exactly (Σ total × milliseconds, divided once by the period's
+/// length) while that fits a decimal; totals so large that it does not are
+/// weighted by their share of the period instead (one rounding per change,
+/// at the 28th significant digit). Only a running total beyond a decimal
+/// overflows.
 pub fn weighted_sum(
     period: BillingPeriod,
     initial: Decimal,
     events: &[(DateTime<Utc>, Decimal)],
-) -> Decimal {
+) -> Checked<Decimal> {
     let length = Decimal::from((period.end - period.start).num_milliseconds());
     if length.is_zero() {
-        return Decimal::ZERO;
+        return Ok(Decimal::ZERO);
     }
+    let exact = running_totals(period, initial, events, |total, held| {
+        checked::mul(total, held, WEIGHTED)
+    })
+    .and_then(|weighted| checked::div(weighted, length, WEIGHTED));
+    exact.or_else(|_| {
+        running_totals(period, initial, events, |total, held| {
+            checked::mul(total, checked::div(held, length, WEIGHTED)?, WEIGHTED)
+        })
+    })
+}
+
+const WEIGHTED: &str = "weighted usage";
+
+/// Σ `weigh(total, milliseconds it held)` over the period.
+fn running_totals(
+    period: BillingPeriod,
+    initial: Decimal,
+    events: &[(DateTime<Utc>, Decimal)],
+    weigh: impl Fn(Decimal, Decimal) -> Checked<Decimal>,
+) -> Checked<Decimal> {
+    let held =
+        |from: DateTime<Utc>, to: DateTime<Utc>| Decimal::from((to - from).num_milliseconds());
     let mut total = initial;
     let mut since = period.start;
     let mut weighted = Decimal::ZERO;
     for (at, change) in events {
         let at = (*at).clamp(period.start, period.end);
-        weighted += total * Decimal::from((at - since).num_milliseconds());
-        total += change;
+        weighted = checked::add(weighted, weigh(total, held(since, at))?, WEIGHTED)?;
+        total = checked::add(total, *change, WEIGHTED)?;
         since = at;
     }
-    weighted += total * Decimal::from((period.end - since).num_milliseconds());
-    weighted / length
+    checked::add(weighted, weigh(total, held(since, period.end))?, WEIGHTED)
 }
 
 #[cfg(test)]
@@ -443,6 +477,50 @@ mod tests {
         );
         assert_eq!(at(Value::Null), Some(now().to_rfc3339()));
         assert_eq!(at(json!("yesterday")), None);
+    }
+
+    #[test]
+    fn hostile_values_are_refused_by_field() {
+        let at = json!(now().timestamp() - 3600);
+        assert_eq!(
+            refused(sent(
+                "cpu_seconds",
+                at.clone(),
+                json!({"cpu_seconds": "79228162514264337593543950335"})
+            )),
+            one("properties.cpu_seconds", "value_is_out_of_range")
+        );
+        assert_eq!(
+            refused(sent(
+                "seats",
+                at.clone(),
+                json!({"delta": "-1000000000000001"})
+            )),
+            one("properties.delta", "value_is_out_of_range")
+        );
+        assert_eq!(
+            refused(sent(
+                "cpu_seconds",
+                at.clone(),
+                json!({"cpu_seconds": 1e21})
+            )),
+            one("properties.cpu_seconds", "value_is_out_of_range")
+        );
+        assert_eq!(
+            refused(sent(
+                "users",
+                at.clone(),
+                json!({"user_id": "u".repeat(100_000)})
+            )),
+            one("properties.user_id", "value_is_invalid")
+        );
+        assert_eq!(
+            refused(sent("calls", at.clone(), json!({"region": "ca\u{0}"}))),
+            one("properties.region", "value_is_invalid")
+        );
+        let mut nul_id = sent("calls", at, json!({}));
+        nul_id.transaction_id = Some("tx\u{0}1".into());
+        assert_eq!(refused(nul_id), one("transaction_id", "value_is_invalid"));
     }
 
     #[test]
@@ -570,7 +648,33 @@ mod tests {
         ];
         assert_eq!(
             weighted_sum(period, Decimal::ZERO, &events),
-            Decimal::from(20)
+            Ok(Decimal::from(20))
+        );
+    }
+
+    #[test]
+    fn a_weighted_sum_of_huge_totals_is_weighted_by_share_and_only_a_total_beyond_a_decimal_overflows(
+    ) {
+        let period = BillingPeriod {
+            start: "2026-11-01T00:00:00Z".parse().unwrap(),
+            end: "2026-12-01T00:00:00Z".parse().unwrap(),
+        };
+        // 6 × 10^20 held for the last 20 of 30 days: total × milliseconds
+        // (2.6 × 10^9) does not fit a decimal, its share of the period does
+        // (⅔, rounded at the 28th significant digit).
+        let huge = Decimal::from(600_000_000_000_000_000_000i128);
+        let events = [("2026-11-11T00:00:00Z".parse().unwrap(), huge)];
+        assert_eq!(
+            weighted_sum(period, Decimal::ZERO, &events).map(|units| units.round_dp(6)),
+            Ok(Decimal::from(400_000_000_000_000_000_000i128))
+        );
+        let beyond = [
+            ("2026-11-02T00:00:00Z".parse().unwrap(), Decimal::MAX),
+            ("2026-11-03T00:00:00Z".parse().unwrap(), Decimal::ONE),
+        ];
+        assert_eq!(
+            weighted_sum(period, Decimal::ZERO, &beyond),
+            Err(crate::pricing::Overflow("weighted usage"))
         );
     }
 }
@@ -628,7 +732,7 @@ pub fn usage_in_window(
     aggregation: AggregationType,
     window: BillingPeriod,
     points: &[&UsagePoint],
-) -> crate::pricing::ChargeUsage {
+) -> Checked<crate::pricing::ChargeUsage> {
     let mut inside: Vec<&UsagePoint> = points
         .iter()
         .copied()
@@ -642,7 +746,8 @@ pub fn usage_in_window(
     let mut unique = std::collections::HashSet::new();
     for point in &inside {
         if let Some(value) = point.value {
-            aggregate.value_sum = Some(aggregate.value_sum.unwrap_or_default() + value);
+            let sum = aggregate.value_sum.unwrap_or_default();
+            aggregate.value_sum = Some(checked::add(sum, value, "usage")?);
             aggregate.value_max = Some(aggregate.value_max.map_or(value, |max| max.max(value)));
         }
         if let Some(key) = &point.unique_key {
@@ -656,13 +761,13 @@ pub fn usage_in_window(
         .map(|p| (p.timestamp, p.value.unwrap_or_default()))
         .collect();
     let weighted = if aggregation == AggregationType::WeightedSumAgg {
-        weighted_sum(window, Decimal::ZERO, &values)
+        weighted_sum(window, Decimal::ZERO, &values)?
     } else {
         Decimal::ZERO
     };
-    crate::pricing::ChargeUsage {
+    Ok(crate::pricing::ChargeUsage {
         units: period_units(aggregation, &aggregate, weighted),
         events_count: aggregate.events_count,
         event_values: values.into_iter().map(|(_, value)| value).collect(),
-    }
+    })
 }

@@ -2,6 +2,18 @@
 //! domain values, recording a field error instead of guessing. Prices must
 //! be decimal strings, never JSON numbers (a float has already lost digits
 //! by the time it is a number); they are parsed exactly, never through f64.
+//!
+//! # Bounds
+//!
+//! Every number a client sends — usage values, prices, rates, units, range
+//! bounds, amounts in cents — has a magnitude of at most [`MAX_MAGNITUDE`]
+//! (10¹⁵), and every string is free of NUL characters and, for identifiers,
+//! at most [`MAX_IDENTIFIER_LENGTH`] characters. At 10¹⁵ per event, a
+//! period's sum stays inside a decimal (7.9 × 10²⁸) for 79 trillion events,
+//! and one event's amount at the largest price still fits a bill's minor
+//! units. Sums over many events at once can still exceed what a bill holds:
+//! the pricing arithmetic is checked (`crate::pricing`) and such a
+//! subscription is quarantined, never billed a wrong amount.
 
 use std::str::FromStr;
 
@@ -21,14 +33,54 @@ pub fn required_string(errors: &mut FieldErrors, field: &str, value: &Option<Str
     }
 }
 
-/// The longest identifier (code, external id) accepted: they are keys of
-/// indexes, and nobody's real identifier is longer.
+/// The longest identifier (code, external id, unique-count key) accepted:
+/// they are keys of indexes, and nobody's real identifier is longer.
 pub const MAX_IDENTIFIER_LENGTH: usize = 255;
 
-/// A required identifier: non-blank and at most [`MAX_IDENTIFIER_LENGTH`].
+/// The largest magnitude of any number a client sends (10¹⁵).
+pub const MAX_MAGNITUDE: i64 = 1_000_000_000_000_000;
+
+/// Whether `value` is within [`MAX_MAGNITUDE`].
+pub fn within_bounds(value: Decimal) -> bool {
+    value.abs() <= Decimal::from(MAX_MAGNITUDE)
+}
+
+/// Whether `text` can be an identifier: no NUL, at most
+/// [`MAX_IDENTIFIER_LENGTH`] characters.
+pub fn valid_identifier(text: &str) -> bool {
+    !text.contains('\0') && text.chars().count() <= MAX_IDENTIFIER_LENGTH
+}
+
+/// The first place in `value` (a JSON path below `field`) where a string or
+/// a key holds a NUL character: PostgreSQL's text cannot store one.
+pub fn nul_in(value: &Value, field: &str) -> Option<String> {
+    match value {
+        Value::String(text) => text.contains('\0').then(|| field.to_string()),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(index, item)| nul_in(item, &format!("{field}[{index}]"))),
+        Value::Object(members) => members.iter().find_map(|(key, item)| {
+            let path = if field.is_empty() {
+                key.replace('\0', "\\u0000")
+            } else {
+                format!("{field}.{}", key.replace('\0', "\\u0000"))
+            };
+            if key.contains('\0') {
+                Some(path)
+            } else {
+                nul_in(item, &path)
+            }
+        }),
+        _ => None,
+    }
+}
+
+/// A required identifier: non-blank, without NUL, at most
+/// [`MAX_IDENTIFIER_LENGTH`].
 pub fn identifier(errors: &mut FieldErrors, field: &str, value: &Option<String>) -> String {
     let text = required_string(errors, field, value);
-    if text.chars().count() > MAX_IDENTIFIER_LENGTH {
+    if !valid_identifier(&text) {
         errors.add(field, codes::INVALID);
     }
     text
@@ -42,6 +94,10 @@ pub fn price(errors: &mut FieldErrors, field: &str, value: Option<&Value>) -> Op
             None
         }
         Some(Value::String(text)) => match parse_decimal(text) {
+            Some(amount) if !within_bounds(amount) => {
+                errors.add(field, codes::OUT_OF_RANGE);
+                None
+            }
             Some(amount) if amount >= Decimal::ZERO => Some(amount),
             _ => {
                 errors.add(field, codes::INVALID_AMOUNT);
@@ -67,8 +123,15 @@ pub fn optional_price(
     }
 }
 
-/// A decimal sent as a JSON number or string, exactly as written.
+/// A decimal sent as a JSON number or string, exactly as written, within
+/// [`MAX_MAGNITUDE`].
 pub fn decimal_number_or_string(value: &Value) -> Option<Decimal> {
+    unbounded_decimal(value).filter(|d| within_bounds(*d))
+}
+
+/// A decimal sent as a JSON number or string, exactly as written, of any
+/// size (the caller applies the bounds and names the refusal).
+pub fn unbounded_decimal(value: &Value) -> Option<Decimal> {
     match value {
         Value::Number(number) => parse_decimal(&number.to_string()),
         Value::String(text) => parse_decimal(text),
@@ -88,8 +151,13 @@ pub fn parse_decimal(text: &str) -> Option<Decimal> {
         .map(|d| d.normalize())
 }
 
-/// A whole number sent as a JSON number or a numeric string.
+/// A whole number sent as a JSON number or a numeric string, within
+/// [`MAX_MAGNITUDE`].
 pub fn whole_number(value: &Value) -> Option<i64> {
+    unbounded_whole_number(value).filter(|n| n.unsigned_abs() <= MAX_MAGNITUDE as u64)
+}
+
+fn unbounded_whole_number(value: &Value) -> Option<i64> {
     match value {
         Value::Number(number) => number.as_i64().or_else(|| {
             let exact = parse_decimal(&number.to_string())?;
@@ -163,5 +231,50 @@ mod tests {
             decimal_number_or_string(&value).unwrap().to_string(),
             "13.000000000000000001"
         );
+    }
+
+    #[test]
+    fn numbers_beyond_the_bounds_are_refused() {
+        let mut errors = FieldErrors::default();
+        assert_eq!(
+            price(&mut errors, "amount", Some(&json!("1000000000000000"))),
+            Some(Decimal::from(MAX_MAGNITUDE))
+        );
+        assert_eq!(
+            price(&mut errors, "amount", Some(&json!("1000000000000000.01"))),
+            None
+        );
+        assert_eq!(
+            errors.fields()["amount"],
+            vec![codes::OUT_OF_RANGE.to_string()]
+        );
+        assert_eq!(
+            whole_number(&json!(1_000_000_000_000_000i64)),
+            Some(MAX_MAGNITUDE)
+        );
+        assert_eq!(whole_number(&json!(1_000_000_000_000_001i64)), None);
+        assert_eq!(whole_number(&json!(i64::MIN)), None);
+        assert_eq!(
+            decimal_number_or_string(&json!("79228162514264337593543950335")),
+            None
+        );
+        assert_eq!(
+            unbounded_decimal(&json!("79228162514264337593543950335")),
+            Some(Decimal::MAX)
+        );
+    }
+
+    #[test]
+    fn nul_characters_are_found_by_path() {
+        let body = json!({"event": {"code": "cpu", "properties": {"region": "ca\u{0}", "ok": 1}}});
+        assert_eq!(nul_in(&body, ""), Some("event.properties.region".into()));
+        let key = json!({"event": {"properties": {"a\u{0}b": 1}}});
+        assert_eq!(nul_in(&key, ""), Some("event.properties.a\\u0000b".into()));
+        let batch = json!({"events": [{"transaction_id": "t1"}, {"transaction_id": "t\u{0}"}]});
+        assert_eq!(nul_in(&batch, ""), Some("events[1].transaction_id".into()));
+        assert_eq!(nul_in(&json!({"a": ["x", {"b": "y"}]}), ""), None);
+        assert!(!valid_identifier("a\u{0}b"));
+        assert!(!valid_identifier(&"x".repeat(256)));
+        assert!(valid_identifier(&"x".repeat(255)));
     }
 }

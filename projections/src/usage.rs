@@ -67,6 +67,9 @@ struct Group {
     value_sum: Option<Decimal>,
     value_max: Option<Decimal>,
     latest: (DateTime<Utc>, i64, Option<Decimal>),
+    /// The sum no longer fits a decimal: the values that would overflow it
+    /// are left out and the aggregate is marked (billing refuses it).
+    overflowed: bool,
 }
 
 type GroupKey = (Uuid, String, DateTime<Utc>);
@@ -87,10 +90,14 @@ fn fold_groups(facts: &[(&UsageFacts, i64)]) -> BTreeMap<GroupKey, Group> {
             value_sum: None,
             value_max: None,
             latest,
+            overflowed: false,
         });
         group.events_count += 1;
         if let Some(value) = fact.value {
-            group.value_sum = Some(group.value_sum.unwrap_or_default() + value);
+            match group.value_sum.unwrap_or_default().checked_add(value) {
+                Some(sum) => group.value_sum = Some(sum),
+                None => group.overflowed = true,
+            }
             group.value_max = Some(group.value_max.map_or(value, |max| max.max(value)));
         }
         if (latest.0, latest.1) > (group.latest.0, group.latest.1) {
@@ -106,13 +113,17 @@ async fn upsert_aggregates(
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO usage_aggregates AS a (subscription_lago_id, metric_code, period_start, period_end, \
-         events_count, value_sum, value_max, latest_value, latest_timestamp, latest_position) \
+         events_count, value_sum, value_max, latest_value, latest_timestamp, latest_position, overflowed) \
          SELECT * FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::bigint[], \
-                              $6::numeric[], $7::numeric[], $8::numeric[], $9::timestamptz[], $10::bigint[]) \
+                              $6::numeric[], $7::numeric[], $8::numeric[], $9::timestamptz[], $10::bigint[], \
+                              $11::boolean[]) \
          ON CONFLICT (subscription_lago_id, metric_code, period_start) DO UPDATE SET \
            events_count = a.events_count + EXCLUDED.events_count, \
            value_sum = CASE WHEN EXCLUDED.value_sum IS NULL THEN a.value_sum \
+                            WHEN abs(coalesce(a.value_sum, 0) + EXCLUDED.value_sum) > $12 THEN a.value_sum \
                             ELSE coalesce(a.value_sum, 0) + EXCLUDED.value_sum END, \
+           overflowed = a.overflowed OR EXCLUDED.overflowed \
+                        OR abs(coalesce(a.value_sum, 0) + coalesce(EXCLUDED.value_sum, 0)) > $12, \
            value_max = GREATEST(a.value_max, EXCLUDED.value_max), \
            latest_value = CASE WHEN (EXCLUDED.latest_timestamp, EXCLUDED.latest_position) \
                                     > (a.latest_timestamp, a.latest_position) \
@@ -132,6 +143,8 @@ async fn upsert_aggregates(
     .bind(groups.values().map(|g| g.latest.2).collect::<Vec<_>>())
     .bind(groups.values().map(|g| g.latest.0).collect::<Vec<_>>())
     .bind(groups.values().map(|g| g.latest.1).collect::<Vec<_>>())
+    .bind(groups.values().map(|g| g.overflowed).collect::<Vec<_>>())
+    .bind(Decimal::MAX)
     .execute(conn)
     .await?;
     Ok(())

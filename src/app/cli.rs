@@ -471,6 +471,7 @@ async fn serve(config: &DatabaseConfig, settings: ServeSettings) -> anyhow::Resu
             close_interval: settings.close_interval,
             seal_interval: std::time::Duration::from_secs(60),
             background: BackgroundTasks::ALL,
+            connections: crate::app::server::ConnectionLimits::default(),
         },
     )
     .await?;
@@ -589,6 +590,14 @@ async fn projections(database: &Database, command: ProjectionsCommand) -> anyhow
                         .updated_at
                         .map(|at| at.to_rfc3339())
                         .unwrap_or_else(|| "never".into())
+                );
+            }
+            let quarantined = crate::invoicing::quarantine::quarantined(&database.pool).await?;
+            println!("\nquarantined subscriptions (not billed): {}", quarantined.len());
+            for q in quarantined {
+                println!(
+                    "{:<16} {:<32} found by {:<7} {}",
+                    q.service, q.external_subscription_id, q.found_by, q.reason
                 );
             }
         }

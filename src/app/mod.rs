@@ -3,6 +3,8 @@
 //! (tests, the demo) can start it on port 0 and read the real address.
 
 pub mod cli;
+pub mod server;
+pub mod supervisor;
 pub mod telemetry;
 
 use std::future::Future;
@@ -14,6 +16,7 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::app::supervisor::supervise;
 use crate::event_log::projection_runner::ProjectionRunner;
 use crate::event_log::tamper::run_sealer;
 use crate::http::admin::AdminKey;
@@ -71,6 +74,8 @@ pub struct Settings {
     pub seal_interval: Duration,
     /// Which background tasks run.
     pub background: BackgroundTasks,
+    /// Header-read and idle timeouts of client connections.
+    pub connections: server::ConnectionLimits,
 }
 
 impl Settings {
@@ -84,6 +89,7 @@ impl Settings {
             close_interval: Duration::from_secs(60),
             seal_interval: Duration::from_secs(60),
             background,
+            connections: server::ConnectionLimits::default(),
         }
     }
 }
@@ -138,37 +144,62 @@ impl Application {
         let pool = state.pool.clone();
         let (stop_tasks, tasks_stopped) = watch::channel(false);
         let mut tasks = Vec::new();
+        // A task is stalled when it has not completed a pass for this long.
+        let stall = |interval: Duration| interval * 3 + Duration::from_secs(30);
         if settings.background.projections {
-            let runner = ProjectionRunner::for_all(pool.clone()).await?;
-            tasks.push(tokio::spawn(
-                runner.run(tasks_stopped.clone(), state.usage_appended.clone()),
-            ));
+            let health = state.tasks.register("projections", stall(Duration::from_secs(1)));
+            let (pool, stopped, appended) = (
+                pool.clone(),
+                tasks_stopped.clone(),
+                state.usage_appended.clone(),
+            );
+            tasks.push(supervise(health, tasks_stopped.clone(), move |health| {
+                let (pool, stopped, appended) = (pool.clone(), stopped.clone(), appended.clone());
+                async move {
+                    match ProjectionRunner::for_all(pool).await {
+                        Ok(runner) => runner.run(stopped, appended, health).await,
+                        Err(error) => health.failed(&error),
+                    }
+                }
+            }));
         }
         if settings.background.closer {
-            let closer = PeriodCloser {
-                pool: pool.clone(),
-                runner: ProjectionRunner::for_all(pool.clone()).await?,
-                acceptance_window: settings.usage_limits.acceptance_window,
-                interval: settings.close_interval,
-            };
-            tasks.push(tokio::spawn(closer.run(tasks_stopped.clone())));
+            let health = state.tasks.register("closer", stall(settings.close_interval));
+            let (pool, stopped) = (pool.clone(), tasks_stopped.clone());
+            let (acceptance_window, interval) =
+                (settings.usage_limits.acceptance_window, settings.close_interval);
+            tasks.push(supervise(health, tasks_stopped.clone(), move |health| {
+                let (pool, stopped) = (pool.clone(), stopped.clone());
+                async move {
+                    match ProjectionRunner::for_all(pool.clone()).await {
+                        Ok(runner) => {
+                            let closer = PeriodCloser {
+                                pool,
+                                runner,
+                                acceptance_window,
+                                interval,
+                            };
+                            closer.run(stopped, health).await
+                        }
+                        Err(error) => health.failed(&error),
+                    }
+                }
+            }));
         }
         if settings.background.sealer {
-            tasks.push(tokio::spawn(run_sealer(
-                pool.clone(),
-                settings.seal_interval,
-                tasks_stopped.clone(),
-            )));
+            let health = state.tasks.register("sealer", stall(settings.seal_interval));
+            let (pool, stopped, interval) =
+                (pool.clone(), tasks_stopped.clone(), settings.seal_interval);
+            tasks.push(supervise(health, tasks_stopped.clone(), move |health| {
+                run_sealer(pool.clone(), interval, stopped.clone(), health)
+            }));
         }
-        let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await;
+        server::serve(listener, http::router(state), settings.connections, shutdown).await;
         let _ = stop_tasks.send(true);
         for task in tasks {
             let _ = task.await;
         }
-        Ok(served?)
+        Ok(())
     }
 
     /// Run in the background of this process (the demo, the benchmarks and

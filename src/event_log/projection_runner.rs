@@ -267,7 +267,12 @@ impl ProjectionRunner {
     /// appended by this process, which does not notify), or by polling.
     /// A wake for usage advances only the projections that read usage; the
     /// others pass over it at least every [`POLL_INTERVAL`].
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>, appended: Arc<Notify>) {
+    pub async fn run(
+        self,
+        mut shutdown: watch::Receiver<bool>,
+        appended: Arc<Notify>,
+        health: crate::app::supervisor::TaskHealth,
+    ) {
         let mut listener = None;
         let mut usage_only = false;
         let mut last_full_pass = tokio::time::Instant::now();
@@ -280,11 +285,19 @@ impl ProjectionRunner {
             };
             usage_only = false;
             let wait = match pass {
-                Ok((_, true)) => HELD_BACK_RETRY,
-                Ok((_, false)) => POLL_INTERVAL,
+                Ok((_, held_back)) => {
+                    health.succeeded();
+                    if held_back {
+                        HELD_BACK_RETRY
+                    } else {
+                        POLL_INTERVAL
+                    }
+                }
                 Err(error) => {
-                    tracing::error!(%error, "projection runner failed; retrying");
-                    POLL_INTERVAL
+                    health.failed(&format!("projection runner failed: {error}"));
+                    // Reconnect the notifications too: the database may have restarted.
+                    listener = None;
+                    health.next_wait(POLL_INTERVAL * 5)
                 }
             };
             if listener.is_none() {
@@ -320,8 +333,18 @@ impl ProjectionRunner {
     }
 }
 
+/// Listen for appended events on a connection of its own, never one of the
+/// pool's: after the database restarts, a pooled connection that had
+/// listened could go back to the pool still receiving notifications, and
+/// every query on it would then fail.
 async fn listen(pool: &PgPool) -> Option<PgListener> {
-    let mut listener = PgListener::connect_with(pool).await.ok()?;
+    let options = pool.connect_options().as_ref().clone();
+    let own = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .min_connections(0)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy_with(options);
+    let mut listener = PgListener::connect_with(&own).await.ok()?;
     listener.listen(APPENDED_CHANNEL).await.ok()?;
     Some(listener)
 }
@@ -418,12 +441,21 @@ pub async fn reset(pool: &PgPool, projection: &dyn Projection) -> Result<(), sql
     tx.commit().await
 }
 
+/// The longest identifier PostgreSQL keeps (longer ones are cut, silently).
+const MAX_SCHEMA_NAME: usize = 63;
+
 /// Why a side-by-side rebuild was refused or failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RebuildError {
-    /// The schema name is not a plain lower-case identifier, or is `public`.
-    #[error("'{0}' is not a schema a rebuild may write to (lower-case letters, digits and _, not public)")]
-    InvalidSchema(String),
+    /// The schema name cannot be a rebuild's: not a plain lower-case
+    /// identifier, a system schema, a reserved word or too long.
+    #[error("'{name}' is not a schema a rebuild may write to: {why}")]
+    InvalidSchema {
+        /// The name asked for.
+        name: String,
+        /// Why not.
+        why: &'static str,
+    },
     /// A projection's fold or tables failed.
     #[error(transparent)]
     Projection(#[from] ProjectionError),
@@ -446,6 +478,46 @@ pub async fn rebuild_into(
     rebuild_into_upto(pool, projections, schema, None).await
 }
 
+/// Refuse a schema a rebuild must not write to: anything but lower-case
+/// letters, digits and `_` (not first a digit), the system schemas
+/// (`pg_*`, `information_schema`) and `public` (the live tables), a word
+/// PostgreSQL reserves, or a name longer than it keeps.
+async fn check_schema_name(
+    conn: &mut sqlx::PgConnection,
+    schema: &str,
+) -> Result<(), RebuildError> {
+    let refuse = |why| {
+        Err(RebuildError::InvalidSchema {
+            name: schema.to_string(),
+            why,
+        })
+    };
+    let plain = !schema.is_empty()
+        && schema
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && !schema.starts_with(|c: char| c.is_ascii_digit());
+    if !plain {
+        return refuse("use lower-case letters, digits and _, not starting with a digit");
+    }
+    if schema.len() > MAX_SCHEMA_NAME {
+        return refuse("longer than the 63 characters PostgreSQL keeps");
+    }
+    if schema == "public" || schema == "information_schema" || schema.starts_with("pg_") {
+        return refuse("a system schema, or public (the live tables)");
+    }
+    let reserved: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_get_keywords() WHERE word = $1 AND catcode IN ('R', 'T'))",
+    )
+    .bind(schema)
+    .fetch_one(&mut *conn)
+    .await?;
+    if reserved {
+        return refuse("a word PostgreSQL reserves");
+    }
+    Ok(())
+}
+
 /// [`rebuild_into`], folding only the log up to `upto` (inclusive): the
 /// projections as they stood at that point of the log.
 pub async fn rebuild_into_upto(
@@ -454,17 +526,8 @@ pub async fn rebuild_into_upto(
     schema: &str,
     upto: Option<LogPosition>,
 ) -> Result<(usize, LogPosition), RebuildError> {
-    let valid = !schema.is_empty()
-        && schema != "public"
-        && !schema.starts_with("pg_")
-        && schema
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-        && !schema.starts_with(|c: char| c.is_ascii_digit());
-    if !valid {
-        return Err(RebuildError::InvalidSchema(schema.to_string()));
-    }
     let mut conn = pool.acquire().await?;
+    check_schema_name(&mut conn, schema).await?;
     let mut ddl = format!("CREATE SCHEMA IF NOT EXISTS {schema};");
     for projection in projections {
         for table in projection.tables() {

@@ -323,13 +323,15 @@ pub async fn run_sealer(
     pool: PgPool,
     interval: std::time::Duration,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
+    health: crate::app::supervisor::TaskHealth,
 ) {
     loop {
-        if let Err(error) = seal(&pool).await {
-            tracing::error!(error = %error, "sealing the log failed");
+        match seal(&pool).await {
+            Ok(_) => health.succeeded(),
+            Err(error) => health.failed(&format!("sealing the log failed: {error}")),
         }
         tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::time::sleep(health.next_wait(interval)) => {}
             _ = shutdown.changed() => return,
         }
     }

@@ -85,6 +85,13 @@ pub fn router() -> Router<AppState> {
         .route("/services/{code}/api_keys/{key_id}", delete(revoke_api_key))
         .route("/invoices/{lago_id}/explain", get(explain_invoice))
         .route("/replay", get(replay_period))
+        .route("/quarantine", get(list_quarantine))
+}
+
+/// The subscriptions billing cannot price, with why (every service).
+async fn list_quarantine(_: Operator, State(state): State<AppState>) -> ApiResult<Json<Value>> {
+    let quarantined = crate::invoicing::quarantine::quarantined(&state.pool).await?;
+    Ok(Json(serde_json::json!({ "quarantined_subscriptions": quarantined })))
 }
 
 #[derive(Debug, Deserialize)]

@@ -14,6 +14,8 @@ use axum::Json;
 use cqrs_es::AggregateError;
 use serde_json::json;
 
+use crate::postgres as database;
+
 /// `Result` with the API's error.
 pub type ApiResult<T, E = ApiError> = Result<T, E>;
 
@@ -23,6 +25,20 @@ pub enum ApiError {
     /// Malformed JSON, a missing root key, bad query parameters.
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// A path segment or query parameter that cannot be a value (a NUL).
+    #[error("bad parameter {field}: {code}")]
+    BadParameter {
+        /// `path`, or the query parameter's name.
+        field: String,
+        /// Why.
+        code: &'static str,
+    },
+    /// The body is larger than the API accepts.
+    #[error("payload too large")]
+    PayloadTooLarge,
+    /// The body is not JSON (`Content-Type` must be `application/json`).
+    #[error("unsupported media type")]
+    UnsupportedMediaType,
     /// No key, or an unknown or revoked one (Lago's 401).
     #[error("unauthorized")]
     Unauthorized,
@@ -38,9 +54,22 @@ pub enum ApiError {
     /// A state transition the resource's status does not allow (Lago's 405).
     #[error("invalid status")]
     InvalidStatus,
+    /// The subscription's usage or amounts are beyond what a bill can hold
+    /// (values in the log from before the bounds at the door): it is
+    /// quarantined, and the reason is shown.
+    #[error("unbillable: {reason}")]
+    Unbillable {
+        /// The field naming the subscription.
+        field: &'static str,
+        /// What overflowed.
+        reason: String,
+    },
     /// Another writer changed the resource at the same moment, repeatedly.
     #[error("conflict")]
     Conflict,
+    /// The database cannot be reached right now: retry (503, `Retry-After`).
+    #[error("database unavailable")]
+    Unavailable,
     /// Anything the client did not cause: logged, answered with a generic 500.
     #[error(transparent)]
     Unexpected(#[from] anyhow::Error),
@@ -64,6 +93,21 @@ impl IntoResponse for ApiError {
                 json!({"status": 400, "error": "Bad Request", "code": "bad_request",
                        "error_details": {"body": [reason]}}),
             ),
+            ApiError::BadParameter { field, code } => (
+                StatusCode::BAD_REQUEST,
+                json!({"status": 400, "error": "Bad Request", "code": "bad_request",
+                       "error_details": {field.as_str(): [code]}}),
+            ),
+            ApiError::PayloadTooLarge => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                json!({"status": 413, "error": "Payload Too Large", "code": "payload_too_large",
+                       "error_details": {"body": ["larger_than_2_mib"]}}),
+            ),
+            ApiError::UnsupportedMediaType => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                json!({"status": 415, "error": "Unsupported Media Type", "code": "unsupported_media_type",
+                       "error_details": {"content_type": ["expected_application_json"]}}),
+            ),
             ApiError::Unauthorized => (
                 StatusCode::UNAUTHORIZED,
                 json!({"status": 401, "error": "Unauthorized"}),
@@ -86,10 +130,20 @@ impl IntoResponse for ApiError {
                 StatusCode::METHOD_NOT_ALLOWED,
                 json!({"status": 405, "error": "Method Not Allowed", "code": "invalid_status"}),
             ),
+            ApiError::Unbillable { field, reason } => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                json!({"status": 422, "error": "Unprocessable Entity", "code": "subscription_quarantined",
+                       "error_details": {*field: ["subscription_quarantined"]}, "reason": reason}),
+            ),
             ApiError::Conflict => (
                 StatusCode::CONFLICT,
                 json!({"status": 409, "error": "Conflict", "code": "concurrent_modification"}),
             ),
+            ApiError::Unavailable => return unavailable(),
+            ApiError::Unexpected(error) if database::caused_by_unavailable(error) => {
+                tracing::warn!(error = format!("{error:#}"), "database unavailable");
+                return unavailable();
+            }
             ApiError::Unexpected(error) => {
                 tracing::error!(error = format!("{error:#}"), "request failed unexpectedly");
                 (
@@ -102,8 +156,24 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// How long a client is told to wait before retrying during an outage.
+const RETRY_AFTER_SECONDS: &str = "1";
+
+fn unavailable() -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [(axum::http::header::RETRY_AFTER, RETRY_AFTER_SECONDS)],
+        Json(json!({"status": 503, "error": "Service Unavailable", "code": "database_unavailable"})),
+    )
+        .into_response()
+}
+
 impl From<sqlx::Error> for ApiError {
     fn from(error: sqlx::Error) -> Self {
+        if database::is_unavailable(&error) {
+            tracing::warn!(%error, "database unavailable");
+            return ApiError::Unavailable;
+        }
         ApiError::Unexpected(anyhow::Error::new(error).context("database query failed"))
     }
 }

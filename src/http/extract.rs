@@ -2,16 +2,26 @@
 
 use std::net::SocketAddr;
 
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use aggregates::refusal::codes;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, FailedToBufferBody, QueryRejection};
 use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
+use axum::http::header::CONTENT_TYPE;
 use axum::http::request::Parts;
+use axum::http::HeaderMap;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde_json::Value;
 use chrono::Utc;
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
 use crate::event_log::store::{Actor, CommandMetadata};
 
-/// JSON body; malformed JSON or a missing root key is a 400 with the reason.
+/// JSON body. Not JSON (`Content-Type`) is a 415, beyond the body limit a
+/// 413, malformed JSON or a missing root key a 400 with the reason, and a
+/// NUL character in any string or key a 422 naming its path (PostgreSQL's
+/// text cannot hold one, and nothing a client means contains one).
 pub struct LagoJson<T>(pub T);
 
 impl<S, T> FromRequest<S> for LagoJson<T>
@@ -22,11 +32,68 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        axum::Json::<T>::from_request(req, state)
+        if !json_content_type(req.headers()) {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+        let body = Bytes::from_request(req, state)
             .await
-            .map(|axum::Json(value)| LagoJson(value))
-            .map_err(|rejection: JsonRejection| ApiError::BadRequest(rejection.body_text()))
+            .map_err(|rejection| match rejection {
+                BytesRejection::FailedToBufferBody(FailedToBufferBody::LengthLimitError(_)) => {
+                    ApiError::PayloadTooLarge
+                }
+                other => ApiError::BadRequest(other.body_text()),
+            })?;
+        let malformed = |error: serde_json::Error| {
+            ApiError::BadRequest(format!("Failed to parse the request body as JSON: {error}"))
+        };
+        // A NUL can only arrive escaped: look for the escape before paying
+        // for a walk over the whole document.
+        if memchr::memmem::find(&body, b"\\u0000").is_some() {
+            let value: Value = serde_json::from_slice(&body).map_err(malformed)?;
+            if let Some(path) = aggregates::wire::nul_in(&value, "") {
+                return Err(ApiError::invalid(&path, codes::INVALID));
+            }
+            return serde_json::from_value(value).map(LagoJson).map_err(malformed);
+        }
+        serde_json::from_slice(&body).map(LagoJson).map_err(malformed)
     }
+}
+
+/// `application/json`, or any `application/…+json`, parameters aside.
+fn json_content_type(headers: &HeaderMap) -> bool {
+    let Some(value) = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or_default().trim();
+    let essence = essence.to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+/// Refuse a NUL in the path or the query string (percent-encoded `%00`)
+/// with a 400 naming `path` or the parameter, before any handler runs.
+pub async fn refuse_nul(request: Request, next: Next) -> Response {
+    let uri = request.uri();
+    let encoded_nul = |text: &str| memchr::memmem::find(text.as_bytes(), b"%00").is_some();
+    if encoded_nul(uri.path()) {
+        return bad_parameter("path".into());
+    }
+    if let Some(query) = uri.query() {
+        let refused = form_urlencoded::parse(query.as_bytes())
+            .find(|(key, value)| key.contains('\0') || value.contains('\0'));
+        if let Some((key, _)) = refused {
+            return bad_parameter(key.replace('\0', "\\u0000"));
+        }
+    }
+    next.run(request).await
+}
+
+fn bad_parameter(field: String) -> Response {
+    ApiError::BadParameter {
+        field,
+        code: codes::INVALID,
+    }
+    .into_response()
 }
 
 /// Query string; a malformed one is a 400 with the reason.

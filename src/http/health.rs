@@ -9,6 +9,7 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use super::AppState;
+use crate::app::supervisor::TaskState;
 use crate::event_log::projection_runner;
 use crate::postgres as database;
 
@@ -28,36 +29,58 @@ async fn health() -> Json<Value> {
 }
 
 /// Ready to serve: the database answers, every migration is applied, and
-/// each projection's lag is reported.
+/// every background task of the process is running with a recent pass
+/// (a failing, restarting or stalled task makes it 503: billing has
+/// stopped). Each projection's lag and the quarantined subscriptions are
+/// reported.
 async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     let check = async {
         let migrations_applied = database::migrations_applied(&state.pool).await?;
         let projections = projection_runner::status(&state.pool).await?;
-        Ok::<_, sqlx::Error>((migrations_applied, projections))
+        let quarantined: i64 = sqlx::query_scalar(
+            "SELECT (SELECT count(*) FROM billing_quarantine) + \
+                    (SELECT count(DISTINCT subscription_lago_id) FROM usage_aggregates WHERE overflowed)",
+        )
+        .fetch_one(&state.pool)
+        .await?;
+        Ok::<_, sqlx::Error>((migrations_applied, projections, quarantined))
     };
+    let tasks = state.tasks.snapshot();
+    let now = chrono::Utc::now();
+    let tasks_healthy = tasks.iter().all(|task| task.healthy(now));
     match tokio::time::timeout(READY_TIMEOUT, check).await {
-        Ok(Ok((true, projections))) => (
-            StatusCode::OK,
-            Json(
-                json!({"status": "ready", "database": "reachable", "migrations": "applied",
-                        "projections": projections}),
-            ),
-        ),
-        Ok(Ok((false, _))) => (
+        Ok(Ok((true, projections, quarantined))) => {
+            let status = if tasks_healthy {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            (
+                status,
+                Json(json!({
+                    "status": if tasks_healthy { "ready" } else { "not_ready" },
+                    "database": "reachable", "migrations": "applied",
+                    "tasks": tasks, "projections": projections,
+                    "quarantined_subscriptions": quarantined,
+                })),
+            )
+        }
+        Ok(Ok((false, _, _))) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "not_ready", "database": "reachable", "migrations": "pending"})),
+            Json(json!({"status": "not_ready", "database": "reachable", "migrations": "pending",
+                        "tasks": tasks})),
         ),
         Ok(Err(error)) => {
             tracing::warn!(%error, "readiness check failed");
-            not_ready_unreachable()
+            not_ready_unreachable(tasks)
         }
-        Err(_) => not_ready_unreachable(),
+        Err(_) => not_ready_unreachable(tasks),
     }
 }
 
-fn not_ready_unreachable() -> (StatusCode, Json<Value>) {
+fn not_ready_unreachable(tasks: Vec<TaskState>) -> (StatusCode, Json<Value>) {
     (
         StatusCode::SERVICE_UNAVAILABLE,
-        Json(json!({"status": "not_ready", "database": "unreachable"})),
+        Json(json!({"status": "not_ready", "database": "unreachable", "tasks": tasks})),
     )
 }

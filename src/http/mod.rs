@@ -17,6 +17,7 @@ use axum::body::Body;
 use axum::http::{HeaderName, Request};
 use axum::Router;
 use sqlx::PgPool;
+use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
@@ -50,6 +51,8 @@ pub struct AppStateInner {
     /// Signalled after usage is appended (usage appends do not NOTIFY): wakes
     /// this process's projection runner.
     pub usage_appended: Arc<tokio::sync::Notify>,
+    /// The background tasks' health (read by `/ready`).
+    pub tasks: Arc<crate::app::supervisor::TaskRegistry>,
 }
 
 /// How long a write waits for the projections to show it.
@@ -74,6 +77,7 @@ impl AppState {
             usage_limits,
             usage_ingest,
             usage_appended: Default::default(),
+            tasks: Default::default(),
         })))
     }
 
@@ -130,6 +134,23 @@ impl std::ops::Deref for AppState {
     }
 }
 
+/// A handler panicked: answer a generic 500 (the panic is logged), never a
+/// closed connection.
+fn panicked(payload: Box<dyn std::any::Any + Send + 'static>) -> axum::response::Response {
+    let message = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_default();
+    tracing::error!(panic = %message, "request handler panicked");
+    use axum::response::IntoResponse;
+    (
+        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+        axum::Json(serde_json::json!({"status": 500, "error": "Internal Server Error"})),
+    )
+        .into_response()
+}
+
 /// The whole API with its middleware.
 pub fn router(state: AppState) -> Router {
     let request_id = HeaderName::from_static(REQUEST_ID_HEADER);
@@ -140,6 +161,8 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { ApiError::NotFound("route") })
         .method_not_allowed_fallback(|| async { ApiError::InvalidStatus })
         .with_state(state)
+        .layer(axum::middleware::from_fn(extract::refuse_nul))
+        .layer(CatchPanicLayer::custom(panicked))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(
             TraceLayer::new_for_http()

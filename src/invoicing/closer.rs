@@ -31,6 +31,7 @@ use aggregates::invoice::{
 };
 use aggregates::period::BillingPeriod;
 use aggregates::plan::PlanDefinition;
+use aggregates::pricing::Overflow;
 use aggregates::subscription::BillingTime;
 use chrono::{DateTime, Duration, Utc};
 use cqrs_es::DomainEvent;
@@ -56,6 +57,9 @@ pub enum InvoicingError {
     /// A stored value could not be read.
     #[error("unreadable billing data: {0}")]
     Unreadable(String),
+    /// The invoice's usage or amounts are beyond what a bill can hold.
+    #[error("the invoice cannot be computed: {0}")]
+    Unbillable(#[from] Overflow),
 }
 
 const BILLING_SELECT: &str = "SELECT s.service_code, s.lago_id, s.external_id, \
@@ -387,7 +391,79 @@ async fn close_chunk(
     let usage = usage_as_of(conn, &input.usage_windows(), as_of).await?;
     let plan = plan_close(&input, &usage, &mut Uuid::new_v4)?;
     write_plan(conn, service, &plan).await?;
+    record_quarantine(conn, service, subscriptions, &plan).await?;
     Ok(plan.report)
+}
+
+/// Make the `billing_quarantine` entries of the chunk's subscriptions what
+/// the pass found: those it refused or could not bill, each logged as an
+/// error with its reason; the others' entries are removed.
+async fn record_quarantine(
+    conn: &mut PgConnection,
+    service: &str,
+    subscriptions: &[&SubscriptionBilling],
+    plan: &ClosingPlan,
+) -> Result<(), sqlx::Error> {
+    let external_id = |lago_id: Uuid| {
+        subscriptions
+            .iter()
+            .find(|b| b.lago_id == lago_id)
+            .map_or_else(String::new, |b| b.external_id.clone())
+    };
+    let mut held: Vec<(Uuid, String, DateTime<Utc>, String)> = Vec::new();
+    for refusal in &plan.refusals {
+        held.push((
+            refusal.subscription_lago_id,
+            external_id(refusal.subscription_lago_id),
+            refusal.window.end,
+            format!(
+                "the usage window from {} overlaps one already billed (did the customer's time zone change?)",
+                refusal.window.start.to_rfc3339()
+            ),
+        ));
+    }
+    for quarantine in &plan.quarantined {
+        if held.iter().any(|h| h.0 == quarantine.subscription_lago_id) {
+            continue;
+        }
+        tracing::error!(
+            subscription = %quarantine.subscription_lago_id,
+            external_subscription_id = %quarantine.external_subscription_id,
+            service = %service,
+            issued_at = %quarantine.issued_at,
+            reason = %quarantine.cause,
+            "an invoice cannot be computed; the subscription is quarantined (not billed) until an operator acts"
+        );
+        held.push((
+            quarantine.subscription_lago_id,
+            quarantine.external_subscription_id.clone(),
+            quarantine.issued_at,
+            format!("its invoice cannot be computed: {}", quarantine.cause),
+        ));
+    }
+    let all: Vec<Uuid> = subscriptions.iter().map(|b| b.lago_id).collect();
+    let held_ids: Vec<Uuid> = held.iter().map(|h| h.0).collect();
+    sqlx::query(
+        "DELETE FROM billing_quarantine WHERE subscription_lago_id = ANY($1)          AND NOT subscription_lago_id = ANY($2)",
+    )
+    .bind(&all)
+    .bind(&held_ids)
+    .execute(&mut *conn)
+    .await?;
+    if held.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO billing_quarantine AS q (subscription_lago_id, service_code,          external_subscription_id, issued_at, reason)          SELECT s, $2, e, i, r FROM unnest($1::uuid[], $3::text[], $4::timestamptz[], $5::text[])            AS held(s, e, i, r)          ON CONFLICT (subscription_lago_id) DO UPDATE SET issued_at = EXCLUDED.issued_at,            reason = EXCLUDED.reason, last_seen_at = now()",
+    )
+    .bind(&held_ids)
+    .bind(service)
+    .bind(held.iter().map(|h| h.1.clone()).collect::<Vec<_>>())
+    .bind(held.iter().map(|h| h.2).collect::<Vec<_>>())
+    .bind(held.iter().map(|h| h.3.clone()).collect::<Vec<_>>())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 /// Write what a pass planned: its invoice events, the service's invoice
@@ -523,7 +599,7 @@ pub async fn preview_draft(
     let points = points.remove(&billing.lago_id).unwrap_or_default();
     Ok(Some(compute_invoice(
         &billing, layout, &late, &points, as_of,
-    )))
+    )?))
 }
 
 /// The period closer inside `ledger serve`: every `interval`, brings the
@@ -550,17 +626,23 @@ impl PeriodCloser {
     }
 
     /// Run until `shutdown` turns true.
-    pub async fn run(self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    pub async fn run(
+        self,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+        health: crate::app::supervisor::TaskHealth,
+    ) {
         loop {
             match self.close_once(Utc::now()).await {
-                Ok(report) if report != CloseReport::default() => {
-                    tracing::info!(?report, "period closer pass")
+                Ok(report) => {
+                    health.succeeded();
+                    if report != CloseReport::default() {
+                        tracing::info!(?report, "period closer pass");
+                    }
                 }
-                Ok(_) => {}
-                Err(error) => tracing::error!(error = %error, "period closer pass failed"),
+                Err(error) => health.failed(&format!("period closer pass failed: {error:#}")),
             }
             tokio::select! {
-                _ = tokio::time::sleep(self.interval) => {}
+                _ = tokio::time::sleep(health.next_wait(self.interval)) => {}
                 _ = shutdown.changed() => return,
             }
         }

@@ -15,7 +15,9 @@ use aggregates::closing::LoggedPoint;
 use aggregates::invoice::{InvoiceFinalization, InvoiceHeader};
 use aggregates::period::BillingPeriod;
 use aggregates::plan::PlanDefinition;
-use aggregates::pricing::{charge_amount, tax_minor_units, to_minor_units};
+use aggregates::pricing::{
+    charge_amount, checked, tax_minor_units, to_minor_units, Checked, Overflow,
+};
 use aggregates::usage::{usage_in_window, UsagePoint};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -98,16 +100,22 @@ fn aggregation_rule(aggregation: AggregationType) -> &'static str {
     }
 }
 
+/// An amount in minor units, or what overflowed computing it.
+fn minor_units(amount: Checked<i64>) -> String {
+    amount.map_or_else(|overflow| overflow.to_string(), |cents| cents.to_string())
+}
+
 fn tax_lines(cents: i64, taxes: &[(String, Decimal)]) -> Vec<String> {
     taxes
         .iter()
         .map(|(code, rate)| {
-            let raw = Decimal::from(cents) * rate / Decimal::ONE_HUNDRED;
+            let raw = checked::mul(Decimal::from(cents), *rate, "tax")
+                .and_then(|tax| checked::div(tax, Decimal::ONE_HUNDRED, "tax"));
             format!(
                 "{code}: {cents} × {}% = {} → {} (half-up to the minor unit)",
                 text(*rate),
-                text(raw),
-                tax_minor_units(cents, &[*rate])
+                raw.map_or_else(|overflow| overflow.to_string(), text),
+                minor_units(tax_minor_units(cents, &[*rate]))
             )
         })
         .collect()
@@ -342,8 +350,21 @@ async fn explain_fee(
         })
         .collect();
     let all: Vec<&UsagePoint> = rows.iter().map(|row| &row.point).collect();
-    let now = usage_in_window(aggregation, window, &all);
-    let precise_now = charge_amount(&charge.pricing, &now);
+    let priced = |points: &[&UsagePoint]| {
+        let usage = usage_in_window(aggregation, window, points)?;
+        let precise = charge_amount(&charge.pricing, &usage)?;
+        Ok::<_, Overflow>((usage, precise))
+    };
+    let (now, precise_now) = match priced(&all) {
+        Ok(priced) => priced,
+        Err(overflow) => {
+            explained["arithmetic"] = json!([format!(
+                "cannot be recomputed from its {} events: {overflow}",
+                rows.len()
+            )]);
+            return Ok(explained);
+        }
+    };
     let mut arithmetic = vec![format!(
         "units = {} over {} events = {}",
         aggregation_rule(aggregation),
@@ -363,7 +384,7 @@ async fn explain_fee(
             arithmetic.push(pricing_rule(&charge.pricing, now.units, precise_now));
             arithmetic.push(format!(
                 "rounded half-up: {} minor units",
-                to_minor_units(precise_now, currency)
+                minor_units(to_minor_units(precise_now, currency))
             ));
         }
         Some(before) => {
@@ -372,36 +393,52 @@ async fn explain_fee(
                 .filter(|row| row.as_of <= before)
                 .map(|row| &row.point)
                 .collect();
-            let then = usage_in_window(aggregation, window, &earlier);
-            let precise_then = charge_amount(&charge.pricing, &then);
+            let (then, precise_then) = match priced(&earlier) {
+                Ok(priced) => priced,
+                Err(overflow) => {
+                    arithmetic.push(format!("billed before: cannot be recomputed: {overflow}"));
+                    explained["arithmetic"] = json!(arithmetic);
+                    return Ok(explained);
+                }
+            };
+            let (cents_now, cents_then) = (
+                to_minor_units(precise_now, currency),
+                to_minor_units(precise_then, currency),
+            );
             arithmetic.push(format!(
                 "billed before, as of log position {}: {} units → {} → {} minor units",
                 before.position,
                 text(then.units),
                 text(precise_then),
-                to_minor_units(precise_then, currency)
+                minor_units(cents_then)
             ));
             arithmetic.push(format!(
                 "now: {}; rounded half-up: {} minor units",
                 pricing_rule(&charge.pricing, now.units, precise_now),
-                to_minor_units(precise_now, currency)
+                minor_units(cents_now)
             ));
+            let difference = match (cents_now, cents_then) {
+                (Ok(now), Ok(then)) => checked::sub_minor(now, then, "adjustment"),
+                (Err(overflow), _) | (_, Err(overflow)) => Err(overflow),
+            };
             arithmetic.push(format!(
                 "adjustment = {} − {} = {} minor units (precise {})",
-                to_minor_units(precise_now, currency),
-                to_minor_units(precise_then, currency),
-                to_minor_units(precise_now, currency) - to_minor_units(precise_then, currency),
-                text(precise_now - precise_then)
+                minor_units(cents_now),
+                minor_units(cents_then),
+                minor_units(difference),
+                checked::sub(precise_now, precise_then, "adjustment")
+                    .map_or_else(|overflow| overflow.to_string(), text)
             ));
         }
     }
     let recomputed = match billed_before {
         None => to_minor_units(precise_now, currency),
-        Some(_) => fee.amount_cents,
+        Some(_) => Ok(fee.amount_cents),
     };
-    if fee.kind == FeeKind::Charge && recomputed != fee.amount_cents {
+    if fee.kind == FeeKind::Charge && recomputed != Ok(fee.amount_cents) {
         arithmetic.push(format!(
-            "MISMATCH: the events now give {recomputed} minor units, the invoice recorded {}",
+            "MISMATCH: the events now give {} minor units, the invoice recorded {}",
+            minor_units(recomputed),
             fee.amount_cents
         ));
     }

@@ -4,4 +4,5 @@
 
 pub mod closer;
 pub mod explain;
+pub mod quarantine;
 pub mod replay;

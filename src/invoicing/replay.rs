@@ -539,7 +539,20 @@ async fn compare_in(
                 })
             })
             .collect();
-        let replayed = compute_invoice(&billing, layout, &late, &points, as_of);
+        let replayed = match compute_invoice(&billing, layout, &late, &points, as_of) {
+            Ok(replayed) => replayed,
+            Err(overflow) => {
+                report.differences.push(Difference {
+                    service: header.service.clone(),
+                    external_subscription_id: header.external_subscription_id.clone(),
+                    number: recorded.number.clone(),
+                    fee: format!("the whole invoice cannot be recomputed: {overflow}"),
+                    expected_cents: 0,
+                    recorded_cents: recorded.totals.total_amount_cents,
+                });
+                continue;
+            }
+        };
         let mut fees: BTreeMap<(String, String, String), FeeComparison> = BTreeMap::new();
         for fee in &recorded.fees {
             comparison(&mut fees, fee).recorded_cents = Some(fee.amount_cents);
@@ -560,8 +573,13 @@ async fn compare_in(
                 });
             }
         }
-        report.recorded_total_cents += recorded.totals.total_amount_cents;
-        report.replayed_total_cents += replayed.totals.total_amount_cents;
+        // Sums for the reader (saturating: an old invoice may hold anything).
+        report.recorded_total_cents = report
+            .recorded_total_cents
+            .saturating_add(recorded.totals.total_amount_cents);
+        report.replayed_total_cents = report
+            .replayed_total_cents
+            .saturating_add(replayed.totals.total_amount_cents);
         report.invoices.push(InvoiceComparison {
             lago_id: header.lago_id,
             number: recorded.number.clone(),
@@ -588,7 +606,9 @@ pub fn table(report: &ReplayReport) -> String {
         report.differences.len(),
         report.recorded_total_cents,
         report.replayed_total_cents,
-        report.replayed_total_cents - report.recorded_total_cents
+        report
+            .replayed_total_cents
+            .saturating_sub(report.recorded_total_cents)
     );
     for invoice in &report.invoices {
         out.push_str(&format!(
@@ -609,7 +629,7 @@ pub fn table(report: &ReplayReport) -> String {
             d.fee,
             d.expected_cents,
             d.recorded_cents,
-            d.expected_cents - d.recorded_cents
+            d.expected_cents.saturating_sub(d.recorded_cents)
         ));
     }
     out

@@ -116,12 +116,46 @@ impl Database {
     }
 }
 
+/// How long a request waits for a pooled connection.
+pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Whether `error` means the database cannot be reached right now (down,
+/// restarting, refusing connections, or a connection lost): a client may
+/// retry, and is told so with a 503.
+pub fn is_unavailable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(database) => database.code().is_some_and(|code| {
+            // 08: connection exceptions; 57P01-03: shutdown, crash, cannot
+            // connect now; 53300: too many connections.
+            code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300")
+        }),
+        _ => false,
+    }
+}
+
+/// Whether any cause in `error`'s chain is the database being unavailable
+/// (an I/O error counts: every I/O of a request handler is the database's).
+pub fn caused_by_unavailable(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause.downcast_ref::<sqlx::Error>().is_some_and(is_unavailable)
+            || cause.downcast_ref::<std::io::Error>().is_some()
+    })
+}
+
 /// The pool settings the ledger uses everywhere. A short acquire timeout
 /// keeps `/ready` and requests answering while the database is down.
 pub fn pool_options(max_connections: u32) -> PgPoolOptions {
     PgPoolOptions::new()
         .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(5))
+        // During an outage a request fails fast (503, `Retry-After`) rather
+        // than waiting for a connection that will not come.
+        .acquire_timeout(ACQUIRE_TIMEOUT)
         // No ping before every query (a round trip each): a connection that
         // died fails its next query, which the caller sees as an error, and
         // the pool drops it.

@@ -5,7 +5,9 @@
 use aggregates::billable_metric::AggregationType;
 use aggregates::charge::Charge;
 use aggregates::period::{billing_period_for, BillingPeriod};
-use aggregates::pricing::{charge_amount, tax_minor_units, to_minor_units, ChargeUsage};
+use aggregates::pricing::{
+    charge_amount, checked, tax_minor_units, to_minor_units, ChargeUsage, Overflow,
+};
 use aggregates::usage::{period_units, weighted_sum, PeriodAggregate};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -14,6 +16,18 @@ use uuid::Uuid;
 
 use super::directory::DirectoryEntry;
 
+/// Why the open period could not be priced.
+#[derive(Debug, thiserror::Error)]
+pub enum CurrentUsageError {
+    /// The period's usage or its amounts are beyond what a bill can hold:
+    /// the subscription cannot be billed until an operator acts.
+    #[error("the subscription cannot be billed: {0}")]
+    Unbillable(#[from] Overflow),
+    /// Storage failed.
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
 #[derive(sqlx::FromRow)]
 struct AggregateRow {
     events_count: i64,
@@ -21,6 +35,7 @@ struct AggregateRow {
     value_max: Option<Decimal>,
     latest_value: Option<Decimal>,
     unique_count: i64,
+    overflowed: bool,
 }
 
 /// The usage of one charge in one period, read from the `usage` projection.
@@ -31,9 +46,10 @@ pub async fn charge_usage(
     aggregation: AggregationType,
     period: BillingPeriod,
     with_event_values: bool,
-) -> Result<ChargeUsage, sqlx::Error> {
+) -> Result<ChargeUsage, CurrentUsageError> {
     let row: Option<AggregateRow> = sqlx::query_as(
-        "SELECT events_count, value_sum, value_max, latest_value, unique_count FROM usage_aggregates \
+        "SELECT events_count, value_sum, value_max, latest_value, unique_count, overflowed \
+         FROM usage_aggregates \
          WHERE subscription_lago_id = $1 AND metric_code = $2 AND period_start = $3",
     )
     .bind(subscription_lago_id)
@@ -41,6 +57,9 @@ pub async fn charge_usage(
     .bind(period.start)
     .fetch_optional(pool)
     .await?;
+    if row.as_ref().is_some_and(|row| row.overflowed) {
+        return Err(Overflow("usage").into());
+    }
     let aggregate = row
         .map(|row| PeriodAggregate {
             events_count: row.events_count,
@@ -67,7 +86,7 @@ pub async fn charge_usage(
     } else {
         vec![]
     };
-    let weighted = weighted_sum(period, Decimal::ZERO, &events);
+    let weighted = weighted_sum(period, Decimal::ZERO, &events)?;
     Ok(ChargeUsage {
         units: period_units(aggregation, &aggregate, weighted),
         events_count: aggregate.events_count,
@@ -101,6 +120,8 @@ pub struct CurrentUsage<'a> {
     pub amount_cents: i64,
     /// Tax per fee, as on the invoice.
     pub taxes_amount_cents: i64,
+    /// Charges and taxes.
+    pub total_amount_cents: i64,
 }
 
 /// The open period's usage of a subscription at `now`, priced.
@@ -109,7 +130,7 @@ pub async fn current_usage<'a>(
     entry: &'a DirectoryEntry,
     tax_rates: &[Decimal],
     now: DateTime<Utc>,
-) -> Result<CurrentUsage<'a>, sqlx::Error> {
+) -> Result<CurrentUsage<'a>, CurrentUsageError> {
     let period = billing_period_for(&entry.usage.periods, now);
     let currency = entry.plan.amount_currency.as_str();
     let mut charges = Vec::with_capacity(entry.plan.charges.len());
@@ -125,11 +146,12 @@ pub async fn current_usage<'a>(
             charge.pricing.needs_event_values(),
         )
         .await?;
-        let precise_amount = charge_amount(&charge.pricing, &usage);
-        let cents = to_minor_units(precise_amount, currency);
-        amount_cents += cents;
+        let precise_amount = charge_amount(&charge.pricing, &usage)?;
+        let cents = to_minor_units(precise_amount, currency)?;
+        amount_cents = checked::sum_minor([amount_cents, cents], "total")?;
         // Tax per fee, as on the invoice (`aggregates::billing`).
-        taxes_amount_cents += tax_minor_units(cents, tax_rates);
+        let tax = tax_minor_units(cents, tax_rates)?;
+        taxes_amount_cents = checked::sum_minor([taxes_amount_cents, tax], "total")?;
         charges.push(ChargeLine {
             charge,
             usage,
@@ -147,5 +169,6 @@ pub async fn current_usage<'a>(
         charges,
         amount_cents,
         taxes_amount_cents,
+        total_amount_cents: checked::sum_minor([amount_cents, taxes_amount_cents], "total")?,
     })
 }

@@ -200,6 +200,7 @@ async fn ready_reports_pending_migrations(pool: PgPool) {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(
         body,
-        json!({"status": "not_ready", "database": "reachable", "migrations": "pending"})
+        json!({"status": "not_ready", "database": "reachable", "migrations": "pending",
+               "tasks": []})
     );
 }

@@ -156,7 +156,7 @@ async fn ready_follows_the_database_down_and_back_up() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(
         body,
-        json!({"status": "not_ready", "database": "unreachable"})
+        json!({"status": "not_ready", "database": "unreachable", "tasks": []})
     );
     let (status, _) = app.get("/health", None).await;
     assert_eq!(status, StatusCode::OK, "the process itself is alive");

@@ -118,6 +118,7 @@ async fn a_period_closes_into_one_invoice_per_subscription_to_the_cent(pool: PgP
             finalized: 2,
             adjustment_invoices: 0,
             refused: 0,
+            quarantined: 0,
         }
     );
     let all = invoices(&svc, "?external_customer_id=cus_ada").await;

@@ -174,19 +174,50 @@ async fn every_projection_rebuilt_beside_live_and_in_place_equals_live(pool: PgP
 }
 
 #[sqlx::test]
-async fn a_rebuild_refuses_to_write_into_public_or_an_odd_schema(pool: PgPool) {
+async fn a_rebuild_refuses_system_schemas_reserved_words_and_names_postgres_would_cut(
+    pool: PgPool,
+) {
     let runner = ProjectionRunner::for_all(pool.clone()).await.unwrap();
     let all: Vec<&dyn Projection> = runner.projections().collect();
-    for schema in [
-        "public",
-        "Robert'); DROP TABLE events;--",
-        "",
-        "pg_temp",
-        "9lives",
+    let too_long = "r".repeat(64);
+    for (schema, why) in [
+        ("public", "a system schema, or public (the live tables)"),
+        ("information_schema", "a system schema, or public (the live tables)"),
+        ("pg_temp", "a system schema, or public (the live tables)"),
+        ("pg_catalog", "a system schema, or public (the live tables)"),
+        ("select", "a word PostgreSQL reserves"),
+        ("user", "a word PostgreSQL reserves"),
+        (too_long.as_str(), "longer than the 63 characters PostgreSQL keeps"),
+        (
+            "Robert'); DROP TABLE events;--",
+            "use lower-case letters, digits and _, not starting with a digit",
+        ),
+        ("", "use lower-case letters, digits and _, not starting with a digit"),
+        ("9lives", "use lower-case letters, digits and _, not starting with a digit"),
     ] {
-        assert!(matches!(
-            rebuild_into(&pool, &all, schema).await,
-            Err(projection_runner::RebuildError::InvalidSchema(_))
-        ));
+        match rebuild_into(&pool, &all, schema).await {
+            Err(projection_runner::RebuildError::InvalidSchema { name, why: refused }) => {
+                assert_eq!((name.as_str(), refused), (schema, why));
+            }
+            other => panic!("{schema:?} was not refused: {other:?}"),
+        }
     }
+    let created: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'information_schema' \
+         AND table_name = 'usage_aggregates'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(created, 0);
+    // 63 characters is the longest name kept whole.
+    let longest = "r".repeat(63);
+    let (_, _) = rebuild_into(&pool, &all, &longest).await.unwrap();
+    let schema: String = sqlx::query_scalar(
+        "SELECT nspname::text FROM pg_namespace WHERE nspname::text LIKE 'rrr%'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(schema, longest);
 }

@@ -160,7 +160,15 @@ async fn current_usage(
     .await?;
     // Read your writes: usage appended before this request counts.
     state.await_log_projected().await?;
-    let usage = current::current_usage(&state.pool, entry, &rates, chrono::Utc::now()).await?;
+    let usage = current::current_usage(&state.pool, entry, &rates, chrono::Utc::now())
+        .await
+        .map_err(|error| match error {
+            current::CurrentUsageError::Unbillable(cause) => ApiError::Unbillable {
+                field: "external_subscription_id",
+                reason: cause.to_string(),
+            },
+            current::CurrentUsageError::Database(error) => error.into(),
+        })?;
     Ok(Json(json!({ "customer_usage": customer_usage(&usage) })))
 }
 
@@ -195,7 +203,7 @@ fn customer_usage(usage: &CurrentUsage<'_>) -> Value {
         "currency": currency,
         "amount_cents": usage.amount_cents,
         "taxes_amount_cents": usage.taxes_amount_cents,
-        "total_amount_cents": usage.amount_cents + usage.taxes_amount_cents,
+        "total_amount_cents": usage.total_amount_cents,
         "charges_usage": charges,
     })
 }

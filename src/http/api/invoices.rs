@@ -44,6 +44,10 @@ impl From<InvoicingError> for ApiError {
         match error {
             InvoicingError::Refused(InvoiceError::NotFound) => ApiError::NotFound("invoice"),
             InvoicingError::Refused(InvoiceError::AlreadyFinalized) => ApiError::InvalidStatus,
+            InvoicingError::Unbillable(cause) => ApiError::Unbillable {
+                field: "invoice",
+                reason: cause.to_string(),
+            },
             other => ApiError::Unexpected(other.into()),
         }
     }
@@ -105,7 +109,10 @@ struct Lines<'a> {
     fees: &'a [Fee],
     taxes: &'a [AppliedTax],
     totals: InvoiceTotals,
-    as_of: LogPosition,
+    /// The position a finalized invoice's usage was read as of. A draft
+    /// shows none: its position is the log's head, which moves with every
+    /// service's writes (another tenant's write rate is not this one's to see).
+    as_of: Option<LogPosition>,
     finalized_at: Option<DateTime<Utc>>,
 }
 
@@ -167,8 +174,8 @@ fn invoice_json(
             "amount_currency": header.currency,
             "fees_amount_cents": totals.fees_amount_cents,
         })).collect::<Vec<_>>(),
-        "as_of_log_position": {"transaction_id": lines.as_of.transaction_id,
-                               "position": lines.as_of.position},
+        "as_of_log_position": lines.as_of.map(|as_of| json!({
+            "transaction_id": as_of.transaction_id, "position": as_of.position})),
         "grace_until": timestamp(header.grace_until),
         "created_at": timestamp(created_at),
         "finalized_at": lines.finalized_at.map(timestamp),
@@ -186,7 +193,7 @@ async fn render(state: &AppState, row: InvoiceRow) -> ApiResult<Value> {
             fees: &finalization.fees,
             taxes: &finalization.taxes,
             totals: finalization.totals,
-            as_of: finalization.as_of,
+            as_of: Some(finalization.as_of),
             finalized_at: Some(finalization.finalized_at),
         };
         return Ok(invoice_json(&header, &row.status, lines, row.created_at));
@@ -199,8 +206,8 @@ async fn render(state: &AppState, row: InvoiceRow) -> ApiResult<Value> {
         .await
         .map_err(|e| ApiError::Unexpected(anyhow::Error::new(e).context("projection failed")))?;
     let computed = invoicing::preview_draft(&state.pool, &header).await?;
-    let (fees, taxes, totals, as_of) = computed
-        .map(|c| (c.fees, c.taxes, c.totals, c.as_of))
+    let (fees, taxes, totals) = computed
+        .map(|c| (c.fees, c.taxes, c.totals))
         .unwrap_or_default();
     let lines = Lines {
         number: format!(
@@ -212,7 +219,7 @@ async fn render(state: &AppState, row: InvoiceRow) -> ApiResult<Value> {
         fees: &fees,
         taxes: &taxes,
         totals,
-        as_of,
+        as_of: None,
         finalized_at: None,
     };
     Ok(invoice_json(&header, &row.status, lines, row.created_at))
