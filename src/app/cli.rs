@@ -593,7 +593,10 @@ async fn projections(database: &Database, command: ProjectionsCommand) -> anyhow
                 );
             }
             let quarantined = crate::invoicing::quarantine::quarantined(&database.pool).await?;
-            println!("\nquarantined subscriptions (not billed): {}", quarantined.len());
+            println!(
+                "\nquarantined subscriptions (not billed): {}",
+                quarantined.len()
+            );
             for q in quarantined {
                 println!(
                     "{:<16} {:<32} found by {:<7} {}",

@@ -147,7 +147,9 @@ impl Application {
         // A task is stalled when it has not completed a pass for this long.
         let stall = |interval: Duration| interval * 3 + Duration::from_secs(30);
         if settings.background.projections {
-            let health = state.tasks.register("projections", stall(Duration::from_secs(1)));
+            let health = state
+                .tasks
+                .register("projections", stall(Duration::from_secs(1)));
             let (pool, stopped, appended) = (
                 pool.clone(),
                 tasks_stopped.clone(),
@@ -164,10 +166,14 @@ impl Application {
             }));
         }
         if settings.background.closer {
-            let health = state.tasks.register("closer", stall(settings.close_interval));
+            let health = state
+                .tasks
+                .register("closer", stall(settings.close_interval));
             let (pool, stopped) = (pool.clone(), tasks_stopped.clone());
-            let (acceptance_window, interval) =
-                (settings.usage_limits.acceptance_window, settings.close_interval);
+            let (acceptance_window, interval) = (
+                settings.usage_limits.acceptance_window,
+                settings.close_interval,
+            );
             tasks.push(supervise(health, tasks_stopped.clone(), move |health| {
                 let (pool, stopped) = (pool.clone(), stopped.clone());
                 async move {
@@ -187,14 +193,22 @@ impl Application {
             }));
         }
         if settings.background.sealer {
-            let health = state.tasks.register("sealer", stall(settings.seal_interval));
+            let health = state
+                .tasks
+                .register("sealer", stall(settings.seal_interval));
             let (pool, stopped, interval) =
                 (pool.clone(), tasks_stopped.clone(), settings.seal_interval);
             tasks.push(supervise(health, tasks_stopped.clone(), move |health| {
                 run_sealer(pool.clone(), interval, stopped.clone(), health)
             }));
         }
-        server::serve(listener, http::router(state), settings.connections, shutdown).await;
+        server::serve(
+            listener,
+            http::router(state),
+            settings.connections,
+            shutdown,
+        )
+        .await;
         let _ = stop_tasks.send(true);
         for task in tasks {
             let _ = task.await;

@@ -140,7 +140,8 @@ async fn connection(
     });
     let served = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(served);
-    let check_every = (limits.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let check_every =
+        (limits.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
     let mut ticks = tokio::time::interval(check_every);
     let mut closing_since: Option<Instant> = None;
     loop {

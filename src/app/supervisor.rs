@@ -80,7 +80,9 @@ impl TaskRegistry {
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding the lock leaves plain data behind: keep using it.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// How a task reports its passes.
@@ -136,7 +138,9 @@ impl TaskHealth {
             return interval;
         }
         let backoff = Duration::from_secs(1u64 << (failures - 1).min(5));
-        backoff.min(interval.max(Duration::from_secs(1))).min(MAX_BACKOFF)
+        backoff
+            .min(interval.max(Duration::from_secs(1)))
+            .min(MAX_BACKOFF)
     }
 }
 
@@ -220,7 +224,10 @@ mod tests {
     fn failures_back_off_doubling_up_to_the_interval() {
         let registry = TaskRegistry::default();
         let health = registry.register("closer", Duration::from_secs(60));
-        assert_eq!(health.next_wait(Duration::from_secs(60)), Duration::from_secs(60));
+        assert_eq!(
+            health.next_wait(Duration::from_secs(60)),
+            Duration::from_secs(60)
+        );
         let waits: Vec<u64> = (0..7)
             .map(|_| {
                 health.failed(&"database unreachable");
@@ -228,12 +235,18 @@ mod tests {
             })
             .collect();
         assert_eq!(waits, vec![1, 2, 4, 8, 16, 30, 30]);
-        assert_eq!(health.next_wait(Duration::from_secs(3)), Duration::from_secs(3));
+        assert_eq!(
+            health.next_wait(Duration::from_secs(3)),
+            Duration::from_secs(3)
+        );
         let state = registry.snapshot().remove(0);
         assert_eq!((state.status, state.consecutive_failures), ("failing", 7));
         assert!(!state.healthy(Utc::now()));
         health.succeeded();
-        assert_eq!(health.next_wait(Duration::from_secs(60)), Duration::from_secs(60));
+        assert_eq!(
+            health.next_wait(Duration::from_secs(60)),
+            Duration::from_secs(60)
+        );
         assert!(registry.snapshot()[0].healthy(Utc::now()));
     }
 }

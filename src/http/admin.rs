@@ -91,7 +91,9 @@ pub fn router() -> Router<AppState> {
 /// The subscriptions billing cannot price, with why (every service).
 async fn list_quarantine(_: Operator, State(state): State<AppState>) -> ApiResult<Json<Value>> {
     let quarantined = crate::invoicing::quarantine::quarantined(&state.pool).await?;
-    Ok(Json(serde_json::json!({ "quarantined_subscriptions": quarantined })))
+    Ok(Json(
+        serde_json::json!({ "quarantined_subscriptions": quarantined }),
+    ))
 }
 
 #[derive(Debug, Deserialize)]

@@ -163,7 +163,9 @@ fn unavailable() -> Response {
     (
         StatusCode::SERVICE_UNAVAILABLE,
         [(axum::http::header::RETRY_AFTER, RETRY_AFTER_SECONDS)],
-        Json(json!({"status": 503, "error": "Service Unavailable", "code": "database_unavailable"})),
+        Json(
+            json!({"status": 503, "error": "Service Unavailable", "code": "database_unavailable"}),
+        ),
     )
         .into_response()
 }

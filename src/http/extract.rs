@@ -11,9 +11,9 @@ use axum::http::request::Parts;
 use axum::http::HeaderMap;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use serde_json::Value;
 use chrono::Utc;
 use serde::de::DeserializeOwned;
+use serde_json::Value;
 
 use super::error::ApiError;
 use crate::event_log::store::{Actor, CommandMetadata};
@@ -51,11 +51,37 @@ where
         if memchr::memmem::find(&body, b"\\u0000").is_some() {
             let value: Value = serde_json::from_slice(&body).map_err(malformed)?;
             if let Some(path) = aggregates::wire::nul_in(&value, "") {
-                return Err(ApiError::invalid(&path, codes::INVALID));
+                return Err(nul_refusal(&path));
             }
-            return serde_json::from_value(value).map(LagoJson).map_err(malformed);
+            return serde_json::from_value(value)
+                .map(LagoJson)
+                .map_err(malformed);
         }
-        serde_json::from_slice(&body).map(LagoJson).map_err(malformed)
+        serde_json::from_slice(&body)
+            .map(LagoJson)
+            .map_err(malformed)
+    }
+}
+
+/// The 422 for a NUL at `path`, named as the resource's other errors are:
+/// below the body's root key (`event.properties.region` →
+/// `properties.region`), by index for a batch (`events[1].code` → `1`:
+/// `code`), the root key itself when the NUL is in it.
+fn nul_refusal(path: &str) -> ApiError {
+    let below_root = path.find(['.', '[']).map(|at| &path[at..]);
+    match below_root {
+        Some(rest) if rest.starts_with('[') => {
+            let (index, field) = rest[1..].split_once("].").unwrap_or((rest, ""));
+            ApiError::BatchValidation(std::collections::BTreeMap::from([(
+                index.to_string(),
+                std::collections::BTreeMap::from([(
+                    field.to_string(),
+                    vec![codes::INVALID.to_string()],
+                )]),
+            )]))
+        }
+        Some(rest) => ApiError::invalid(&rest[1..], codes::INVALID),
+        None => ApiError::invalid(path, codes::INVALID),
     }
 }
 

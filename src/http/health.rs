@@ -37,12 +37,7 @@ async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     let check = async {
         let migrations_applied = database::migrations_applied(&state.pool).await?;
         let projections = projection_runner::status(&state.pool).await?;
-        let quarantined: i64 = sqlx::query_scalar(
-            "SELECT (SELECT count(*) FROM billing_quarantine) + \
-                    (SELECT count(DISTINCT subscription_lago_id) FROM usage_aggregates WHERE overflowed)",
-        )
-        .fetch_one(&state.pool)
-        .await?;
+        let quarantined = crate::invoicing::quarantine::count(&state.pool).await?;
         Ok::<_, sqlx::Error>((migrations_applied, projections, quarantined))
     };
     let tasks = state.tasks.snapshot();
@@ -67,8 +62,10 @@ async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
         }
         Ok(Ok((false, _, _))) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "not_ready", "database": "reachable", "migrations": "pending",
-                        "tasks": tasks})),
+            Json(
+                json!({"status": "not_ready", "database": "reachable", "migrations": "pending",
+                        "tasks": tasks}),
+            ),
         ),
         Ok(Err(error)) => {
             tracing::warn!(%error, "readiness check failed");

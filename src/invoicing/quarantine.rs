@@ -27,21 +27,34 @@ pub struct QuarantinedSubscription {
     pub since: Option<DateTime<Utc>>,
 }
 
-/// Every quarantined subscription, by service.
+/// Every quarantined subscription, by service: the closer's entries, and
+/// for usage the latest period no bill can hold.
 pub async fn quarantined(pool: &PgPool) -> Result<Vec<QuarantinedSubscription>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT service_code AS service, subscription_lago_id, external_subscription_id, \
-                'closer' AS found_by, reason, first_seen_at AS since \
-         FROM billing_quarantine \
-         UNION ALL \
-         SELECT DISTINCT s.service_code, s.lago_id, s.external_id, 'usage', \
-                'the usage of ' || a.metric_code || ' from ' || \
-                to_char(a.period_start AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') || \
-                ' is beyond what a bill can hold', NULL::timestamptz \
-         FROM usage_aggregates a JOIN subscriptions s ON s.lago_id = a.subscription_lago_id \
-         WHERE a.overflowed \
+        "SELECT * FROM ( \
+           SELECT service_code AS service, subscription_lago_id, external_subscription_id, \
+                  'closer' AS found_by, reason, first_seen_at AS since \
+           FROM billing_quarantine \
+           UNION ALL \
+           (SELECT DISTINCT ON (s.lago_id) s.service_code, s.lago_id, s.external_id, 'usage', \
+                  'the usage of ' || a.metric_code || ' from ' || \
+                  to_char(a.period_start AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') || \
+                  ' is beyond what a bill can hold', NULL::timestamptz \
+           FROM usage_aggregates a JOIN subscriptions s ON s.lago_id = a.subscription_lago_id \
+           WHERE a.overflowed \
+           ORDER BY s.lago_id, a.period_start DESC)) AS quarantined \
          ORDER BY 1, 3, 4",
     )
     .fetch_all(pool)
+    .await
+}
+
+/// How many subscriptions are quarantined (each once, whoever found it).
+pub async fn count(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(DISTINCT id) FROM (SELECT subscription_lago_id AS id FROM billing_quarantine \
+         UNION ALL SELECT subscription_lago_id FROM usage_aggregates WHERE overflowed) AS quarantined",
+    )
+    .fetch_one(pool)
     .await
 }

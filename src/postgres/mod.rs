@@ -143,7 +143,9 @@ pub fn is_unavailable(error: &sqlx::Error) -> bool {
 /// (an I/O error counts: every I/O of a request handler is the database's).
 pub fn caused_by_unavailable(error: &anyhow::Error) -> bool {
     error.chain().any(|cause| {
-        cause.downcast_ref::<sqlx::Error>().is_some_and(is_unavailable)
+        cause
+            .downcast_ref::<sqlx::Error>()
+            .is_some_and(is_unavailable)
             || cause.downcast_ref::<std::io::Error>().is_some()
     })
 }

@@ -237,6 +237,9 @@ async fn a_grace_period_draft_picks_up_late_usage_and_later_usage_becomes_an_adj
         lines(&body["invoice"])[1],
         line("charge", "cpu_seconds", 750, 98)
     );
+    // A draft's usage is read at the log's head, which moves with every
+    // service's writes: its position is not shown to the tenant.
+    assert_eq!(body["invoice"]["as_of_log_position"], Value::Null);
 
     // Grace over: finalized with the late event, numbered.
     let report = close(&app, "2026-10-04T05:00:00Z").await;

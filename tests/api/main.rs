@@ -8,6 +8,7 @@ mod embedded_cluster;
 mod event_log;
 mod explain;
 mod helpers;
+mod hostile;
 mod invoicing;
 mod log_ordering;
 mod projection_runner;

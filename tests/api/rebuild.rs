@@ -182,18 +182,30 @@ async fn a_rebuild_refuses_system_schemas_reserved_words_and_names_postgres_woul
     let too_long = "r".repeat(64);
     for (schema, why) in [
         ("public", "a system schema, or public (the live tables)"),
-        ("information_schema", "a system schema, or public (the live tables)"),
+        (
+            "information_schema",
+            "a system schema, or public (the live tables)",
+        ),
         ("pg_temp", "a system schema, or public (the live tables)"),
         ("pg_catalog", "a system schema, or public (the live tables)"),
         ("select", "a word PostgreSQL reserves"),
         ("user", "a word PostgreSQL reserves"),
-        (too_long.as_str(), "longer than the 63 characters PostgreSQL keeps"),
+        (
+            too_long.as_str(),
+            "longer than the 63 characters PostgreSQL keeps",
+        ),
         (
             "Robert'); DROP TABLE events;--",
             "use lower-case letters, digits and _, not starting with a digit",
         ),
-        ("", "use lower-case letters, digits and _, not starting with a digit"),
-        ("9lives", "use lower-case letters, digits and _, not starting with a digit"),
+        (
+            "",
+            "use lower-case letters, digits and _, not starting with a digit",
+        ),
+        (
+            "9lives",
+            "use lower-case letters, digits and _, not starting with a digit",
+        ),
     ] {
         match rebuild_into(&pool, &all, schema).await {
             Err(projection_runner::RebuildError::InvalidSchema { name, why: refused }) => {
