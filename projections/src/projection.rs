@@ -19,7 +19,7 @@ pub enum ProjectionError {
         reason: String,
     },
     /// Storing the fold's result failed.
-    #[error(transparent)]
+    #[error("database: {0}")]
     Database(#[from] sqlx::Error),
 }
 

@@ -460,7 +460,7 @@ pub enum RebuildError {
     #[error(transparent)]
     Projection(#[from] ProjectionError),
     /// Storage failed.
-    #[error(transparent)]
+    #[error("database: {0}")]
     Database(#[from] sqlx::Error),
 }
 

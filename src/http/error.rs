@@ -204,9 +204,18 @@ impl<E: Refusal> From<AggregateError<E>> for ApiError {
         match error {
             AggregateError::UserError(refusal) => refusal.into_api_error(),
             AggregateError::AggregateConflict => ApiError::Conflict,
-            AggregateError::DatabaseConnectionError(e)
-            | AggregateError::DeserializationError(e)
-            | AggregateError::UnexpectedError(e) => {
+            AggregateError::DatabaseConnectionError(e) => {
+                tracing::warn!(error = %e, "database unavailable");
+                ApiError::Unavailable
+            }
+            AggregateError::UnexpectedError(e)
+                if e.downcast_ref::<sqlx::Error>()
+                    .is_some_and(database::is_unavailable) =>
+            {
+                tracing::warn!(error = %e, "database unavailable");
+                ApiError::Unavailable
+            }
+            AggregateError::DeserializationError(e) | AggregateError::UnexpectedError(e) => {
                 ApiError::Unexpected(anyhow::anyhow!(e).context("event store failed"))
             }
         }

@@ -153,14 +153,22 @@ fn panicked(payload: Box<dyn std::any::Any + Send + 'static>) -> axum::response:
 
 /// The whole API with its middleware.
 pub fn router(state: AppState) -> Router {
+    with_middleware(
+        Router::new()
+            .merge(health::router())
+            .nest("/admin/v1", admin::router())
+            .nest("/api/v1", api::router())
+            .fallback(|| async { ApiError::NotFound("route") })
+            .method_not_allowed_fallback(|| async { ApiError::InvalidStatus })
+            .with_state(state),
+    )
+}
+
+/// What every request passes through: NUL refusal, panic catching,
+/// request ids and tracing.
+fn with_middleware(routes: Router) -> Router {
     let request_id = HeaderName::from_static(REQUEST_ID_HEADER);
-    Router::new()
-        .merge(health::router())
-        .nest("/admin/v1", admin::router())
-        .nest("/api/v1", api::router())
-        .fallback(|| async { ApiError::NotFound("route") })
-        .method_not_allowed_fallback(|| async { ApiError::InvalidStatus })
-        .with_state(state)
+    routes
         .layer(axum::middleware::from_fn(extract::refuse_nul))
         .layer(CatchPanicLayer::custom(panicked))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
@@ -182,4 +190,38 @@ pub fn router(state: AppState) -> Router {
                 .on_response(DefaultOnResponse::new().level(Level::INFO)),
         )
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::get;
+    use tower::ServiceExt;
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_500_json_and_the_router_keeps_serving() {
+        let app = with_middleware(
+            Router::new()
+                .route(
+                    "/boom",
+                    get(|| async { panic!("handler bug") as &'static str }),
+                )
+                .route("/fine", get(|| async { "fine" })),
+        );
+        let request = |path: &str| Request::get(path).body(Body::empty()).unwrap();
+        let response = app.clone().oneshot(request("/boom")).await.unwrap();
+        assert_eq!(
+            response.status(),
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR
+        );
+        let body = axum::body::to_bytes(response.into_body(), 1024)
+            .await
+            .unwrap();
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&body).unwrap(),
+            serde_json::json!({"status": 500, "error": "Internal Server Error"})
+        );
+        let response = app.oneshot(request("/fine")).await.unwrap();
+        assert_eq!(response.status(), axum::http::StatusCode::OK);
+    }
 }

@@ -52,7 +52,7 @@ pub enum InvoicingError {
     #[error(transparent)]
     Refused(#[from] InvoiceError),
     /// Storage failed.
-    #[error(transparent)]
+    #[error("database: {0}")]
     Database(#[from] sqlx::Error),
     /// A stored value could not be read.
     #[error("unreadable billing data: {0}")]

@@ -24,7 +24,7 @@ pub enum CurrentUsageError {
     #[error("the subscription cannot be billed: {0}")]
     Unbillable(#[from] Overflow),
     /// Storage failed.
-    #[error(transparent)]
+    #[error("database: {0}")]
     Database(#[from] sqlx::Error),
 }
 

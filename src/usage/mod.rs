@@ -72,7 +72,7 @@ pub enum IngestError {
     #[error("unreadable usage data: {0}")]
     Unreadable(String),
     /// Storage failed.
-    #[error(transparent)]
+    #[error("database: {0}")]
     Database(#[from] sqlx::Error),
 }
 

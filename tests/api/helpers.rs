@@ -53,11 +53,19 @@ pub async fn spawn_app_with(
     limits: aggregates::usage::UsageLimits,
     usage_appenders: usize,
 ) -> TestApp {
-    let settings = Settings {
-        usage_limits: limits,
-        usage_appenders,
-        ..Settings::local(Some(AdminKey::new(ADMIN_KEY)), BackgroundTasks::NONE)
-    };
+    spawn_app_with_settings(
+        pool,
+        Settings {
+            usage_limits: limits,
+            usage_appenders,
+            ..Settings::local(Some(AdminKey::new(ADMIN_KEY)), BackgroundTasks::NONE)
+        },
+    )
+    .await
+}
+
+/// The API with the given settings (the admin key must be [`ADMIN_KEY`]).
+pub async fn spawn_app_with_settings(pool: PgPool, settings: Settings) -> TestApp {
     let app = Application::build(pool.clone(), settings)
         .await
         .expect("bind");

@@ -7,6 +7,7 @@ mod catalog;
 mod embedded_cluster;
 mod event_log;
 mod explain;
+mod faults;
 mod helpers;
 mod hostile;
 mod invoicing;
