@@ -265,3 +265,71 @@ async fn load(address: String, key: String, seen: Seen, stop: Arc<AtomicBool>, s
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[sqlx::test]
+async fn ready_is_503_while_a_background_task_fails_and_200_once_it_recovers(pool: PgPool) {
+    let app = spawn_app_with_settings(
+        pool.clone(),
+        Settings {
+            seal_interval: Duration::from_millis(200),
+            ..Settings::local(Some(AdminKey::new(ADMIN_KEY)), BackgroundTasks::ALL)
+        },
+    )
+    .await;
+    // Every seal the sealer tries is refused by the database.
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_seals() RETURNS trigger LANGUAGE plpgsql AS \
+           $$ BEGIN RAISE EXCEPTION 'seals refused for the test'; END $$; \
+         CREATE TRIGGER refuse_seals BEFORE INSERT ON events FOR EACH ROW \
+           WHEN (NEW.aggregate_type = 'LogSeal') EXECUTE FUNCTION refuse_seals();",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    app.service("nexacloud").await;
+    let sealer = |body: &serde_json::Value| {
+        body["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == "sealer")
+            .cloned()
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let failing = loop {
+        let (status, body) = app.get("/ready", None).await;
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "never not ready: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(failing["status"], "not_ready");
+    assert_eq!(failing["database"], "reachable");
+    let task = sealer(&failing);
+    assert_eq!(task["status"], "failing");
+    assert!(
+        task["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("seals refused for the test"),
+        "{task}"
+    );
+
+    sqlx::raw_sql("DROP TRIGGER refuse_seals ON events")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = app.get("/ready", None).await;
+        if status == StatusCode::OK {
+            assert_eq!(sealer(&body)["status"], "running");
+            assert_eq!(sealer(&body)["consecutive_failures"], 0);
+            break;
+        }
+        assert!(Instant::now() < deadline, "never ready again: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -66,6 +66,15 @@ async fn append_as_an_older_version(pool: &PgPool, seed: &str, copies: &[(&str, 
     }
 }
 
+async fn seats(svc: &ServiceClient<'_>, tx: &str, subscription: &str, at: i64) {
+    svc.created(
+        "/events",
+        json!({"event": {"transaction_id": tx, "external_subscription_id": subscription,
+               "code": "seats", "timestamp": at, "properties": {"delta": "1"}}}),
+    )
+    .await;
+}
+
 async fn log_size(pool: &PgPool) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM events")
         .fetch_one(pool)
@@ -73,9 +82,25 @@ async fn log_size(pool: &PgPool) -> i64 {
         .unwrap()
 }
 
-/// The NexaCloud catalog plus a plan at $0.01 per CPU-second.
+/// The NexaCloud catalog plus a plan at $0.01 per CPU-second and one at
+/// $0.01 per seat (a time-weighted sum).
 async fn catalog(svc: &ServiceClient<'_>) {
     let metric = svc.nexacloud_catalog().await;
+    let seats = svc
+        .created(
+            "/billable_metrics",
+            json!({"billable_metric": {"name": "Seats", "code": "seats",
+                   "aggregation_type": "weighted_sum_agg", "field_name": "delta"}}),
+        )
+        .await;
+    svc.created(
+        "/plans",
+        json!({"plan": {"name": "Seated", "code": "seated", "interval": "monthly",
+            "amount_cents": 0, "amount_currency": "CAD",
+            "charges": [{"billable_metric_id": seats["billable_metric"]["lago_id"],
+                "charge_model": "standard", "properties": {"amount": "0.01"}}]}}),
+    )
+    .await;
     svc.created(
         "/plans",
         json!({"plan": {"name": "Metered", "code": "metered", "interval": "monthly",
@@ -98,6 +123,7 @@ async fn values_in_the_log_no_bill_can_hold_quarantine_their_subscription_and_th
     for (svc, id, plan) in [
         (&cloud, "dep_max", "starter"),
         (&cloud, "dep_1e21", "metered"),
+        (&cloud, "dep_seats", "seated"),
         (&cloud, "dep_ok", "starter"),
         (&desk, "desk_ok", "starter"),
     ] {
@@ -110,6 +136,7 @@ async fn values_in_the_log_no_bill_can_hold_quarantine_their_subscription_and_th
     cpu(&cloud, "max_seed", "dep_max", september, "1").await;
     cpu(&cloud, "big_seed", "dep_1e21", september, "1").await;
     cpu(&cloud, "ok", "dep_ok", september, "40000").await;
+    seats(&cloud, "seat_seed", "dep_seats", september).await;
     cpu(&desk, "ok", "desk_ok", september, "40000").await;
     // Two events at the decimal type's maximum (their sum does not fit one)
     // and one of 10^21 CPU-seconds at $0.01 (more cents than a bill holds).
@@ -120,6 +147,13 @@ async fn values_in_the_log_no_bill_can_hold_quarantine_their_subscription_and_th
     )
     .await;
     append_as_an_older_version(&pool, "big_seed", &[("big_one1", "1000000000000000000000")]).await;
+    // 5 × 10^20 seats from the 10th: weighted, $0.01 each, beyond a bill.
+    append_as_an_older_version(
+        &pool,
+        "seat_seed",
+        &[("seat_one1", "500000000000000000000")],
+    )
+    .await;
     // The same in dep_max's open period, for its current usage.
     let an_hour_ago = (Utc::now() - Duration::hours(1)).timestamp();
     cpu(&cloud, "open_seed", "dep_max", an_hour_ago, "1").await;
@@ -133,7 +167,7 @@ async fn values_in_the_log_no_bill_can_hold_quarantine_their_subscription_and_th
     // Every projection folds the log; nothing panics.
     app.catch_up().await;
     let report = close(&app, "2026-10-01T04:00:01Z").await;
-    assert_eq!((report.finalized, report.quarantined), (2, 2), "{report:?}");
+    assert_eq!((report.finalized, report.quarantined), (2, 3), "{report:?}");
 
     // The healthy subscriptions of both services are billed exactly:
     // $19.00 + 4,000 s over the quota (1¢), 13% HST.
@@ -164,7 +198,8 @@ async fn values_in_the_log_no_bill_can_hold_quarantine_their_subscription_and_th
         })
         .collect();
     // The open period's usage, marked by the usage projection.
-    let (id, found_by, reason) = quarantined.pop().unwrap();
+    let usage_entry = quarantined.iter().position(|q| q.1 == "usage").unwrap();
+    let (id, found_by, reason) = quarantined.remove(usage_entry);
     assert_eq!((id.as_str(), found_by.as_str()), ("dep_max", "usage"));
     assert!(
         reason.starts_with("the usage of cpu_seconds from 2026-")
@@ -184,11 +219,16 @@ async fn values_in_the_log_no_bill_can_hold_quarantine_their_subscription_and_th
                 "closer".into(),
                 "its invoice cannot be computed: the usage is beyond what a bill can hold".into()
             ),
+            (
+                "dep_seats".into(),
+                "closer".into(),
+                "its invoice cannot be computed: the amount is beyond what a bill can hold".into()
+            ),
         ]
     );
     let (status, ready) = app.get("/ready", None).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(ready["quarantined_subscriptions"], 2);
+    assert_eq!(ready["quarantined_subscriptions"], 3);
 
     // Current usage: the quarantined subscription is refused with its
     // reason, the others are priced.
@@ -209,7 +249,7 @@ async fn values_in_the_log_no_bill_can_hold_quarantine_their_subscription_and_th
 
     // A second pass finds the same, and other services keep being billed.
     let report = close(&app, "2026-11-01T04:00:01Z").await;
-    assert_eq!((report.finalized, report.quarantined), (2, 2), "{report:?}");
+    assert_eq!((report.finalized, report.quarantined), (2, 3), "{report:?}");
     let (_, body) = desk.get("/invoices?status=finalized").await;
     assert_eq!(body["invoices"].as_array().unwrap().len(), 2);
 
