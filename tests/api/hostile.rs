@@ -93,20 +93,18 @@ async fn catalog(svc: &ServiceClient<'_>) {
                    "aggregation_type": "weighted_sum_agg", "field_name": "delta"}}),
         )
         .await;
+    per_unit_plan(svc, "seated", &seats, "0.01").await;
+    per_unit_plan(svc, "metered", &metric, "0.01").await;
+}
+
+/// A plan with no flat fee and one standard charge of `amount` per unit.
+async fn per_unit_plan(svc: &ServiceClient<'_>, code: &str, metric: &Value, amount: &str) {
     svc.created(
         "/plans",
-        json!({"plan": {"name": "Seated", "code": "seated", "interval": "monthly",
-            "amount_cents": 0, "amount_currency": "CAD",
-            "charges": [{"billable_metric_id": seats["billable_metric"]["lago_id"],
-                "charge_model": "standard", "properties": {"amount": "0.01"}}]}}),
-    )
-    .await;
-    svc.created(
-        "/plans",
-        json!({"plan": {"name": "Metered", "code": "metered", "interval": "monthly",
+        json!({"plan": {"name": code, "code": code, "interval": "monthly",
             "amount_cents": 0, "amount_currency": "CAD",
             "charges": [{"billable_metric_id": metric["billable_metric"]["lago_id"],
-                "charge_model": "standard", "properties": {"amount": "0.01"}}]}}),
+                "charge_model": "standard", "properties": {"amount": amount}}]}}),
     )
     .await;
 }
@@ -345,15 +343,7 @@ async fn hostile_values_at_the_door_are_refused_by_field_and_nothing_is_written(
                    "aggregation_type": "unique_count_agg", "field_name": "user_id"}}),
         )
         .await;
-    cloud
-        .created(
-            "/plans",
-            json!({"plan": {"name": "Seats", "code": "seats", "interval": "monthly",
-                "amount_cents": 0, "amount_currency": "CAD",
-                "charges": [{"billable_metric_id": users["billable_metric"]["lago_id"],
-                    "charge_model": "standard", "properties": {"amount": "1"}}]}}),
-        )
-        .await;
+    per_unit_plan(&cloud, "seats", &users, "1").await;
     subscribe(&cloud, "dep_1", "starter", "2026-09-01T00:00:00Z").await;
     subscribe(&cloud, "seats_1", "seats", "2026-09-01T00:00:00Z").await;
     let before = log_size(&pool).await;
