@@ -593,9 +593,11 @@ async fn projections(database: &Database, command: ProjectionsCommand) -> anyhow
                 );
             }
             let quarantined = crate::invoicing::quarantine::quarantined(&database.pool).await?;
+            let distinct: std::collections::BTreeSet<_> =
+                quarantined.iter().map(|q| q.subscription_lago_id).collect();
             println!(
                 "\nquarantined subscriptions (not billed): {}",
-                quarantined.len()
+                distinct.len()
             );
             for q in quarantined {
                 println!(

@@ -184,16 +184,7 @@ async fn the_services_cli_issues_keys_that_the_api_accepts(
     _: sqlx::postgres::PgPoolOptions,
     connect: sqlx::postgres::PgConnectOptions,
 ) {
-    let url = format!(
-        "postgres://{}@localhost/{}?host={}&port={}",
-        connect.get_username(),
-        connect.get_database().unwrap(),
-        connect
-            .get_socket()
-            .map(|s| s.display().to_string())
-            .unwrap_or_else(|| connect.get_host().to_string()),
-        connect.get_port()
-    );
+    let url = crate::helpers::database_url(&connect);
     let ledger = |args: &[&str]| {
         let output = Command::new(env!("CARGO_BIN_EXE_ledger"))
             .args(args)

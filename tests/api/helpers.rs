@@ -233,3 +233,17 @@ impl ServiceClient<'_> {
         metric
     }
 }
+
+/// The URL of the database `connect` reaches (for the CLI under test).
+pub fn database_url(connect: &sqlx::postgres::PgConnectOptions) -> String {
+    format!(
+        "postgres://{}@localhost/{}?host={}&port={}",
+        connect.get_username(),
+        connect.get_database().unwrap(),
+        connect
+            .get_socket()
+            .map(|s| s.display().to_string())
+            .unwrap_or_else(|| connect.get_host().to_string()),
+        connect.get_port()
+    )
+}

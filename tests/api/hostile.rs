@@ -224,6 +224,33 @@ async fn values_in_the_log_no_bill_can_hold_quarantine_their_subscription_and_th
             ),
         ]
     );
+    // `ledger projections status` lists them too.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_ledger"))
+        .args(["projections", "status"])
+        .env(
+            "DATABASE_URL",
+            crate::helpers::database_url(&pool.connect_options()),
+        )
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let printed = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        printed.contains("quarantined subscriptions (not billed): 3"),
+        "{printed}"
+    );
+    let dep_seats = printed
+        .lines()
+        .find(|line| line.contains("dep_seats"))
+        .unwrap();
+    assert!(
+        dep_seats.starts_with("nexacloud")
+            && dep_seats.contains("found by closer")
+            && dep_seats.ends_with(
+                "its invoice cannot be computed: the amount is beyond what a bill can hold"
+            ),
+        "{dep_seats}"
+    );
     let (status, ready) = app.get("/ready", None).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(ready["quarantined_subscriptions"], 3);
@@ -461,6 +488,22 @@ async fn hostile_values_at_the_door_are_refused_by_field_and_nothing_is_written(
     assert_eq!(
         response["error_details"]["1"]["properties.cpu_seconds"],
         json!(["value_is_out_of_range"]),
+        "{response}"
+    );
+    let (status, response) = cloud
+        .post(
+            "/events/batch",
+            json!({"events": [
+                {"transaction_id": "b1", "external_subscription_id": "dep_1", "code": "cpu_seconds",
+                 "timestamp": at, "properties": {"cpu_seconds": "1"}},
+                {"transaction_id": "b\u{0}2", "external_subscription_id": "dep_1",
+                 "code": "cpu_seconds", "timestamp": at, "properties": {"cpu_seconds": "1"}}]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        response["error_details"],
+        json!({"1": {"transaction_id": ["value_is_invalid"]}}),
         "{response}"
     );
     for (path, body, field) in [
