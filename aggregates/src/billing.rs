@@ -729,54 +729,7 @@ pub fn invoice_totals(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::billable_metric::MetricRef;
-    use crate::charge::{Charge, Pricing};
-    use crate::plan::BillingInterval;
-    use std::str::FromStr;
-
-    fn utc(text: &str) -> DateTime<Utc> {
-        text.parse().unwrap()
-    }
-
-    fn d(text: &str) -> Decimal {
-        Decimal::from_str(text).unwrap()
-    }
-
-    fn cpu_charge() -> Charge {
-        Charge {
-            lago_id: Uuid::nil(),
-            metric: MetricRef {
-                lago_id: Uuid::nil(),
-                code: "cpu_seconds".into(),
-                aggregation_type: AggregationType::SumAgg,
-            },
-            pricing: Pricing::Standard {
-                amount: d("0.0075"),
-                free_units: d("36000"),
-                unit_size: d("3600"),
-            },
-            pay_in_advance: false,
-            invoiceable: true,
-            min_amount_cents: 0,
-        }
-    }
-
-    fn plan(code: &str, amount_cents: i64, pay_in_advance: bool) -> PlanDefinition {
-        PlanDefinition {
-            lago_id: Uuid::nil(),
-            version: 1,
-            code: code.into(),
-            name: code.into(),
-            description: None,
-            interval: BillingInterval::Monthly,
-            amount_cents,
-            amount_currency: "CAD".into(),
-            pay_in_advance,
-            trial_period: Decimal::ZERO,
-            charges: vec![cpu_charge()],
-            tax_codes: vec![],
-        }
-    }
+    use crate::fixtures::{d, plan, utc};
 
     fn schedule(start: &str, plan: PlanDefinition) -> BillingSchedule {
         BillingSchedule {

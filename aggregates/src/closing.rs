@@ -623,24 +623,12 @@ mod tests {
     //! Given / when / then: the subscriptions, invoices, billed windows and
     //! usage a pass sees; the pass at an instant; the events it appends.
 
-    use std::str::FromStr;
-
     use super::*;
-    use crate::billable_metric::{AggregationType, MetricRef};
     use crate::billing::FeeKind;
-    use crate::charge::{Charge, Pricing};
-    use crate::plan::BillingInterval;
+    use crate::fixtures::{self, d, utc};
     use crate::subscription::BillingTime;
 
     const SERVICE: &str = "nexacloud";
-
-    fn utc(text: &str) -> DateTime<Utc> {
-        text.parse().unwrap()
-    }
-
-    fn d(text: &str) -> Decimal {
-        Decimal::from_str(text).unwrap()
-    }
 
     fn at(position: i64) -> LogPosition {
         LogPosition {
@@ -649,38 +637,8 @@ mod tests {
         }
     }
 
-    /// NexaCloud's plan: a flat fee per month, 36,000 CPU-seconds included,
-    /// then $0.0075 per 3,600 CPU-seconds.
     fn plan(code: &str, amount_cents: i64) -> PlanDefinition {
-        PlanDefinition {
-            lago_id: Uuid::from_u128(7),
-            version: 1,
-            code: code.into(),
-            name: code.into(),
-            description: None,
-            interval: BillingInterval::Monthly,
-            amount_cents,
-            amount_currency: "CAD".into(),
-            pay_in_advance: false,
-            trial_period: Decimal::ZERO,
-            charges: vec![Charge {
-                lago_id: Uuid::from_u128(8),
-                metric: MetricRef {
-                    lago_id: Uuid::from_u128(9),
-                    code: "cpu_seconds".into(),
-                    aggregation_type: AggregationType::SumAgg,
-                },
-                pricing: Pricing::Standard {
-                    amount: d("0.0075"),
-                    free_units: d("36000"),
-                    unit_size: d("3600"),
-                },
-                pay_in_advance: false,
-                invoiceable: true,
-                min_amount_cents: 0,
-            }],
-            tax_codes: vec![],
-        }
+        fixtures::plan(code, amount_cents, false)
     }
 
     /// A deployment on the $19.00 Starter plan since 1 September 2026 (UTC,

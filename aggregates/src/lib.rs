@@ -17,6 +17,8 @@ pub mod billing;
 pub mod charge;
 pub mod closing;
 pub mod customer;
+#[cfg(test)]
+mod fixtures;
 pub mod invoice;
 pub mod period;
 pub mod plan;

@@ -444,7 +444,8 @@ async fn record_quarantine(
     let all: Vec<Uuid> = subscriptions.iter().map(|b| b.lago_id).collect();
     let held_ids: Vec<Uuid> = held.iter().map(|h| h.0).collect();
     sqlx::query(
-        "DELETE FROM billing_quarantine WHERE subscription_lago_id = ANY($1)          AND NOT subscription_lago_id = ANY($2)",
+        "DELETE FROM billing_quarantine WHERE subscription_lago_id = ANY($1) \
+         AND NOT subscription_lago_id = ANY($2)",
     )
     .bind(&all)
     .bind(&held_ids)
@@ -454,7 +455,12 @@ async fn record_quarantine(
         return Ok(());
     }
     sqlx::query(
-        "INSERT INTO billing_quarantine AS q (subscription_lago_id, service_code,          external_subscription_id, issued_at, reason)          SELECT s, $2, e, i, r FROM unnest($1::uuid[], $3::text[], $4::timestamptz[], $5::text[])            AS held(s, e, i, r)          ON CONFLICT (subscription_lago_id) DO UPDATE SET issued_at = EXCLUDED.issued_at,            reason = EXCLUDED.reason, last_seen_at = now()",
+        "INSERT INTO billing_quarantine (subscription_lago_id, service_code, \
+         external_subscription_id, issued_at, reason) \
+         SELECT s, $2, e, i, r FROM unnest($1::uuid[], $3::text[], $4::timestamptz[], $5::text[]) \
+           AS held(s, e, i, r) \
+         ON CONFLICT (subscription_lago_id) DO UPDATE SET issued_at = EXCLUDED.issued_at, \
+           reason = EXCLUDED.reason, last_seen_at = now()",
     )
     .bind(&held_ids)
     .bind(service)
