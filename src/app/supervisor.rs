@@ -249,4 +249,21 @@ mod tests {
         );
         assert!(registry.snapshot()[0].healthy(Utc::now()));
     }
+
+    #[test]
+    fn a_task_without_a_pass_for_longer_than_it_should_is_stalled() {
+        let registry = TaskRegistry::default();
+        let health = registry.register("closer", Duration::from_secs(90));
+        let now = Utc::now();
+        assert!(registry.snapshot()[0].healthy(now), "just started");
+        assert!(
+            !registry.snapshot()[0].healthy(now + chrono::Duration::seconds(91)),
+            "never completed a pass"
+        );
+        health.succeeded();
+        let state = registry.snapshot().remove(0);
+        let last = state.last_success_at.unwrap();
+        assert!(state.healthy(last + chrono::Duration::seconds(90)));
+        assert!(!state.healthy(last + chrono::Duration::seconds(91)));
+    }
 }
