@@ -198,13 +198,11 @@ async fn render(state: &AppState, row: InvoiceRow) -> ApiResult<Value> {
         };
         return Ok(invoice_json(&header, &row.status, lines, row.created_at));
     }
-    // A draft shows every usage event recorded so far: bring the projections
-    // up to the log first (cheap when they are).
-    state
-        .projections
-        .apply_readable()
-        .await
-        .map_err(|e| ApiError::Unexpected(anyhow::Error::new(e).context("projection failed")))?;
+    // A draft shows every usage event recorded before this request: wait
+    // until the projections have applied the log as it stands (an event
+    // committed but still below another transaction's visibility horizon
+    // included), as current usage does.
+    state.await_log_projected().await?;
     let computed = invoicing::preview_draft(&state.pool, &header).await?;
     let (fees, taxes, totals) = computed
         .map(|c| (c.fees, c.taxes, c.totals))
