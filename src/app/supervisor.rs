@@ -163,7 +163,9 @@ where
             }
             let cause = match outcome {
                 Ok(()) => "the task ended on its own".to_string(),
-                Err(error) if error.is_panic() => panic_message(error.into_panic()),
+                Err(error) if error.is_panic() => {
+                    format!("panicked: {}", panic_message(error.into_panic().as_ref()))
+                }
                 Err(error) => error.to_string(),
             };
             health.restarting(&cause);
@@ -175,13 +177,13 @@ where
     })
 }
 
-fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
-    let text = payload
+/// The message a panic carried (`panic!` with a literal or a format).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".into());
-    format!("panicked: {text}")
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 #[cfg(test)]

@@ -137,11 +137,7 @@ impl std::ops::Deref for AppState {
 /// A handler panicked: answer a generic 500 (the panic is logged), never a
 /// closed connection.
 fn panicked(payload: Box<dyn std::any::Any + Send + 'static>) -> axum::response::Response {
-    let message = payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_default();
+    let message = crate::app::supervisor::panic_message(payload.as_ref());
     tracing::error!(panic = %message, "request handler panicked");
     use axum::response::IntoResponse;
     (
