@@ -14,14 +14,17 @@
 //! - [`usage`]: recording usage (authentication, directory, group append)
 //!   and current usage;
 //! - [`invoicing`]: the period closer, replay and explain;
+//! - [`import`]: imports from the systems the ledger takes over (the
+//!   neutral format, the NexaCloud adapter);
 //! - [`http`]: the Lago-compatible API and the operator API;
-//! - [`tools`]: the demo and the benchmarks.
+//! - [`tools`]: the demo, the benchmarks and progress bars.
 #![forbid(unsafe_code)]
 
 pub mod access;
 pub mod app;
 pub mod event_log;
 pub mod http;
+pub mod import;
 pub mod invoicing;
 pub mod postgres;
 pub mod tools;

@@ -19,6 +19,7 @@ pub mod closing;
 pub mod customer;
 #[cfg(test)]
 mod fixtures;
+pub mod import;
 pub mod invoice;
 pub mod period;
 pub mod plan;

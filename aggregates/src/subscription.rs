@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::customer::CustomerRef;
+use crate::import::ImportOrigin;
 use crate::plan::PlanRef;
 use crate::refusal::{codes, CatalogError, FieldErrors};
 use crate::wire::{identifier, required_string};
@@ -62,6 +63,11 @@ pub struct SubscriptionInput {
     pub ending_at: Option<String>,
     /// Metered and invoiced for comparison only.
     pub shadow: Option<bool>,
+    /// The service's own keys and values (an object), returned as sent.
+    pub metadata: Option<serde_json::Value>,
+    /// Set by an import: the run that brought it and its history.
+    #[serde(skip)]
+    pub import: Option<ImportOrigin>,
     /// The customer, resolved by the caller.
     #[serde(skip)]
     pub customer: Option<CustomerRef>,
@@ -91,6 +97,12 @@ pub struct SubscriptionTerms {
     pub ending_at: Option<DateTime<Utc>>,
     /// Shadow (comparison only) or live.
     pub shadow: bool,
+    /// The service's own keys and values.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<serde_json::Value>,
+    /// The import that created it (held from billing until that run completes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub import: Option<ImportOrigin>,
 }
 
 /// Commands on a subscription. Times are given by the caller (the clock is
@@ -226,6 +238,13 @@ pub fn validate_subscription(
     };
     let subscription_at = parse_time(&mut errors, "subscription_at", &input.subscription_at);
     let ending_at = parse_time(&mut errors, "ending_at", &input.ending_at);
+    if input
+        .metadata
+        .as_ref()
+        .is_some_and(|m| !m.is_object() && !m.is_null())
+    {
+        errors.add("metadata", codes::INVALID);
+    }
     let starts = subscription_at.unwrap_or(now);
     if ending_at.is_some_and(|end| end <= starts) {
         errors.add("ending_at", "invalid_date");
@@ -253,6 +272,8 @@ pub fn validate_subscription(
         subscription_at: starts,
         ending_at,
         shadow: input.shadow.unwrap_or(false),
+        metadata: input.metadata.filter(|m| m.is_object()),
+        import: input.import,
     })
 }
 

@@ -161,6 +161,16 @@ impl Default for UsageLimits {
     }
 }
 
+impl UsageLimits {
+    /// The limits of a backfill (an import): any past timestamp is accepted.
+    pub fn backfill() -> Self {
+        Self {
+            acceptance_window: Duration::MAX,
+            ..Self::default()
+        }
+    }
+}
+
 /// Unix seconds (integer, float or numeric string), read exactly.
 pub fn parse_timestamp(value: &Value, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
     let seconds = match value {
@@ -205,7 +215,11 @@ pub fn validate_usage(
             errors.add("timestamp", "too_far_in_the_future");
             None
         }
-        Some(at) if at < now - limits.acceptance_window => {
+        Some(at)
+            if now
+                .checked_sub_signed(limits.acceptance_window)
+                .is_some_and(|earliest| at < earliest) =>
+        {
             errors.add("timestamp", "older_than_acceptance_window");
             None
         }

@@ -168,6 +168,7 @@ pub fn subscription_resource(terms: &SubscriptionTerms, created_at: DateTime<Utc
         "next_plan_code": null,
         "downgrade_plan_date": null,
         "shadow": terms.shadow,
+        "metadata": terms.metadata.clone().unwrap_or_else(|| json!({})),
         "created_at": timestamp(created_at),
     })
 }
@@ -382,9 +383,10 @@ async fn apply_subscription(
             sqlx::query(
                 "INSERT INTO subscriptions (service_code, external_id, lago_id, external_customer_id, \
                  plan_code, plan_version, shadow, subscription_at, resource, created_at, updated_at, \
-                 plan_history) \
+                 plan_history, import_source, import_run) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, \
-                 jsonb_build_array(jsonb_build_object('since', $8, 'code', $5::text, 'version', $6::int)))",
+                 jsonb_build_array(jsonb_build_object('since', $8, 'code', $5::text, 'version', $6::int)), \
+                 $11, $12)",
             )
             .bind(service)
             .bind(external_id)
@@ -396,6 +398,8 @@ async fn apply_subscription(
             .bind(terms.subscription_at)
             .bind(subscription_resource(&terms, at))
             .bind(at)
+            .bind(terms.import.as_ref().map(|i| i.source.clone()))
+            .bind(terms.import.as_ref().map(|i| i.run_id))
             .execute(conn)
             .await?;
         }

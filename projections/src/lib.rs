@@ -10,6 +10,7 @@
 #![warn(missing_docs, rust_2018_idioms)]
 
 pub mod catalog;
+pub mod imports;
 pub mod invoices;
 pub mod log;
 pub mod projection;
@@ -17,6 +18,7 @@ pub mod service_directory;
 pub mod usage;
 
 pub use catalog::Catalog;
+pub use imports::Imports;
 pub use invoices::Invoices;
 pub use log::{LogEvent, LogPosition};
 pub use projection::{Projection, ProjectionError};
@@ -30,5 +32,6 @@ pub fn all() -> Vec<Box<dyn Projection>> {
         Box::new(Catalog),
         Box::new(Usage),
         Box::new(Invoices),
+        Box::new(Imports),
     ]
 }

@@ -11,6 +11,8 @@ use rust_decimal::Decimal;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use aggregates::import::{ImportRunEvent, IMPORT_RUN_TYPE};
+
 use crate::log::{LogEvent, Reads, UsageFacts};
 use crate::projection::{Projection, ProjectionError};
 
@@ -24,17 +26,45 @@ impl Projection for Usage {
     }
 
     fn tables(&self) -> &'static [&'static str] {
-        &["usage_aggregates", "usage_unique_values"]
+        &["usage_aggregates", "usage_unique_values", "import_runs"]
     }
 
     fn reads(&self) -> Reads<'static> {
         Reads {
-            payloads: Some(&[]),
+            payloads: Some(&[IMPORT_RUN_TYPE]),
             usage_facts: true,
         }
     }
 
     async fn apply_batch(
+        &self,
+        conn: &mut PgConnection,
+        events: &[LogEvent],
+    ) -> Result<(), ProjectionError> {
+        // Import runs are folded in log order with the usage around them: a
+        // run seen complete here means its usage before it is folded too.
+        let mut from = 0;
+        for (index, event) in events.iter().enumerate() {
+            if event.aggregate_type == IMPORT_RUN_TYPE {
+                self.fold_usage(conn, &events[from..index]).await?;
+                apply_import_run(conn, event).await?;
+                from = index + 1;
+            }
+        }
+        self.fold_usage(conn, &events[from..]).await
+    }
+
+    async fn apply(
+        &self,
+        conn: &mut PgConnection,
+        event: &LogEvent,
+    ) -> Result<(), ProjectionError> {
+        self.apply_batch(conn, std::slice::from_ref(event)).await
+    }
+}
+
+impl Usage {
+    async fn fold_usage(
         &self,
         conn: &mut PgConnection,
         events: &[LogEvent],
@@ -50,14 +80,57 @@ impl Projection for Usage {
         add_unique_values(conn, &facts).await?;
         Ok(())
     }
+}
 
-    async fn apply(
-        &self,
-        conn: &mut PgConnection,
-        event: &LogEvent,
-    ) -> Result<(), ProjectionError> {
-        self.apply_batch(conn, std::slice::from_ref(event)).await
+async fn apply_import_run(
+    conn: &mut PgConnection,
+    event: &LogEvent,
+) -> Result<(), ProjectionError> {
+    let run: ImportRunEvent = serde::Deserialize::deserialize(&event.payload)
+        .map_err(|error| ProjectionError::unreadable(event, error))?;
+    match run {
+        ImportRunEvent::ImportRunStarted {
+            run_id,
+            service,
+            source,
+            options,
+            by,
+            started_at,
+        } => {
+            sqlx::query(
+                "INSERT INTO import_runs (run_id, service_code, source, started_position, started_at, \
+                 started_by, options) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(run_id)
+            .bind(service)
+            .bind(source)
+            .bind(event.position)
+            .bind(started_at)
+            .bind(by)
+            .bind(options)
+            .execute(conn)
+            .await?;
+        }
+        ImportRunEvent::ImportRunCompleted {
+            counts,
+            completed_at,
+        } => {
+            let run_id = event
+                .aggregate_id
+                .rsplit_once('/')
+                .and_then(|(_, id)| Uuid::parse_str(id).ok())
+                .ok_or_else(|| {
+                    ProjectionError::unreadable(event, "run stream is not {service}/{run_id}")
+                })?;
+            sqlx::query("UPDATE import_runs SET completed_at = $2, counts = $3 WHERE run_id = $1")
+                .bind(run_id)
+                .bind(completed_at)
+                .bind(counts)
+                .execute(conn)
+                .await?;
+        }
     }
+    Ok(())
 }
 
 /// One (subscription, metric, period) of a batch, folded in log order.

@@ -146,6 +146,14 @@ pub enum Command {
         #[arg(long, default_value_t = 0)]
         from: i64,
     },
+    /// Import customers, plans, subscriptions, usage and invoices from a
+    /// system the ledger takes over (docs/imports.md). Exits 0 when every
+    /// row was imported or unchanged, 2 when some rows failed, 1 when
+    /// nothing could be done.
+    Import {
+        #[command(subcommand)]
+        command: ImportCommand,
+    },
     /// Measure throughput against PostgreSQL's own limit, in one run.
     Bench {
         #[command(subcommand)]
@@ -195,6 +203,79 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 1_000)]
         events: usize,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImportCommand {
+    /// Import a file of the neutral import format (JSON Lines).
+    File {
+        /// The file.
+        path: PathBuf,
+        #[command(flatten)]
+        run: ImportRunArgs,
+    },
+    /// Import NexaCloud's database (read only, one snapshot).
+    #[command(args_conflicts_with_subcommands = true)]
+    Nexacloud {
+        #[command(subcommand)]
+        command: Option<NexacloudCommand>,
+        /// NexaCloud's PostgreSQL (a read-only role is enough).
+        #[arg(long, env = "NEXACLOUD_SOURCE_URL", hide_env_values = true)]
+        source_url: Option<String>,
+        /// Write the records as JSON Lines to this file instead of importing.
+        #[arg(long)]
+        export: Option<PathBuf>,
+        #[command(flatten)]
+        run: ImportRunArgs,
+        #[command(flatten)]
+        mapping: NexacloudMapping,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NexacloudCommand {
+    /// Connect, count each table's rows in a READ ONLY transaction, warn
+    /// when the role could write, and name what differs from the schema.
+    TestConnection {
+        /// NexaCloud's PostgreSQL.
+        #[arg(long, env = "NEXACLOUD_SOURCE_URL", hide_env_values = true)]
+        source_url: String,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ImportRunArgs {
+    /// The service to import into.
+    #[arg(long)]
+    service: Option<String>,
+    /// Read and validate everything, print the report, append nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Apply records that changed in the source since they were imported.
+    #[arg(long)]
+    apply_changes: bool,
+    /// Also write the report, with every failure, as JSON to this file.
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct NexacloudMapping {
+    /// Every imported customer's time zone.
+    #[arg(long, default_value = "UTC")]
+    timezone: chrono_tz::Tz,
+    /// Every imported customer's tax codes (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    tax_codes: Vec<String>,
+    /// The price of --cpu-unit-size CPU-seconds beyond a plan's quota.
+    #[arg(long, default_value = "0.0075")]
+    cpu_price: rust_decimal::Decimal,
+    /// The CPU-seconds one --cpu-price buys.
+    #[arg(long, default_value = "3600")]
+    cpu_unit_size: rust_decimal::Decimal,
+    /// Also import subscriptions cancelled after this date (YYYY-MM-DD, UTC).
+    #[arg(long)]
+    since: Option<chrono::NaiveDate>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -440,6 +521,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
             .await?
         }
+        Command::Import { command } => return import(&config, command).await,
         Command::WithPostgres {
             durability_off,
             command,
@@ -654,6 +736,131 @@ async fn projections(database: &Database, command: ProjectionsCommand) -> anyhow
         }
     }
     Ok(())
+}
+
+async fn import(config: &DatabaseConfig, command: ImportCommand) -> anyhow::Result<ExitCode> {
+    use crate::import::{self, nexacloud, ImportSettings, Importer};
+    let settings =
+        |run: &ImportRunArgs, options: serde_json::Value| -> anyhow::Result<ImportSettings> {
+            Ok(ImportSettings {
+                service: run.service.clone().context("--service is required")?,
+                dry_run: run.dry_run,
+                apply_changes: run.apply_changes,
+                options,
+                by: format!("operator (cli, {})", whoami()),
+            })
+        };
+    let (report, report_path) = match command {
+        ImportCommand::Nexacloud {
+            command: Some(NexacloudCommand::TestConnection { source_url }),
+            ..
+        } => {
+            return match nexacloud::test_connection(&source_url).await {
+                Ok(check) => {
+                    print!("{}", check.text());
+                    Ok(if check.differences.is_empty() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    })
+                }
+                Err(error) => {
+                    eprintln!("{error}");
+                    Ok(ExitCode::FAILURE)
+                }
+            };
+        }
+        ImportCommand::Nexacloud {
+            command: None,
+            source_url,
+            export,
+            run,
+            mapping,
+        } => {
+            let url = source_url.context("--source-url is required")?;
+            let options = nexacloud::MappingOptions {
+                timezone: mapping.timezone,
+                tax_codes: mapping.tax_codes,
+                cpu_price: mapping.cpu_price,
+                cpu_unit_size: mapping.cpu_unit_size,
+                since: mapping
+                    .since
+                    .and_then(|d| d.and_hms_opt(0, 0, 0))
+                    .map(|d| d.and_utc()),
+            };
+            let mut recorded = options.to_json();
+            recorded["door"] = "nexacloud".into();
+            let outcome = match export {
+                Some(path) => {
+                    let file = std::fs::File::create(&path)
+                        .with_context(|| format!("cannot write {}", path.display()))?;
+                    let sink = nexacloud::Sink::Export {
+                        out: Box::new(std::io::BufWriter::new(file)),
+                        report: import::Report {
+                            service: run.service.clone().unwrap_or_default(),
+                            dry_run: true,
+                            ..Default::default()
+                        },
+                    };
+                    let report = nexacloud::run(&url, &options, sink).await;
+                    if report.is_ok() {
+                        println!("records written to {}", path.display());
+                    }
+                    report
+                }
+                None => {
+                    let settings = settings(&run, recorded)?;
+                    let database = Database::open(config, ClusterAccess::ShareIfRunning).await?;
+                    let outcome = match Importer::new(&database.pool, settings).await {
+                        Ok(importer) => {
+                            nexacloud::run(
+                                &url,
+                                &options,
+                                nexacloud::Sink::Import(Box::new(importer)),
+                            )
+                            .await
+                        }
+                        Err(error) => Err(error),
+                    };
+                    database.close().await;
+                    outcome
+                }
+            };
+            (outcome, run.report)
+        }
+        ImportCommand::File { path, run } => {
+            let options = serde_json::json!({"door": "file", "path": path.display().to_string()});
+            let settings = settings(&run, options)?;
+            let database = Database::open(config, ClusterAccess::ShareIfRunning).await?;
+            let outcome = match Importer::new(&database.pool, settings).await {
+                Ok(importer) => import::file::import_file(importer, &path).await,
+                Err(error) => Err(error),
+            };
+            database.close().await;
+            (outcome, run.report)
+        }
+    };
+    let report = match report {
+        Ok(report) => report,
+        Err(error) => {
+            eprintln!("{error}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    print!("{}", report.table());
+    if let Some(path) = report_path {
+        std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("report written to {}", path.display());
+    }
+    Ok(ExitCode::from(report.exit_code()))
+}
+
+/// The user running the CLI, as the run records it.
+fn whoami() -> String {
+    std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| nix::unistd::Uid::current().to_string())
 }
 
 async fn with_postgres(

@@ -146,8 +146,20 @@ fn billing_from_row(row: BillingRow) -> Result<SubscriptionBilling, InvoicingErr
     })
 }
 
+/// An imported subscription is held from billing until a run of its source,
+/// started no earlier than the one that created it, has completed (as folded
+/// by the usage projection, so with every usage event before it): its past
+/// periods are then invoiced once, with all of their imported usage. A
+/// crashed run's subscriptions are released by the next complete run.
+const IMPORT_RELEASED: &str = "(s.import_run IS NULL OR EXISTS ( \
+        SELECT 1 FROM import_runs own JOIN import_runs done \
+          ON done.service_code = own.service_code AND done.source = own.source \
+         AND done.started_position >= own.started_position AND done.completed_at IS NOT NULL \
+        WHERE own.run_id = s.import_run))";
+
 /// The subscriptions that may have something to invoice at `now`: every one
-/// not terminated, and terminated ones whose late usage could still arrive.
+/// not terminated, and terminated ones whose late usage could still arrive
+/// (imported ones once released, see [`IMPORT_RELEASED`]).
 pub async fn billable_subscriptions(
     pool: &PgPool,
     service: Option<&str>,
@@ -156,7 +168,7 @@ pub async fn billable_subscriptions(
 ) -> Result<Vec<SubscriptionBilling>, InvoicingError> {
     let rows: Vec<BillingRow> = sqlx::query_as(&format!(
         "{BILLING_SELECT} WHERE ($1::text IS NULL OR s.service_code = $1) \
-           AND (s.terminated_at IS NULL OR s.terminated_at > $2) \
+           AND (s.terminated_at IS NULL OR s.terminated_at > $2) AND {IMPORT_RELEASED} \
          ORDER BY s.service_code, s.lago_id"
     ))
     .bind(service)

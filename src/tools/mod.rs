@@ -1,5 +1,6 @@
-//! Developer tools: the demo and the benchmarks. Nothing here is on the
-//! serving path.
+//! Developer and operator tools: the demo, the benchmarks, progress bars.
+//! Nothing here is on the serving path.
 
 pub mod bench;
 pub mod demo;
+pub mod progress;

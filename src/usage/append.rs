@@ -17,7 +17,7 @@ use uuid::Uuid;
 use super::directory::Directory;
 use super::group_append::{Append, AppendEvent, Appended};
 use super::{Ingest, IngestError, Recorded};
-use crate::event_log::store::{Actor, CommandMetadata};
+use crate::event_log::store::CommandMetadata;
 
 /// Validate a batch against `directory` and append it, in one statement
 /// that first checks the directory still holds (the service's directory
@@ -26,16 +26,13 @@ pub(super) async fn append_batch(
     ingest: &Ingest,
     directory: &Directory,
     batch: Vec<SentUsage>,
+    // Who records it (the caller's service and key, or an import run).
     request: CommandMetadata,
     limits: UsageLimits,
     now: DateTime<Utc>,
 ) -> Result<Option<Vec<Recorded>>, IngestError> {
     let caller = &directory.caller;
-    let metadata = CommandMetadata {
-        actor: Actor::Service(caller.service.clone()),
-        api_key_id: Some(caller.key_id.clone()),
-        ..request
-    };
+    let metadata = request;
 
     let mut errors = BTreeMap::new();
     let mut records = Vec::with_capacity(batch.len());
@@ -161,9 +158,10 @@ pub(super) async fn append_batch(
             .zip(stream_ids)
             .map(|(record, key)| {
                 let at = recorded_at.get(&key).copied().unwrap_or(now);
-                let record = originals.get(&key).cloned().unwrap_or(record);
+                let original = originals.get(&key).cloned();
                 Recorded {
-                    record,
+                    new: original.is_none(),
+                    record: original.unwrap_or(record),
                     recorded_at: at,
                 }
             })

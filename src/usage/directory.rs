@@ -72,6 +72,34 @@ pub async fn directory(
     entries(pool, service, rows).await
 }
 
+/// The directory entries of `service` among `external_ids` with the
+/// directory version they are at least as new as (read first: a change
+/// after it fails the append's guard), for appends on the service's behalf.
+pub(super) async fn service_directory(
+    pool: &PgPool,
+    service: &str,
+    external_ids: &[String],
+) -> Result<Directory, IngestError> {
+    let version: i64 = sqlx::query_scalar(
+        "SELECT coalesce((SELECT version FROM usage_directory_versions WHERE service_code = $1), 0)",
+    )
+    .bind(service)
+    .fetch_one(pool)
+    .await?;
+    let entries = directory(pool, service, external_ids).await?;
+    Ok(Directory {
+        caller: Caller {
+            service: service.to_string(),
+            key_id: String::new(),
+        },
+        version,
+        entries: entries
+            .into_iter()
+            .map(|(id, entry)| (id, Arc::new(entry)))
+            .collect(),
+    })
+}
+
 struct CallerRow {
     caller_key_id: String,
     caller_service: String,

@@ -19,7 +19,7 @@ use aggregates::FieldErrors;
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
-use crate::event_log::store::CommandMetadata;
+use crate::event_log::store::{Actor, CommandMetadata};
 use directory::{authorized_directory, DirectoryCache};
 use group_append::GroupAppender;
 
@@ -79,6 +79,8 @@ pub enum IngestError {
 /// A recorded event with the time the log recorded it.
 #[derive(Debug, Clone)]
 pub struct Recorded {
+    /// Appended now (`false`: a safe retry of an event already recorded).
+    pub new: bool,
     /// The event (the original one for a safe retry).
     pub record: UsageRecord,
     /// When the log recorded it.
@@ -130,14 +132,13 @@ impl Ingest {
                     directory
                 }
             };
-            let attempt = append::append_batch(
-                self,
-                &directory,
-                batch.clone(),
-                request.clone(),
-                limits,
-                now,
-            );
+            let metadata = CommandMetadata {
+                actor: Actor::Service(directory.caller.service.clone()),
+                api_key_id: Some(directory.caller.key_id.clone()),
+                ..request.clone()
+            };
+            let attempt =
+                append::append_batch(self, &directory, batch.clone(), metadata, limits, now);
             match attempt.await {
                 Ok(Some(recorded)) => return Ok(recorded),
                 // The catalog changed since the directory was read: read it afresh.
@@ -145,6 +146,40 @@ impl Ingest {
                 // A refusal found with remembered entries is confirmed afresh.
                 Err(IngestError::Invalid(_)) if from_memory => {}
                 Err(error) => return Err(error),
+            }
+        }
+        Err(IngestError::CatalogKeptChanging)
+    }
+
+    /// Append a batch of imported usage for `service` (a backfill: no
+    /// acceptance window), all or nothing, recorded with `metadata` (the
+    /// import run's). The directory is read afresh for every attempt.
+    pub async fn record_import(
+        &self,
+        service: &str,
+        batch: Vec<SentUsage>,
+        metadata: CommandMetadata,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Recorded>, IngestError> {
+        let external_ids: Vec<String> = batch
+            .iter()
+            .filter_map(|event| event.external_subscription_id.clone())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        for _ in 0..=STALE_DIRECTORY_ATTEMPTS {
+            let directory =
+                directory::service_directory(&self.pool, service, &external_ids).await?;
+            let attempt = append::append_batch(
+                self,
+                &directory,
+                batch.clone(),
+                metadata.clone(),
+                UsageLimits::backfill(),
+                now,
+            );
+            if let Some(recorded) = attempt.await? {
+                return Ok(recorded);
             }
         }
         Err(IngestError::CatalogKeptChanging)
