@@ -193,6 +193,16 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 100)]
         events: usize,
     },
+    /// Import a generated NexaCloud database from scratch and again, beside
+    /// a raw multi-row insert of the same rows, on a throwaway cluster.
+    Import {
+        /// Subscriptions in the full source (the small one has a tenth).
+        #[arg(long, default_value_t = 10_000)]
+        subscriptions: usize,
+        /// Usage records in the full source (the small one has a tenth).
+        #[arg(long, default_value_t = 1_000_000)]
+        usage_records: usize,
+    },
     /// Time rebuilding the usage and invoices projections, sealing and
     /// verifying, beside a raw read of the log, on a throwaway cluster.
     Rebuild {
@@ -504,6 +514,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 data_dir: config.data_dir.clone(),
                 subscriptions,
                 events_per_subscription: events,
+            })
+            .await?
+        }
+        Command::Bench {
+            command:
+                BenchCommand::Import {
+                    subscriptions,
+                    usage_records,
+                },
+        } => {
+            crate::tools::bench::import::run(crate::tools::bench::import::ImportBench {
+                data_dir: config.data_dir.clone(),
+                subscriptions,
+                usage_records,
             })
             .await?
         }

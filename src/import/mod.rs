@@ -19,7 +19,8 @@ pub mod file;
 pub mod nexacloud;
 pub mod report;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 
 use aggregates::billable_metric::{
     validate_metric, AggregationType, BillableMetricCommand, MetricInput, MetricRef,
@@ -140,7 +141,7 @@ fn refused_command(
 pub struct Importer {
     pool: PgPool,
     commands: CommandBus,
-    ingest: Ingest,
+    ingest: Arc<Ingest>,
     settings: ImportSettings,
     run: Option<Run>,
     report: Report,
@@ -154,7 +155,16 @@ pub struct Importer {
     projections: ProjectionRunner,
     /// The type of the last chunk applied.
     last_type: Option<RecordType>,
+    /// Usage chunks being appended, oldest first.
+    in_flight: VecDeque<(Vec<UsageRow>, UsageAppend)>,
 }
+
+/// A usage record: where it came from, its source id, the event.
+type UsageRow = (String, String, SentUsage);
+/// A usage chunk's append under way.
+type UsageAppend = tokio::task::JoinHandle<Result<Vec<crate::usage::Recorded>, IngestError>>;
+/// Usage chunks appended at once.
+const USAGE_IN_FLIGHT: usize = 4;
 
 struct Run {
     id: Uuid,
@@ -177,7 +187,7 @@ impl Importer {
         Ok(Self {
             pool: pool.clone(),
             commands: CommandBus::new(pool),
-            ingest: Ingest::start(pool.clone(), 1),
+            ingest: Arc::new(Ingest::start(pool.clone(), USAGE_IN_FLIGHT)),
             report: Report {
                 service: settings.service.clone(),
                 dry_run: settings.dry_run,
@@ -189,6 +199,7 @@ impl Importer {
             known: HashMap::new(),
             projections: ProjectionRunner::for_all(pool.clone()).await?,
             last_type: None,
+            in_flight: VecDeque::new(),
         })
     }
 
@@ -231,6 +242,7 @@ impl Importer {
     /// its subscriptions may be billed.
     pub async fn finish(mut self) -> Result<Report, ImportError> {
         self.flush().await?;
+        self.settle_usage().await?;
         if let Some(run) = &self.run {
             if !self.settings.dry_run {
                 let event = ImportRunEvent::ImportRunCompleted {
@@ -307,6 +319,7 @@ impl Importer {
             return Ok(());
         };
         if self.last_type != Some(first.record_type) {
+            self.settle_usage().await?;
             self.projections
                 .catch_up()
                 .await
@@ -523,6 +536,12 @@ impl Importer {
         let handler = &self.commands.billable_metrics;
         match store::execute(handler, &id, command, self.run().metadata.clone()).await {
             Ok(()) => Ok(Ok(())),
+            // Another run created it first: the same metric is no refusal.
+            Err(AggregateError::UserError(_))
+                if Box::pin(self.apply_metric(record)).await?.is_ok() =>
+            {
+                Ok(Ok(()))
+            }
             Err(error) => refused_command(error),
         }
     }
@@ -700,8 +719,15 @@ impl Importer {
             return Ok(Ok(()));
         }
         let handler = &self.commands.plans;
+        let creating = matches!(command, PlanCommand::Create { .. });
         match store::execute(handler, &id, command, self.run().metadata.clone()).await {
             Ok(()) => Ok(Ok(())),
+            // Another run created it first: the same plan is no refusal.
+            Err(AggregateError::UserError(_))
+                if creating && Box::pin(self.apply_plan(record, Mode::New)).await?.is_ok() =>
+            {
+                Ok(Ok(()))
+            }
             Err(error) => refused_command(error),
         }
     }
@@ -851,7 +877,7 @@ impl Importer {
     /// transaction id is recorded with other content is `changed` (a usage
     /// event, once recorded, is never rewritten).
     async fn flush_usage(&mut self, chunk: Vec<(String, SourceRecord)>) -> Result<(), ImportError> {
-        let mut rows: Vec<(String, String, SentUsage)> = Vec::with_capacity(chunk.len());
+        let mut rows: Vec<UsageRow> = Vec::with_capacity(chunk.len());
         for (table, record) in chunk {
             match record.fields_as::<SentUsage>() {
                 Ok(mut sent) => {
@@ -875,21 +901,50 @@ impl Importer {
         if self.settings.dry_run {
             return self.check_usage(rows).await;
         }
-        for _ in 0..3 {
-            if rows.is_empty() {
-                return Ok(());
-            }
-            let batch: Vec<SentUsage> = rows.iter().map(|(_, _, sent)| sent.clone()).collect();
-            match self
-                .ingest
-                .record_import(
-                    &self.settings.service,
-                    batch,
-                    self.run().metadata.clone(),
-                    Utc::now(),
-                )
+        if rows.is_empty() {
+            return Ok(());
+        }
+        // Chunks are appended a few at a time; a chunk's outcome is counted
+        // when it is settled (always before the run's completion).
+        let task = self.append_usage(&rows);
+        self.in_flight.push_back((rows, task));
+        while self.in_flight.len() >= USAGE_IN_FLIGHT {
+            self.settle_oldest_usage().await?;
+        }
+        Ok(())
+    }
+
+    fn append_usage(&self, rows: &[UsageRow]) -> UsageAppend {
+        let batch: Vec<SentUsage> = rows.iter().map(|(_, _, sent)| sent.clone()).collect();
+        let (ingest, service, metadata) = (
+            self.ingest.clone(),
+            self.settings.service.clone(),
+            self.run().metadata.clone(),
+        );
+        tokio::spawn(async move {
+            ingest
+                .record_import(&service, batch, metadata, Utc::now())
                 .await
-            {
+        })
+    }
+
+    /// Count every usage chunk still in flight.
+    async fn settle_usage(&mut self) -> Result<(), ImportError> {
+        while !self.in_flight.is_empty() {
+            self.settle_oldest_usage().await?;
+        }
+        Ok(())
+    }
+
+    async fn settle_oldest_usage(&mut self) -> Result<(), ImportError> {
+        let Some((mut rows, task)) = self.in_flight.pop_front() else {
+            return Ok(());
+        };
+        let mut outcome = task
+            .await
+            .map_err(|e| ImportError::Source(format!("usage append: {e}")))?;
+        for _ in 0..3 {
+            match outcome {
                 Ok(recorded) => {
                     let counts = self.report.counts_mut(RecordType::Usage);
                     for event in recorded {
@@ -910,6 +965,13 @@ impl Importer {
                         }
                     }
                     rows = kept;
+                    if rows.is_empty() {
+                        return Ok(());
+                    }
+                    outcome = self
+                        .append_usage(&rows)
+                        .await
+                        .map_err(|e| ImportError::Source(format!("usage append: {e}")))?;
                 }
                 Err(error) => return Err(error.into()),
             }
@@ -919,7 +981,7 @@ impl Importer {
 
     async fn usage_refused(
         &mut self,
-        (table, source_id, sent): (String, String, SentUsage),
+        (table, source_id, sent): UsageRow,
         errors: &FieldErrors,
     ) -> Result<(), ImportError> {
         let conflict = errors

@@ -172,7 +172,8 @@ pub async fn billable_subscriptions(
          ORDER BY s.service_code, s.lago_id"
     ))
     .bind(service)
-    .bind(now - acceptance_window - Duration::days(1))
+    // A window wider than any history (a backfill's) keeps every one.
+    .bind(now - acceptance_window.min(Duration::days(100 * 366)) - Duration::days(1))
     .fetch_all(pool)
     .await?;
     rows.into_iter().map(billing_from_row).collect()

@@ -219,8 +219,13 @@ impl EmbeddedPostgres {
 
     /// The same, as a URL for other programs (e.g. the test suite).
     pub fn database_url(&self) -> String {
+        self.url_of_database(ROLE_AND_DATABASE)
+    }
+
+    /// The URL of another database of the cluster.
+    pub fn url_of_database(&self, database: &str) -> String {
         format!(
-            "postgres://{ROLE_AND_DATABASE}@localhost/{ROLE_AND_DATABASE}?host={}&port={PORT}",
+            "postgres://{ROLE_AND_DATABASE}@localhost/{database}?host={}&port={PORT}",
             percent_encode_path(&self.run_dir)
         )
     }

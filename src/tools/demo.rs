@@ -260,6 +260,7 @@ async fn demonstrate(database: &Database) -> anyhow::Result<()> {
     );
 
     invoicing(database, &client, &nexacloud).await?;
+    import_sample(database).await?;
 
     wait_until_caught_up(&client).await?;
     println!("\n== what the ledger knows (GET /admin/v1/services, from the service_directory projection) ==");
@@ -304,6 +305,62 @@ async fn demonstrate(database: &Database) -> anyhow::Result<()> {
     println!("\nGET /ready -> {}", ready["status"]);
 
     ledger.stop().await;
+    Ok(())
+}
+
+/// NexaCloud's own database (the shared sample, loaded into a database of
+/// its own beside the ledger's) imported as shadow subscriptions, with the
+/// report; a second demo run shows every row unchanged.
+async fn import_sample(database: &Database) -> anyhow::Result<()> {
+    use crate::import::{nexacloud, ImportSettings, Importer};
+    println!("\n== importing NexaCloud's database (the sample): ledger import nexacloud ==");
+    let options = database.pool.connect_options();
+    let exists: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'nexacloud_sample')",
+    )
+    .fetch_one(&database.pool)
+    .await?;
+    let source_options = options.as_ref().clone().database("nexacloud_sample");
+    if !exists {
+        sqlx::query("CREATE DATABASE nexacloud_sample")
+            .execute(&database.pool)
+            .await?;
+        let source = sqlx::PgPool::connect_with(source_options.clone()).await?;
+        sqlx::raw_sql(nexacloud::SCHEMA).execute(&source).await?;
+        sqlx::raw_sql(nexacloud::SAMPLE).execute(&source).await?;
+        source.close().await;
+    }
+    let url = format!(
+        "postgres://{}@localhost/nexacloud_sample?host={}&port={}",
+        source_options.get_username(),
+        source_options
+            .get_socket()
+            .map(|s| s.display().to_string())
+            .unwrap_or_else(|| source_options.get_host().to_string()),
+        source_options.get_port()
+    );
+    let mapping = nexacloud::MappingOptions {
+        timezone: chrono_tz::UTC,
+        tax_codes: vec!["hst_on".into()],
+        cpu_price: "0.0075".parse()?,
+        cpu_unit_size: "3600".parse()?,
+        since: None,
+    };
+    let settings = ImportSettings {
+        service: "nexacloud".into(),
+        dry_run: false,
+        apply_changes: false,
+        options: mapping.to_json(),
+        by: "demo".into(),
+    };
+    let importer = Importer::new(&database.pool, settings).await?;
+    let report =
+        nexacloud::run(&url, &mapping, nexacloud::Sink::Import(Box::new(importer))).await?;
+    print!("{}", report.table());
+    println!(
+        "(each imported subscription is shadow: invoiced for comparison only; \
+         usage keeps NexaCloud's transaction ids usage_records:<id>)"
+    );
     Ok(())
 }
 

@@ -10,6 +10,7 @@ mod explain;
 mod faults;
 mod helpers;
 mod hostile;
+mod imports;
 mod invoicing;
 mod log_ordering;
 mod projection_runner;

@@ -42,6 +42,7 @@ async fn status_reports_checkpoint_and_lag(pool: PgPool) {
         summary,
         vec![
             ("catalog", 0, 3),
+            ("imports", 0, 3),
             ("invoices", 0, 3),
             ("service_directory", 0, 3),
             ("usage", 0, 3)
@@ -52,8 +53,8 @@ async fn status_reports_checkpoint_and_lag(pool: PgPool) {
     let runner = ProjectionRunner::for_all(pool.clone()).await.unwrap();
     assert_eq!(
         runner.catch_up().await.unwrap(),
-        12,
-        "3 events into 4 projections"
+        15,
+        "3 events into 5 projections"
     );
     let after = projection_runner::status(&pool).await.unwrap();
     let summary: Vec<(&str, i64, i64, i64)> = after
@@ -64,6 +65,7 @@ async fn status_reports_checkpoint_and_lag(pool: PgPool) {
         summary,
         vec![
             ("catalog", 3, 3, 0),
+            ("imports", 3, 3, 0),
             ("invoices", 3, 3, 0),
             ("service_directory", 3, 3, 0),
             ("usage", 3, 3, 0)

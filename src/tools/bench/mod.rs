@@ -2,6 +2,7 @@
 //! in the same run, on a throwaway embedded cluster.
 
 pub mod close;
+pub mod import;
 pub mod ingest;
 pub mod rebuild;
 
