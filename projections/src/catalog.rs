@@ -146,6 +146,29 @@ pub fn customer_resource(
     })
 }
 
+/// Tax codes among `codes` that `service` has not created (the `taxes`
+/// table), in the order given.
+pub async fn unknown_tax_codes(
+    pool: &sqlx::PgPool,
+    service: &str,
+    codes: Option<&Vec<String>>,
+) -> Result<Vec<String>, sqlx::Error> {
+    let Some(codes) = codes.filter(|codes| !codes.is_empty()) else {
+        return Ok(vec![]);
+    };
+    let known: Vec<String> =
+        sqlx::query_scalar("SELECT code FROM taxes WHERE service_code = $1 AND code = ANY($2)")
+            .bind(service)
+            .bind(codes)
+            .fetch_all(pool)
+            .await?;
+    Ok(codes
+        .iter()
+        .filter(|code| !known.contains(code))
+        .cloned()
+        .collect())
+}
+
 /// The API object of a new subscription (status is computed when read).
 pub fn subscription_resource(terms: &SubscriptionTerms, created_at: DateTime<Utc>) -> Value {
     json!({

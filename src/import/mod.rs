@@ -550,20 +550,8 @@ impl Importer {
         &self,
         codes: Option<&Vec<String>>,
     ) -> Result<Vec<String>, ImportError> {
-        let Some(codes) = codes.filter(|c| !c.is_empty()) else {
-            return Ok(vec![]);
-        };
-        let known: Vec<String> =
-            sqlx::query_scalar("SELECT code FROM taxes WHERE service_code = $1 AND code = ANY($2)")
-                .bind(&self.settings.service)
-                .bind(codes)
-                .fetch_all(&self.pool)
-                .await?;
-        Ok(codes
-            .iter()
-            .filter(|c| !known.contains(c))
-            .cloned()
-            .collect())
+        let service = &self.settings.service;
+        Ok(projections::catalog::unknown_tax_codes(&self.pool, service, codes).await?)
     }
 
     async fn apply_customer(

@@ -191,18 +191,5 @@ async fn unknown_tax_codes(
     tenant: &Tenant,
     codes: Option<&Vec<String>>,
 ) -> ApiResult<Vec<String>> {
-    let Some(codes) = codes.filter(|codes| !codes.is_empty()) else {
-        return Ok(vec![]);
-    };
-    let known: Vec<String> =
-        sqlx::query_scalar("SELECT code FROM taxes WHERE service_code = $1 AND code = ANY($2)")
-            .bind(&tenant.service)
-            .bind(codes)
-            .fetch_all(&state.pool)
-            .await?;
-    Ok(codes
-        .iter()
-        .filter(|code| !known.contains(code))
-        .cloned()
-        .collect())
+    Ok(projections::catalog::unknown_tax_codes(&state.pool, &tenant.service, codes).await?)
 }
