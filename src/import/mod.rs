@@ -813,7 +813,15 @@ impl Importer {
             now: Utc::now(),
         };
         if let Err(error) = store::execute(handler, &id, command, metadata.clone()).await {
-            return refused_command(error);
+            // Another run created it first (and may have terminated it):
+            // the same customer and plan is this record, imported.
+            let now: Subscription = store::load(&self.pool, &id).await.map_err(storage)?;
+            let same = now.terms().is_some_and(|terms| {
+                terms.customer.external_id == customer_id && terms.plan.code == plan_code
+            });
+            if !same {
+                return refused_command(error);
+            }
         }
         if let Some(at) = terminated_at {
             let terminate = SubscriptionCommand::Terminate { at };
