@@ -27,5 +27,6 @@ pub mod http;
 pub mod import;
 pub mod invoicing;
 pub mod postgres;
+pub mod reconciliation;
 pub mod tools;
 pub mod usage;

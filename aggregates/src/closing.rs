@@ -43,6 +43,9 @@ pub struct SubscriptionBilling {
     pub external_customer_id: String,
     /// Billed for comparison only (never payable, numbered apart).
     pub shadow: bool,
+    /// A shadow subscription flipped live: invoices issued after this
+    /// boundary are live (see [`SubscriptionBilling::shadow_at`]).
+    pub live_from: Option<DateTime<Utc>>,
     /// The customer's grace period, in days: invoices stay drafts that long.
     pub grace_days: i64,
     /// The customer's taxes: (code, rate in percent).
@@ -59,6 +62,15 @@ impl SubscriptionBilling {
     /// The stream of its invoice issued at `issued_at`.
     pub fn stream_id(&self, issued_at: DateTime<Utc>) -> String {
         invoice_stream_id(&self.service, self.lago_id, issued_at)
+    }
+
+    /// Whether its invoice issued at `issued_at` is a shadow one: a shadow
+    /// subscription's invoices are, up to and including the boundary a flip
+    /// made it live from; those issued after it are live. The invoice at the
+    /// boundary bills the last shadow period, which the source billed: no
+    /// period is billed live twice.
+    pub fn shadow_at(&self, issued_at: DateTime<Utc>) -> bool {
+        self.shadow && self.live_from.is_none_or(|from| issued_at <= from)
     }
 
     fn tax_rates(&self) -> Vec<Decimal> {
@@ -448,11 +460,15 @@ fn plan_subscription(
                 input.as_of,
             )
             .map_err(|cause| PlanFailure::Overflow { issued_at, cause })?;
-            let counter = &mut plan.last_numbers[usize::from(billing.shadow)];
+            // A draft keeps the kind it was drafted as.
+            let shadow = invoice
+                .header()
+                .map_or(billing.shadow_at(issued_at), |h| h.shadow);
+            let counter = &mut plan.last_numbers[usize::from(shadow)];
             *counter += 1;
             let event = invoice
                 .finalize(InvoiceFinalization {
-                    number: invoice_number(input.service, billing.shadow, *counter),
+                    number: invoice_number(input.service, shadow, *counter),
                     sequential_number: *counter,
                     finalized_at: input.now,
                     as_of: input.as_of,
@@ -499,7 +515,7 @@ pub fn invoice_header(
             .date_naive(),
         reason: layout.reason,
         currency: plan.amount_currency.clone(),
-        shadow: billing.shadow,
+        shadow: billing.shadow_at(layout.issued_at),
         lago_plan_id: plan.lago_id,
         subscription_window: layout.subscription_window(),
         charges_window: layout.usage.map(|(window, _)| window),
@@ -651,6 +667,7 @@ mod tests {
             customer_lago_id: Uuid::from_u128(2),
             external_customer_id: "cus_1".into(),
             shadow: false,
+            live_from: None,
             grace_days: 0,
             taxes: vec![("hst_on".into(), d("13"))],
             schedule: BillingSchedule {
@@ -1174,6 +1191,40 @@ mod tests {
             invoice_number(SERVICE, true, 8)
         );
         assert_eq!(plan.last_numbers, [41, 8]);
+    }
+
+    #[test]
+    fn a_flipped_subscription_bills_its_boundary_invoice_in_shadow_and_the_next_live() {
+        let flipped = SubscriptionBilling {
+            shadow: true,
+            live_from: Some("2026-10-01T00:00:00Z".parse().unwrap()),
+            ..deployment()
+        };
+        assert!(flipped.shadow_at("2026-10-01T00:00:00Z".parse().unwrap()));
+        assert!(!flipped.shadow_at("2026-11-01T00:00:00Z".parse().unwrap()));
+        let given = Given {
+            last_numbers: [41, 7],
+            ..Given::default()
+        };
+
+        let (_, plan) = given.when_closing_at(&flipped, "2026-11-01T00:00:01Z");
+
+        let numbers: Vec<String> = plan
+            .events
+            .iter()
+            .filter_map(|e| match &e.event {
+                InvoiceEvent::InvoiceFinalized(f) => Some(f.number.clone()),
+                InvoiceEvent::InvoiceDrafted(_) => None,
+            })
+            .collect();
+        assert_eq!(
+            numbers,
+            vec![
+                invoice_number(SERVICE, true, 8),
+                invoice_number(SERVICE, false, 42)
+            ]
+        );
+        assert_eq!(plan.last_numbers, [42, 8]);
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub mod invoice;
 pub mod period;
 pub mod plan;
 pub mod pricing;
+pub mod reconciliation;
 pub mod refusal;
 pub mod service;
 pub mod subscription;

@@ -171,6 +171,19 @@ pub enum SubscriptionEvent {
         /// When.
         changed_at: DateTime<Utc>,
     },
+    /// A shadow subscription goes live: invoices issued after `live_from`
+    /// (a period boundary) are real; those up to it stay shadow.
+    SubscriptionFlipped {
+        /// The boundary.
+        live_from: DateTime<Utc>,
+        /// When the flip was decided.
+        flipped_at: DateTime<Utc>,
+    },
+    /// A flip undone before its first live invoice: shadow again.
+    SubscriptionFlipUndone {
+        /// When.
+        undone_at: DateTime<Utc>,
+    },
 }
 
 impl DomainEvent for SubscriptionEvent {
@@ -181,6 +194,8 @@ impl DomainEvent for SubscriptionEvent {
             Self::SubscriptionSuspended { .. } => "SubscriptionSuspended",
             Self::SubscriptionRestored { .. } => "SubscriptionRestored",
             Self::SubscriptionPlanChanged { .. } => "SubscriptionPlanChanged",
+            Self::SubscriptionFlipped { .. } => "SubscriptionFlipped",
+            Self::SubscriptionFlipUndone { .. } => "SubscriptionFlipUndone",
         }
         .to_string()
     }
@@ -195,6 +210,8 @@ pub struct Subscription {
     terms: Option<SubscriptionTerms>,
     suspended: bool,
     terminated: bool,
+    #[serde(default)]
+    live_from: Option<DateTime<Utc>>,
 }
 
 fn parse_time(
@@ -281,6 +298,41 @@ impl Subscription {
     /// The terms, once created.
     pub fn terms(&self) -> Option<&SubscriptionTerms> {
         self.terms.as_ref()
+    }
+
+    /// Where a flip made it live from, if it was flipped (and not undone).
+    pub fn live_from(&self) -> Option<DateTime<Utc>> {
+        self.live_from
+    }
+
+    /// Flip a shadow subscription live from the boundary `live_from`.
+    pub fn flip(
+        &self,
+        live_from: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<SubscriptionEvent, CatalogError> {
+        let terms = self.live()?;
+        if !terms.shadow {
+            return Err(CatalogError::InvalidStatus("live"));
+        }
+        if self.live_from.is_some() {
+            return Err(CatalogError::InvalidStatus("already flipped"));
+        }
+        Ok(SubscriptionEvent::SubscriptionFlipped {
+            live_from,
+            flipped_at: now,
+        })
+    }
+
+    /// Undo a flip (the caller checks that no live invoice was issued).
+    pub fn undo_flip(&self, now: DateTime<Utc>) -> Result<SubscriptionEvent, CatalogError> {
+        self.terms
+            .as_ref()
+            .ok_or(CatalogError::NotFound("subscription"))?;
+        if self.live_from.is_none() {
+            return Err(CatalogError::InvalidStatus("not flipped"));
+        }
+        Ok(SubscriptionEvent::SubscriptionFlipUndone { undone_at: now })
     }
 
     fn live(&self) -> Result<&SubscriptionTerms, CatalogError> {
@@ -379,6 +431,10 @@ impl Aggregate for Subscription {
                     terms.plan = plan;
                 }
             }
+            SubscriptionEvent::SubscriptionFlipped { live_from, .. } => {
+                self.live_from = Some(live_from)
+            }
+            SubscriptionEvent::SubscriptionFlipUndone { .. } => self.live_from = None,
         }
     }
 }

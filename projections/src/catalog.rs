@@ -191,6 +191,7 @@ pub fn subscription_resource(terms: &SubscriptionTerms, created_at: DateTime<Utc
         "next_plan_code": null,
         "downgrade_plan_date": null,
         "shadow": terms.shadow,
+        "live_from": null,
         "metadata": terms.metadata.clone().unwrap_or_else(|| json!({})),
         "created_at": timestamp(created_at),
     })
@@ -480,6 +481,28 @@ async fn apply_subscription(
             .bind(plan.lago_id)
             .bind(&previous.code)
             .bind(changed_at)
+            .execute(conn)
+            .await?;
+        }
+        SubscriptionEvent::SubscriptionFlipped { live_from, .. } => {
+            sqlx::query(&update(
+                "live_from = $4, resource = resource || jsonb_build_object('live_from', $5::text)",
+            ))
+            .bind(service)
+            .bind(external_id)
+            .bind(at)
+            .bind(live_from)
+            .bind(timestamp(live_from))
+            .execute(conn)
+            .await?;
+        }
+        SubscriptionEvent::SubscriptionFlipUndone { .. } => {
+            sqlx::query(&update(
+                "live_from = NULL, resource = resource || jsonb_build_object('live_from', NULL)",
+            ))
+            .bind(service)
+            .bind(external_id)
+            .bind(at)
             .execute(conn)
             .await?;
         }

@@ -14,6 +14,7 @@ pub mod imports;
 pub mod invoices;
 pub mod log;
 pub mod projection;
+pub mod reconciliation;
 pub mod service_directory;
 pub mod usage;
 
@@ -22,6 +23,7 @@ pub use imports::Imports;
 pub use invoices::Invoices;
 pub use log::{LogEvent, LogPosition};
 pub use projection::{Projection, ProjectionError};
+pub use reconciliation::Reconciliation;
 pub use service_directory::ServiceDirectory;
 pub use usage::Usage;
 
@@ -33,5 +35,6 @@ pub fn all() -> Vec<Box<dyn Projection>> {
         Box::new(Usage),
         Box::new(Invoices),
         Box::new(Imports),
+        Box::new(Reconciliation),
     ]
 }

@@ -132,6 +132,58 @@ pub enum Command {
         #[arg(long)]
         pricing: Option<std::path::PathBuf>,
     },
+    /// Compare a period's ledger invoices with the source's imported ones,
+    /// per subscription, with the causes of every delta; exits 1 unless every
+    /// row matches or is accepted (docs/reconciliation.md).
+    #[command(args_conflicts_with_subcommands = true)]
+    Reconcile {
+        #[command(subcommand)]
+        command: Option<ReconcileCommand>,
+        /// YYYY-MM.
+        #[arg(long)]
+        period: Option<String>,
+        /// Only this service.
+        #[arg(long)]
+        service: Option<String>,
+        /// Only this subscription (external id).
+        #[arg(long)]
+        subscription: Option<String>,
+        /// table, json or csv.
+        #[arg(long, default_value = "table")]
+        format: String,
+        /// A delta of at most this many cents is a match (shown as such).
+        #[arg(long, default_value_t = 0)]
+        tolerance_cents: i64,
+        /// What-if: compare against invoices recomputed with this price
+        /// book (the format `replay --pricing` reads; needs --service).
+        #[arg(long)]
+        pricing: Option<std::path::PathBuf>,
+    },
+    /// Make shadow subscriptions live from their next period boundary, once
+    /// their latest reconciled periods match; exits 1 listing what blocks.
+    Flip {
+        /// The service.
+        #[arg(long)]
+        service: String,
+        /// Only these subscriptions (external ids; repeat or separate with commas).
+        #[arg(long, value_delimiter = ',')]
+        subscription: Vec<String>,
+        /// Consecutive reconciled periods (the latest) that must all match.
+        #[arg(long, default_value_t = 1)]
+        cycles: usize,
+        /// The reconciliation's tolerance, in cents.
+        #[arg(long, default_value_t = 0)]
+        tolerance_cents: i64,
+        /// Say what would happen; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Return flipped subscriptions to shadow (before their first live invoice).
+        #[arg(long)]
+        undo: bool,
+        /// table or json.
+        #[arg(long, default_value = "table")]
+        format: String,
+    },
     /// Seal the log now: a `LogSealed` event hashing every event since the last seal.
     Seal,
     /// Explain a finalized invoice: every fee's events and arithmetic.
@@ -295,6 +347,39 @@ pub enum ExplainCommand {
         /// The invoice's lago_id.
         lago_id: uuid::Uuid,
     },
+    /// A reconciliation row: both sides line by line, side by side, with
+    /// the ledger's arithmetic beside the source's lines.
+    Reconciliation {
+        /// The subscription (external id).
+        subscription: String,
+        /// YYYY-MM.
+        period: String,
+        /// The service (needed when the id exists in several).
+        #[arg(long)]
+        service: Option<String>,
+        /// text or json.
+        #[arg(long, default_value = "text")]
+        format: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReconcileCommand {
+    /// Accept a row's delta with a reason: it no longer blocks a flip and
+    /// stays visible as accepted (an event; a different delta later is not
+    /// accepted).
+    Accept {
+        /// The subscription (external id).
+        subscription: String,
+        /// YYYY-MM.
+        period: String,
+        /// Why the delta is acceptable.
+        #[arg(long)]
+        reason: String,
+        /// The service (needed when the id exists in several).
+        #[arg(long)]
+        service: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -405,6 +490,161 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             database.close().await;
             println!("{}", serde_json::to_string_pretty(&explained?)?);
         }
+        Command::Explain {
+            command:
+                ExplainCommand::Reconciliation {
+                    subscription,
+                    period,
+                    service,
+                    format,
+                },
+        } => {
+            if format != "text" && format != "json" {
+                bail!("--format is text or json");
+            }
+            let database = Database::open(&config, ClusterAccess::ShareIfRunning).await?;
+            let explained = caught_up(&database).await;
+            let explained = match explained {
+                Ok(()) => {
+                    crate::reconciliation::explain(
+                        &database.pool,
+                        service.as_deref(),
+                        &subscription,
+                        &period,
+                    )
+                    .await
+                }
+                Err(e) => Err(e.into()),
+            };
+            database.close().await;
+            let explained = explained?;
+            if format == "json" {
+                println!("{}", serde_json::to_string_pretty(&explained)?);
+            } else {
+                print!("{}", crate::reconciliation::explain_text(&explained));
+            }
+        }
+        Command::Reconcile {
+            command:
+                Some(ReconcileCommand::Accept {
+                    subscription,
+                    period,
+                    reason,
+                    service,
+                }),
+            ..
+        } => {
+            let database = Database::open(&config, ClusterAccess::ShareIfRunning).await?;
+            let accepted = match caught_up(&database).await {
+                Ok(()) => {
+                    crate::reconciliation::accept(
+                        &database.pool,
+                        service.as_deref(),
+                        &subscription,
+                        &period,
+                        &reason,
+                        CommandMetadata::cli(),
+                    )
+                    .await
+                }
+                Err(e) => Err(e.into()),
+            };
+            database.close().await;
+            let row = accepted?;
+            println!(
+                "accepted {}/{} {}: {} of {} ({})",
+                row.service,
+                row.external_subscription_id,
+                row.period,
+                row.recorded_status.as_str(),
+                aggregates::reconciliation::format_cents(row.delta_cents),
+                reason.trim()
+            );
+        }
+        Command::Reconcile {
+            command: None,
+            period,
+            service,
+            subscription,
+            format,
+            tolerance_cents,
+            pricing,
+        } => {
+            if !["table", "json", "csv"].contains(&format.as_str()) {
+                bail!("--format is table, json or csv");
+            }
+            let Some(period) = period else {
+                bail!("--period YYYY-MM is mandatory");
+            };
+            let pricing = pricing.map(|path| read_price_book(&path)).transpose()?;
+            let database = Database::open(&config, ClusterAccess::ShareIfRunning).await?;
+            let request = crate::reconciliation::ReconcileRequest {
+                period,
+                service,
+                subscription,
+                tolerance_cents,
+                pricing,
+            };
+            let report = match caught_up(&database).await {
+                Ok(()) => crate::reconciliation::reconcile(&database.pool, &request).await,
+                Err(e) => Err(e.into()),
+            };
+            database.close().await;
+            let report = report?;
+            match format.as_str() {
+                "json" => println!("{}", serde_json::to_string_pretty(&report)?),
+                "csv" => print!("{}", crate::reconciliation::csv(&report)?),
+                _ => print!("{}", crate::reconciliation::table(&report)),
+            }
+            // A what-if's rows are its answer; the live rows decide the exit.
+            if !report.all_resolved() {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Flip {
+            service,
+            subscription,
+            cycles,
+            tolerance_cents,
+            dry_run,
+            undo,
+            format,
+        } => {
+            if format != "table" && format != "json" {
+                bail!("--format is table or json");
+            }
+            let database = Database::open(&config, ClusterAccess::ShareIfRunning).await?;
+            let request = crate::reconciliation::flip::FlipRequest {
+                service,
+                subscriptions: subscription,
+                cycles,
+                tolerance_cents,
+                dry_run,
+                undo,
+                now: chrono::Utc::now(),
+            };
+            let report = match caught_up(&database).await {
+                Ok(()) => {
+                    crate::reconciliation::flip::flip(
+                        &database.pool,
+                        &request,
+                        CommandMetadata::cli(),
+                    )
+                    .await
+                }
+                Err(e) => Err(e.into()),
+            };
+            database.close().await;
+            let report = report?;
+            if format == "json" {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", crate::reconciliation::flip::table(&report));
+            }
+            if !report.blocked.is_empty() {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
         Command::Replay {
             period,
             service,
@@ -416,22 +656,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if format != "table" && format != "json" {
                 bail!("--format is table or json");
             }
-            let pricing = match pricing {
-                Some(path) => {
-                    let text = std::fs::read_to_string(&path)
-                        .with_context(|| format!("cannot read {}", path.display()))?;
-                    Some(
-                        serde_json::from_str::<crate::invoicing::replay::PriceBook>(&text)
-                            .with_context(|| {
-                                format!(
-                                    "{} is not a price book ({{\"plans\": [...]}})",
-                                    path.display()
-                                )
-                            })?,
-                    )
-                }
-                None => None,
-            };
+            let pricing = pricing.map(|path| read_price_book(&path)).transpose()?;
             let database = Database::open(&config, ClusterAccess::ShareIfRunning).await?;
             let request = crate::invoicing::replay::ReplayRequest {
                 period,
@@ -881,6 +1106,28 @@ async fn import(config: &DatabaseConfig, command: ImportCommand) -> anyhow::Resu
 }
 
 /// The user running the CLI, as the run records it.
+/// A what-if price book file (`{"plans": [...]}`).
+fn read_price_book(path: &std::path::Path) -> anyhow::Result<crate::invoicing::replay::PriceBook> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} is not a price book ({{\"plans\": [...]}})",
+            path.display()
+        )
+    })
+}
+
+/// Bring every projection up to the log's head (a CLI beside `ledger
+/// serve` shares the work; alone, it does it).
+async fn caught_up(database: &Database) -> anyhow::Result<()> {
+    crate::event_log::projection_runner::ProjectionRunner::for_all(database.pool.clone())
+        .await?
+        .catch_up()
+        .await?;
+    Ok(())
+}
+
 fn whoami() -> String {
     std::env::var("USER")
         .or_else(|_| std::env::var("LOGNAME"))

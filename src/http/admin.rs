@@ -24,6 +24,7 @@ use crate::access::services;
 use crate::event_log::store::{self, Actor};
 use crate::invoicing::explain;
 use crate::invoicing::replay::ReplayError;
+use crate::reconciliation::{ReconcileError, ReconcileRequest};
 
 /// The operator key, as its hex SHA-256 digest.
 #[derive(Clone)]
@@ -86,6 +87,11 @@ pub fn router() -> Router<AppState> {
         .route("/invoices/{lago_id}/explain", get(explain_invoice))
         .route("/replay", get(replay_period))
         .route("/quarantine", get(list_quarantine))
+        .route("/reconciliation", get(reconciliation))
+        .route(
+            "/reconciliation/{service}/{subscription}/{period}",
+            get(explain_reconciliation),
+        )
 }
 
 /// The subscriptions billing cannot price, with why (every service).
@@ -398,4 +404,76 @@ async fn replay_period(
         ReplayError::Unexpected(error) => ApiError::Unexpected(error),
     })?;
     Ok(Json(json!({ "replay": report })))
+}
+
+#[derive(Deserialize)]
+struct ReconciliationQuery {
+    period: Option<String>,
+    service: Option<String>,
+    subscription: Option<String>,
+    tolerance_cents: Option<String>,
+}
+
+fn reconcile_refusal(error: ReconcileError) -> ApiError {
+    match error {
+        ReconcileError::BadPeriod => ApiError::invalid("period", "value_is_invalid"),
+        ReconcileError::BadTolerance => ApiError::invalid("tolerance_cents", "value_is_invalid"),
+        ReconcileError::NotFound(_) => ApiError::NotFound("reconciliation_row"),
+        ReconcileError::Ambiguous(..) => ApiError::invalid("service", "value_is_mandatory"),
+        ReconcileError::NothingToAccept(_) | ReconcileError::ReasonMissing => {
+            ApiError::invalid("reason", "value_is_invalid")
+        }
+        ReconcileError::Replay(_) => ApiError::invalid("pricing", "value_is_invalid"),
+        ReconcileError::Unexpected(error) => ApiError::Unexpected(error),
+    }
+}
+
+/// `ledger reconcile` over HTTP: a period's rows, unattributed invoices and
+/// summary.
+async fn reconciliation(
+    _: Operator,
+    State(state): State<AppState>,
+    crate::http::extract::LagoQuery(query): crate::http::extract::LagoQuery<ReconciliationQuery>,
+) -> ApiResult<Json<Value>> {
+    let period = query
+        .period
+        .ok_or_else(|| ApiError::invalid("period", "value_is_mandatory"))?;
+    let tolerance_cents = match query.tolerance_cents {
+        None => 0,
+        Some(text) => text
+            .parse::<i64>()
+            .ok()
+            .filter(|t| *t >= 0)
+            .ok_or_else(|| ApiError::invalid("tolerance_cents", "value_is_invalid"))?,
+    };
+    let request = ReconcileRequest {
+        period,
+        service: query.service,
+        subscription: query.subscription,
+        tolerance_cents,
+        pricing: None,
+    };
+    let pool = state.pool.clone();
+    // As for the replay: run on a blocking thread of its own.
+    let report = tokio::task::spawn_blocking(move || {
+        tokio::runtime::Handle::current()
+            .block_on(crate::reconciliation::reconcile(&pool, &request))
+    })
+    .await
+    .map_err(|e| ApiError::Unexpected(anyhow::Error::new(e)))?
+    .map_err(reconcile_refusal)?;
+    Ok(Json(json!({ "reconciliation": report })))
+}
+
+/// `ledger explain reconciliation` over HTTP.
+async fn explain_reconciliation(
+    _: Operator,
+    State(state): State<AppState>,
+    Path((service, subscription, period)): Path<(String, String, String)>,
+) -> ApiResult<Json<Value>> {
+    let explained =
+        crate::reconciliation::explain(&state.pool, Some(&service), &subscription, &period)
+            .await
+            .map_err(reconcile_refusal)?;
+    Ok(Json(json!({ "reconciliation_explanation": explained })))
 }

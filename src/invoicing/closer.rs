@@ -63,7 +63,7 @@ pub enum InvoicingError {
 }
 
 const BILLING_SELECT: &str = "SELECT s.service_code, s.lago_id, s.external_id, \
-        c.lago_id AS customer_lago_id, c.external_id AS external_customer_id, s.shadow, \
+        c.lago_id AS customer_lago_id, c.external_id AS external_customer_id, s.shadow, s.live_from, \
         coalesce((c.resource->'billing_configuration'->>'invoice_grace_period')::bigint, 0) AS grace_days, \
         s.resource->>'billing_time' AS billing_time, coalesce(c.resource->>'timezone', 'UTC') AS timezone, \
         s.subscription_at, s.terminated_at, \
@@ -89,6 +89,7 @@ struct BillingRow {
     customer_lago_id: Uuid,
     external_customer_id: String,
     shadow: bool,
+    live_from: Option<DateTime<Utc>>,
     grace_days: i64,
     billing_time: String,
     timezone: String,
@@ -127,6 +128,7 @@ fn billing_from_row(row: BillingRow) -> Result<SubscriptionBilling, InvoicingErr
         customer_lago_id: row.customer_lago_id,
         external_customer_id: row.external_customer_id,
         shadow: row.shadow,
+        live_from: row.live_from,
         grace_days: row.grace_days,
         taxes,
         schedule: BillingSchedule {
@@ -255,7 +257,10 @@ pub async fn finalize_early(
     Ok(())
 }
 
-async fn lock_sequences(conn: &mut PgConnection, service: &str) -> Result<[i64; 2], sqlx::Error> {
+pub(crate) async fn lock_sequences(
+    conn: &mut PgConnection,
+    service: &str,
+) -> Result<[i64; 2], sqlx::Error> {
     sqlx::query(
         "INSERT INTO invoice_sequences (service_code, shadow, last_number) \
          VALUES ($1, false, 0), ($1, true, 0) ON CONFLICT DO NOTHING",
@@ -381,6 +386,12 @@ async fn close_chunk(
     finalize_early: Option<&str>,
 ) -> Result<CloseReport, InvoicingError> {
     let last_numbers = lock_sequences(conn, service).await?;
+    let refreshed = with_flips_from_log(conn, subscriptions).await?;
+    let subscriptions: Vec<&SubscriptionBilling> = match &refreshed {
+        Some(refreshed) => refreshed.iter().collect(),
+        None => subscriptions.to_vec(),
+    };
+    let subscriptions = subscriptions.as_slice();
     let candidate_streams: Vec<String> = subscriptions
         .iter()
         .flat_map(|b| b.open_instants(now).into_iter().map(|t| b.stream_id(t)))
@@ -406,6 +417,79 @@ async fn close_chunk(
     write_plan(conn, service, &plan).await?;
     record_quarantine(conn, service, subscriptions, &plan).await?;
     Ok(plan.report)
+}
+
+/// The chunk with each shadow subscription's flip as the log has it (under
+/// the sequence lock, which flips and their undoing also take: a flip
+/// undone a moment ago is never billed live from a lagging projection).
+/// `None` when no shadow subscription's flip state differs.
+async fn with_flips_from_log(
+    conn: &mut PgConnection,
+    subscriptions: &[&SubscriptionBilling],
+) -> Result<Option<Vec<SubscriptionBilling>>, InvoicingError> {
+    let streams: Vec<String> = subscriptions
+        .iter()
+        .filter(|b| b.shadow)
+        .map(|b| subscription_stream(&b.service, &b.external_id))
+        .collect();
+    if streams.is_empty() {
+        return Ok(None);
+    }
+    let flips = flips_in_log(conn, &streams).await?;
+    let live_from = |b: &SubscriptionBilling| {
+        b.shadow
+            .then(|| flips.get(&subscription_stream(&b.service, &b.external_id)))
+            .flatten()
+            .copied()
+            .flatten()
+    };
+    if subscriptions.iter().all(|b| live_from(b) == b.live_from) {
+        return Ok(None);
+    }
+    Ok(Some(
+        subscriptions
+            .iter()
+            .map(|b| SubscriptionBilling {
+                live_from: live_from(b),
+                ..(*b).clone()
+            })
+            .collect(),
+    ))
+}
+
+/// A subscription's stream id.
+pub fn subscription_stream(service: &str, external_id: &str) -> String {
+    format!("{service}/{external_id}")
+}
+
+/// The flip state of each of `streams` that was ever flipped, from its own
+/// events: `Some(boundary)` while flipped, `None` once undone.
+pub async fn flips_in_log(
+    conn: &mut PgConnection,
+    streams: &[String],
+) -> Result<HashMap<String, Option<DateTime<Utc>>>, InvoicingError> {
+    let rows: Vec<(String, Value)> = sqlx::query_as(
+        "SELECT aggregate_id, payload::jsonb FROM events WHERE aggregate_type = 'Subscription' \
+         AND aggregate_id = ANY($1) \
+         AND event_type IN ('SubscriptionFlipped', 'SubscriptionFlipUndone') \
+         ORDER BY aggregate_id, sequence",
+    )
+    .bind(streams)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut state = HashMap::new();
+    for (stream, payload) in rows {
+        let event: aggregates::subscription::SubscriptionEvent = serde_json::from_value(payload)
+            .map_err(|e| InvoicingError::Unreadable(format!("subscription {stream}: {e}")))?;
+        let live_from = match event {
+            aggregates::subscription::SubscriptionEvent::SubscriptionFlipped {
+                live_from, ..
+            } => Some(live_from),
+            _ => None,
+        };
+        state.insert(stream, live_from);
+    }
+    Ok(state)
 }
 
 /// Make the `billing_quarantine` entries of the chunk's subscriptions what

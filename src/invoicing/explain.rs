@@ -200,7 +200,7 @@ async fn explain(pool: &PgPool, lago_id: Uuid) -> anyhow::Result<Option<Value>> 
     })))
 }
 
-async fn plan_version(
+pub(crate) async fn plan_version(
     pool: &PgPool,
     service: &str,
     code: &str,

@@ -165,6 +165,20 @@ pub struct InvoiceComparison {
     pub replayed_total_cents: i64,
     /// Fee by fee.
     pub fees: Vec<FeeComparison>,
+    /// The recomputed invoice: its header, lines and taxes.
+    #[serde(skip)]
+    pub replayed: Option<Box<Replayed>>,
+}
+
+/// A recomputed invoice (what a what-if reconciliation compares).
+#[derive(Debug, Clone)]
+pub struct Replayed {
+    /// The invoice's header.
+    pub header: aggregates::invoice::InvoiceHeader,
+    /// Its recomputed lines.
+    pub fees: Vec<Fee>,
+    /// Its recomputed taxes.
+    pub taxes: Vec<aggregates::billing::AppliedTax>,
 }
 
 /// A fee whose replayed cents differ from the recorded ones.
@@ -203,14 +217,7 @@ pub struct ReplayReport {
 }
 
 fn parse_period(period: &str) -> Result<(i32, u32), ReplayError> {
-    let (year, month) = period.split_once('-').ok_or(ReplayError::BadPeriod)?;
-    let (Ok(year), Ok(month)) = (year.parse::<i32>(), month.parse::<u32>()) else {
-        return Err(ReplayError::BadPeriod);
-    };
-    if !(1..=12).contains(&month) || year.to_string().len() != 4 || period.len() != 7 {
-        return Err(ReplayError::BadPeriod);
-    }
-    Ok((year, month))
+    aggregates::reconciliation::parse_period(period).ok_or(ReplayError::BadPeriod)
 }
 
 async fn resolve(pool: &PgPool, as_of: AsOf) -> Result<LogPosition, ReplayError> {
@@ -590,6 +597,11 @@ async fn compare_in(
             recorded_total_cents: recorded.totals.total_amount_cents,
             replayed_total_cents: replayed.totals.total_amount_cents,
             fees,
+            replayed: Some(Box::new(Replayed {
+                header: header.clone(),
+                fees: replayed.fees,
+                taxes: replayed.taxes,
+            })),
         });
     }
     Ok(())

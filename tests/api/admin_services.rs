@@ -169,9 +169,15 @@ async fn health_ready_and_unknown_routes_answer_json(pool: PgPool) {
     assert_eq!(body["status"], "ready");
     assert_eq!(body["migrations"], "applied");
     // A write answers once every projection shows it.
-    for (index, name) in ["catalog", "imports", "invoices", "service_directory"]
-        .iter()
-        .enumerate()
+    for (index, name) in [
+        "catalog",
+        "imports",
+        "invoices",
+        "reconciliation",
+        "service_directory",
+    ]
+    .iter()
+    .enumerate()
     {
         let projection = &body["projections"][index];
         assert_eq!(projection["name"], *name);

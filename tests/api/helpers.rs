@@ -247,3 +247,13 @@ pub fn database_url(connect: &sqlx::postgres::PgConnectOptions) -> String {
         connect.get_port()
     )
 }
+
+/// Run the ledger binary against the test's database.
+pub fn ledger_cli(pool: &PgPool, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_ledger"))
+        .args(args)
+        .env("DATABASE_URL", database_url(&pool.connect_options()))
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run ledger")
+}

@@ -16,7 +16,9 @@ use ledger::import::{ImportSettings, Importer, Report};
 use serde_json::{json, Value};
 use sqlx::PgPool;
 
-use crate::helpers::{database_url, spawn_app, spawn_app_with_settings, TestApp, ADMIN_KEY};
+use crate::helpers::{
+    database_url, ledger_cli, spawn_app, spawn_app_with_settings, TestApp, ADMIN_KEY,
+};
 
 const FIXTURES: &str = include_str!("../fixtures/nexacloud_cases.sql");
 
@@ -642,16 +644,6 @@ async fn an_unreachable_source_is_one_line_without_the_password(pool: PgPool) {
         stderr.contains("cannot connect to the source database"),
         "{stderr}"
     );
-}
-
-/// Run the ledger binary against the test's database.
-fn ledger_cli(pool: &PgPool, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_ledger"))
-        .args(args)
-        .env("DATABASE_URL", database_url(&pool.connect_options()))
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run ledger")
 }
 
 #[sqlx::test(migrations = "./migrations")]

@@ -15,6 +15,7 @@ mod invoicing;
 mod log_ordering;
 mod projection_runner;
 mod rebuild;
+mod reconciliation;
 mod replay;
 mod tamper_evidence;
 mod tenancy;

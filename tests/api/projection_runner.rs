@@ -44,6 +44,7 @@ async fn status_reports_checkpoint_and_lag(pool: PgPool) {
             ("catalog", 0, 3),
             ("imports", 0, 3),
             ("invoices", 0, 3),
+            ("reconciliation", 0, 3),
             ("service_directory", 0, 3),
             ("usage", 0, 3)
         ]
@@ -53,8 +54,8 @@ async fn status_reports_checkpoint_and_lag(pool: PgPool) {
     let runner = ProjectionRunner::for_all(pool.clone()).await.unwrap();
     assert_eq!(
         runner.catch_up().await.unwrap(),
-        15,
-        "3 events into 5 projections"
+        18,
+        "3 events into 6 projections"
     );
     let after = projection_runner::status(&pool).await.unwrap();
     let summary: Vec<(&str, i64, i64, i64)> = after
@@ -67,6 +68,7 @@ async fn status_reports_checkpoint_and_lag(pool: PgPool) {
             ("catalog", 3, 3, 0),
             ("imports", 3, 3, 0),
             ("invoices", 3, 3, 0),
+            ("reconciliation", 3, 3, 0),
             ("service_directory", 3, 3, 0),
             ("usage", 3, 3, 0)
         ]

@@ -1,0 +1,607 @@
+//! Projection `reconciliation`: the ledger's invoices and the source's
+//! imported ones side by side, one row per (service, external subscription
+//! id, period), with the delta and the status at a tolerance of 0
+//! ([`aggregates::reconciliation`]). Invoices with no subscription stay
+//! unattributed (listed per customer, never compared). Operators'
+//! acceptances are kept beside the rows.
+//!
+//! A batch is folded in memory — the invoices it changes, then every row
+//! those touch recomputed from all of that row's invoices — and written
+//! with a handful of set-based statements.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use aggregates::customer::CustomerEvent;
+use aggregates::import::{
+    validate_external_invoice, ImportedRecordEvent, RecordType, SourceRecord, IMPORTED_RECORD_TYPE,
+};
+use aggregates::invoice::{InvoiceEvent, InvoiceHeader, INVOICE_STREAM_TYPE};
+use aggregates::reconciliation::{
+    compare, ledger_invoice, ledger_period, source_invoice, source_period, LedgerInvoice,
+    ReconciliationEvent, SourceInvoice, RECONCILIATION_STREAM_TYPE,
+};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sqlx::PgConnection;
+
+use crate::log::{LogEvent, Reads};
+use crate::projection::{Projection, ProjectionError};
+
+/// The `reconciliation` projection.
+pub struct Reconciliation;
+
+const CUSTOMER_TYPE: &str = "Customer";
+
+/// A ledger invoice drafted and not yet finalized: what its finalization
+/// needs to place it.
+#[derive(Serialize, Deserialize)]
+struct Draft {
+    draft: InvoiceHeader,
+    timezone: String,
+}
+
+/// The state of one `reconciliation_invoices` row after the batch.
+#[derive(Clone)]
+struct InvoiceRow {
+    service: String,
+    side: &'static str,
+    key: String,
+    external_customer_id: String,
+    external_subscription_id: Option<String>,
+    period: Option<String>,
+    counted: bool,
+    invoice: Value,
+}
+
+type RowKey = (String, String, String);
+
+fn unreadable(event: &LogEvent, reason: impl ToString) -> ProjectionError {
+    ProjectionError::unreadable(event, reason)
+}
+
+#[async_trait]
+impl Projection for Reconciliation {
+    fn name(&self) -> &'static str {
+        "reconciliation"
+    }
+
+    fn tables(&self) -> &'static [&'static str] {
+        &[
+            "reconciliation_timezones",
+            "reconciliation_invoices",
+            "reconciliation_rows",
+            "reconciliation_acceptances",
+        ]
+    }
+
+    fn reads(&self) -> Reads<'static> {
+        Reads {
+            payloads: Some(&[
+                CUSTOMER_TYPE,
+                INVOICE_STREAM_TYPE,
+                IMPORTED_RECORD_TYPE,
+                RECONCILIATION_STREAM_TYPE,
+            ]),
+            usage_facts: false,
+        }
+    }
+
+    async fn apply(
+        &self,
+        conn: &mut PgConnection,
+        event: &LogEvent,
+    ) -> Result<(), ProjectionError> {
+        self.apply_batch(conn, std::slice::from_ref(event)).await
+    }
+
+    async fn apply_batch(
+        &self,
+        conn: &mut PgConnection,
+        events: &[LogEvent],
+    ) -> Result<(), ProjectionError> {
+        let relevant: Vec<&LogEvent> = events
+            .iter()
+            .filter(|e| {
+                [
+                    CUSTOMER_TYPE,
+                    INVOICE_STREAM_TYPE,
+                    IMPORTED_RECORD_TYPE,
+                    RECONCILIATION_STREAM_TYPE,
+                ]
+                .contains(&e.aggregate_type.as_str())
+            })
+            .collect();
+        if relevant.is_empty() {
+            return Ok(());
+        }
+        let mut fold = Fold::default();
+        fold.preload(conn, &relevant).await?;
+        for event in relevant {
+            fold.apply(event)?;
+        }
+        fold.write(conn).await
+    }
+}
+
+#[derive(Default)]
+struct Fold {
+    /// Customers' time zones, as loaded and as changed by the batch.
+    timezones: HashMap<(String, String), String>,
+    changed_timezones: BTreeMap<(String, String), String>,
+    /// Invoice rows, as loaded and as changed by the batch.
+    invoices: HashMap<(String, &'static str, String), InvoiceRow>,
+    changed_invoices: BTreeSet<(String, &'static str, String)>,
+    /// Rows to recompute.
+    touched: BTreeSet<RowKey>,
+    /// Acceptances, last one per row.
+    acceptances: BTreeMap<RowKey, ReconciliationEvent>,
+}
+
+fn split_scope(event: &LogEvent) -> Result<(&str, &str), ProjectionError> {
+    event
+        .aggregate_id
+        .split_once('/')
+        .ok_or_else(|| unreadable(event, "aggregate id is not {service}/{key}"))
+}
+
+/// `{service}/{source}/{type}/{source_id}`.
+fn imported_scope(event: &LogEvent) -> Result<(&str, &str, &str, &str), ProjectionError> {
+    let mut parts = event.aggregate_id.splitn(4, '/');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(service), Some(source), Some(kind), Some(source_id)) => {
+            Ok((service, source, kind, source_id))
+        }
+        _ => Err(unreadable(
+            event,
+            "stream is not {service}/{source}/{type}/{source_id}",
+        )),
+    }
+}
+
+/// The service of an invoice stream (`{service}/{subscription}/{instant}`).
+fn invoice_service(event: &LogEvent) -> Result<&str, ProjectionError> {
+    split_scope(event).map(|(service, _)| service)
+}
+
+impl Fold {
+    /// Load, in a few statements, the rows the batch's events build on.
+    async fn preload(
+        &mut self,
+        conn: &mut PgConnection,
+        events: &[&LogEvent],
+    ) -> Result<(), ProjectionError> {
+        let mut customers: BTreeSet<(String, String)> = BTreeSet::new();
+        let mut keys: BTreeSet<(String, &'static str, String)> = BTreeSet::new();
+        for event in events {
+            match event.aggregate_type.as_str() {
+                INVOICE_STREAM_TYPE => {
+                    let service = invoice_service(event)?;
+                    if event.event_type == "InvoiceDrafted" {
+                        if let Some(customer) = event
+                            .payload
+                            .get("InvoiceDrafted")
+                            .and_then(|h| h.get("external_customer_id"))
+                            .and_then(Value::as_str)
+                        {
+                            customers.insert((service.to_string(), customer.to_string()));
+                        }
+                    } else {
+                        keys.insert((service.to_string(), "ledger", event.aggregate_id.clone()));
+                    }
+                }
+                IMPORTED_RECORD_TYPE => {
+                    let (service, source, kind, source_id) = imported_scope(event)?;
+                    if kind == RecordType::ExternalInvoice.as_str() {
+                        keys.insert((
+                            service.to_string(),
+                            "source",
+                            format!("{source}/{source_id}"),
+                        ));
+                    }
+                }
+                _ => {}
+            }
+        }
+        if !customers.is_empty() {
+            let (services, ids): (Vec<String>, Vec<String>) = customers.into_iter().unzip();
+            let rows: Vec<(String, String, String)> = sqlx::query_as(
+                "SELECT t.service_code, t.external_customer_id, t.timezone \
+                 FROM reconciliation_timezones t \
+                 JOIN unnest($1::text[], $2::text[]) AS k(s, c) \
+                   ON t.service_code = k.s AND t.external_customer_id = k.c",
+            )
+            .bind(&services)
+            .bind(&ids)
+            .fetch_all(&mut *conn)
+            .await?;
+            for (service, customer, timezone) in rows {
+                self.timezones.insert((service, customer), timezone);
+            }
+        }
+        if !keys.is_empty() {
+            let mut services = Vec::new();
+            let mut sides = Vec::new();
+            let mut ids = Vec::new();
+            for (service, side, key) in keys {
+                services.push(service);
+                sides.push(side.to_string());
+                ids.push(key);
+            }
+            type Loaded = (
+                String,
+                String,
+                String,
+                String,
+                Option<String>,
+                Option<String>,
+                bool,
+                Value,
+            );
+            let rows: Vec<Loaded> = sqlx::query_as(
+                "SELECT i.service_code, i.side, i.key, i.external_customer_id, \
+                 i.external_subscription_id, i.period, i.counted, i.invoice \
+                 FROM reconciliation_invoices i \
+                 JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(s, d, x) \
+                   ON i.service_code = k.s AND i.side = k.d AND i.key = k.x",
+            )
+            .bind(&services)
+            .bind(&sides)
+            .bind(&ids)
+            .fetch_all(&mut *conn)
+            .await?;
+            for (service, side, key, customer, subscription, period, counted, invoice) in rows {
+                let side = if side == "ledger" { "ledger" } else { "source" };
+                self.invoices.insert(
+                    (service.clone(), side, key.clone()),
+                    InvoiceRow {
+                        service,
+                        side,
+                        key,
+                        external_customer_id: customer,
+                        external_subscription_id: subscription,
+                        period,
+                        counted,
+                        invoice,
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn put_invoice(&mut self, row: InvoiceRow) {
+        let id = (row.service.clone(), row.side, row.key.clone());
+        if let Some(old) = self.invoices.get(&id) {
+            self.touch(old.clone());
+        }
+        self.touch(row.clone());
+        self.changed_invoices.insert(id.clone());
+        self.invoices.insert(id, row);
+    }
+
+    fn touch(&mut self, row: InvoiceRow) {
+        if let (Some(subscription), Some(period)) = (row.external_subscription_id, row.period) {
+            self.touched.insert((row.service, subscription, period));
+        }
+    }
+
+    fn apply(&mut self, event: &LogEvent) -> Result<(), ProjectionError> {
+        match event.aggregate_type.as_str() {
+            CUSTOMER_TYPE => {
+                let (service, customer) = split_scope(event)?;
+                let profile = match serde::Deserialize::deserialize(&event.payload)
+                    .map_err(|e| unreadable(event, e))?
+                {
+                    CustomerEvent::CustomerCreated { profile, .. }
+                    | CustomerEvent::CustomerUpdated { profile } => profile,
+                };
+                let timezone = profile.timezone.unwrap_or_else(|| "UTC".to_string());
+                let key = (service.to_string(), customer.to_string());
+                self.timezones.insert(key.clone(), timezone.clone());
+                self.changed_timezones.insert(key, timezone);
+            }
+            INVOICE_STREAM_TYPE => self.apply_invoice(event)?,
+            IMPORTED_RECORD_TYPE => self.apply_imported(event)?,
+            RECONCILIATION_STREAM_TYPE => {
+                let mut parts = event.aggregate_id.splitn(2, '/');
+                let (Some(service), Some(rest)) = (parts.next(), parts.next()) else {
+                    return Err(unreadable(
+                        event,
+                        "stream is not {service}/{subscription}/{period}",
+                    ));
+                };
+                let Some((subscription, period)) = rest.rsplit_once('/') else {
+                    return Err(unreadable(
+                        event,
+                        "stream is not {service}/{subscription}/{period}",
+                    ));
+                };
+                let decision: ReconciliationEvent = serde::Deserialize::deserialize(&event.payload)
+                    .map_err(|e| unreadable(event, e))?;
+                self.acceptances.insert(
+                    (
+                        service.to_string(),
+                        subscription.to_string(),
+                        period.to_string(),
+                    ),
+                    decision,
+                );
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn apply_invoice(&mut self, event: &LogEvent) -> Result<(), ProjectionError> {
+        let service = invoice_service(event)?.to_string();
+        let invoice_event: InvoiceEvent =
+            serde::Deserialize::deserialize(&event.payload).map_err(|e| unreadable(event, e))?;
+        match invoice_event {
+            InvoiceEvent::InvoiceDrafted(header) => {
+                let timezone = self
+                    .timezones
+                    .get(&(service.clone(), header.external_customer_id.clone()))
+                    .cloned()
+                    .unwrap_or_else(|| "UTC".to_string());
+                let tz = timezone.parse().unwrap_or(chrono_tz::UTC);
+                let row = InvoiceRow {
+                    service,
+                    side: "ledger",
+                    key: event.aggregate_id.clone(),
+                    external_customer_id: header.external_customer_id.clone(),
+                    external_subscription_id: Some(header.external_subscription_id.clone()),
+                    period: Some(ledger_period(&header, tz)),
+                    counted: false,
+                    invoice: serde_json::to_value(Draft {
+                        draft: header,
+                        timezone,
+                    })
+                    .expect("serializable"),
+                };
+                self.put_invoice(row);
+            }
+            InvoiceEvent::InvoiceFinalized(finalization) => {
+                let id = (service, "ledger", event.aggregate_id.clone());
+                let Some(row) = self.invoices.get(&id).cloned() else {
+                    return Err(unreadable(event, "finalized before it was drafted"));
+                };
+                let draft: Draft = serde_json::from_value(row.invoice.clone())
+                    .map_err(|e| unreadable(event, format!("its draft: {e}")))?;
+                let tz = draft.timezone.parse().unwrap_or(chrono_tz::UTC);
+                let invoice = ledger_invoice(&draft.draft, &finalization, tz);
+                self.put_invoice(InvoiceRow {
+                    counted: true,
+                    invoice: serde_json::to_value(invoice).expect("serializable"),
+                    ..row
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_imported(&mut self, event: &LogEvent) -> Result<(), ProjectionError> {
+        let (service, source, kind, source_id) = imported_scope(event)?;
+        if kind != RecordType::ExternalInvoice.as_str() {
+            return Ok(());
+        }
+        let fact: ImportedRecordEvent =
+            serde::Deserialize::deserialize(&event.payload).map_err(|e| unreadable(event, e))?;
+        let record = SourceRecord::from_value(fact.record().clone())
+            .map_err(|e| unreadable(event, format!("{e:?}")))?;
+        let external = validate_external_invoice(&record.fields)
+            .map_err(|e| unreadable(event, format!("{e:?}")))?;
+        let compared = source_invoice(source_id, &external);
+        self.put_invoice(InvoiceRow {
+            service: service.to_string(),
+            side: "source",
+            key: format!("{source}/{source_id}"),
+            external_customer_id: external.external_customer_id.clone(),
+            external_subscription_id: external.external_subscription_id.clone(),
+            period: source_period(&external),
+            counted: compared.counted,
+            invoice: serde_json::to_value(compared).expect("serializable"),
+        });
+        Ok(())
+    }
+
+    /// Write the batch: time zones, invoices, acceptances, then every
+    /// touched row recomputed from all of its invoices.
+    async fn write(self, conn: &mut PgConnection) -> Result<(), ProjectionError> {
+        if !self.changed_timezones.is_empty() {
+            let mut columns: [Vec<String>; 3] = Default::default();
+            for ((service, customer), timezone) in &self.changed_timezones {
+                columns[0].push(service.clone());
+                columns[1].push(customer.clone());
+                columns[2].push(timezone.clone());
+            }
+            sqlx::query(
+                "INSERT INTO reconciliation_timezones (service_code, external_customer_id, timezone) \
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) \
+                 ON CONFLICT (service_code, external_customer_id) DO UPDATE SET timezone = EXCLUDED.timezone",
+            )
+            .bind(&columns[0])
+            .bind(&columns[1])
+            .bind(&columns[2])
+            .execute(&mut *conn)
+            .await?;
+        }
+        if !self.changed_invoices.is_empty() {
+            let rows: Vec<&InvoiceRow> = self
+                .changed_invoices
+                .iter()
+                .map(|id| &self.invoices[id])
+                .collect();
+            sqlx::query(
+                "INSERT INTO reconciliation_invoices (service_code, side, key, external_customer_id, \
+                 external_subscription_id, period, counted, invoice) \
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+                                      $6::text[], $7::bool[], $8::jsonb[]) \
+                 ON CONFLICT (service_code, side, key) DO UPDATE SET \
+                   external_customer_id = EXCLUDED.external_customer_id, \
+                   external_subscription_id = EXCLUDED.external_subscription_id, \
+                   period = EXCLUDED.period, counted = EXCLUDED.counted, invoice = EXCLUDED.invoice",
+            )
+            .bind(rows.iter().map(|r| r.service.as_str()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.side).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.key.as_str()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.external_customer_id.as_str()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.external_subscription_id.as_deref()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.period.as_deref()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.counted).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| &r.invoice).collect::<Vec<_>>())
+            .execute(&mut *conn)
+            .await?;
+        }
+        for ((service, subscription, period), decision) in &self.acceptances {
+            let ReconciliationEvent::ReconciliationAccepted {
+                status,
+                delta_cents,
+                reason,
+                accepted_by,
+                accepted_at,
+            } = decision;
+            sqlx::query(
+                "INSERT INTO reconciliation_acceptances (service_code, external_subscription_id, \
+                 period, delta_cents, status, reason, accepted_by, accepted_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                 ON CONFLICT (service_code, external_subscription_id, period) DO UPDATE SET \
+                   delta_cents = EXCLUDED.delta_cents, status = EXCLUDED.status, \
+                   reason = EXCLUDED.reason, accepted_by = EXCLUDED.accepted_by, \
+                   accepted_at = EXCLUDED.accepted_at",
+            )
+            .bind(service)
+            .bind(subscription)
+            .bind(period)
+            .bind(delta_cents)
+            .bind(status.as_str())
+            .bind(reason)
+            .bind(accepted_by)
+            .bind::<DateTime<Utc>>(*accepted_at)
+            .execute(&mut *conn)
+            .await?;
+        }
+        recompute_rows(conn, &self.touched).await
+    }
+}
+
+/// Recompute `touched` rows from all of their counted invoices.
+async fn recompute_rows(
+    conn: &mut PgConnection,
+    touched: &BTreeSet<RowKey>,
+) -> Result<(), ProjectionError> {
+    if touched.is_empty() {
+        return Ok(());
+    }
+    let mut keys: [Vec<&str>; 3] = Default::default();
+    for (service, subscription, period) in touched {
+        keys[0].push(service);
+        keys[1].push(subscription);
+        keys[2].push(period);
+    }
+    type Counted = (String, String, String, String, String, String, Value);
+    let invoices: Vec<Counted> = sqlx::query_as(
+        "SELECT i.service_code, i.external_subscription_id, i.period, i.side, i.key, \
+         i.external_customer_id, i.invoice FROM reconciliation_invoices i \
+         JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(s, e, p) \
+           ON i.service_code = k.s AND i.external_subscription_id = k.e AND i.period = k.p \
+         WHERE i.counted ORDER BY i.service_code, i.external_subscription_id, i.period, i.side, i.key",
+    )
+    .bind(&keys[0])
+    .bind(&keys[1])
+    .bind(&keys[2])
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut sides: BTreeMap<RowKey, (String, Vec<LedgerInvoice>, Vec<SourceInvoice>)> =
+        BTreeMap::new();
+    for (service, subscription, period, side, key, customer, invoice) in invoices {
+        let entry = sides
+            .entry((service, subscription, period))
+            .or_insert_with(|| (customer, vec![], vec![]));
+        let bad = |e: serde_json::Error| ProjectionError::UnreadableEvent {
+            position: 0,
+            event_type: format!("reconciliation invoice {key}"),
+            reason: e.to_string(),
+        };
+        if side == "ledger" {
+            entry.1.push(serde_json::from_value(invoice).map_err(bad)?);
+        } else {
+            entry.2.push(serde_json::from_value(invoice).map_err(bad)?);
+        }
+    }
+    let mut gone: [Vec<&str>; 3] = Default::default();
+    let mut rows: Vec<(
+        &RowKey,
+        String,
+        aggregates::reconciliation::Comparison,
+        Value,
+        Value,
+    )> = Vec::new();
+    for key in touched {
+        let comparison = sides.get(key).and_then(|(customer, ledger, source)| {
+            compare(&key.2, ledger, source).map(|c| {
+                (
+                    customer.clone(),
+                    c,
+                    serde_json::to_value(ledger).expect("serializable"),
+                    serde_json::to_value(source).expect("serializable"),
+                )
+            })
+        });
+        match comparison {
+            Some((customer, c, ledger, source)) => rows.push((key, customer, c, ledger, source)),
+            None => {
+                gone[0].push(&key.0);
+                gone[1].push(&key.1);
+                gone[2].push(&key.2);
+            }
+        }
+    }
+    if !gone[0].is_empty() {
+        sqlx::query(
+            "DELETE FROM reconciliation_rows r USING unnest($1::text[], $2::text[], $3::text[]) \
+               AS k(s, e, p) \
+             WHERE r.service_code = k.s AND r.external_subscription_id = k.e AND r.period = k.p",
+        )
+        .bind(&gone[0])
+        .bind(&gone[1])
+        .bind(&gone[2])
+        .execute(&mut *conn)
+        .await?;
+    }
+    if rows.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO reconciliation_rows (service_code, external_subscription_id, period, \
+         external_customer_id, status, ledger_fees_cents, ledger_taxes_cents, ledger_total_cents, \
+         source_fees_cents, source_taxes_cents, source_total_cents, delta_cents, ledger, source) \
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+           $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], \
+           $12::bigint[], $13::jsonb[], $14::jsonb[]) \
+         ON CONFLICT (service_code, external_subscription_id, period) DO UPDATE SET \
+           external_customer_id = EXCLUDED.external_customer_id, status = EXCLUDED.status, \
+           ledger_fees_cents = EXCLUDED.ledger_fees_cents, ledger_taxes_cents = EXCLUDED.ledger_taxes_cents, \
+           ledger_total_cents = EXCLUDED.ledger_total_cents, source_fees_cents = EXCLUDED.source_fees_cents, \
+           source_taxes_cents = EXCLUDED.source_taxes_cents, source_total_cents = EXCLUDED.source_total_cents, \
+           delta_cents = EXCLUDED.delta_cents, ledger = EXCLUDED.ledger, source = EXCLUDED.source",
+    )
+    .bind(rows.iter().map(|r| r.0 .0.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.0 .1.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.0 .2.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.1.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.2.status.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.2.ledger.fees_cents).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.2.ledger.taxes_cents).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.2.ledger.total_cents).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.2.source.fees_cents).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.2.source.taxes_cents).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.2.source.total_cents).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.2.delta_cents).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| &r.3).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| &r.4).collect::<Vec<_>>())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
