@@ -36,10 +36,40 @@ const CUSTOMER_TYPE: &str = "Customer";
 
 /// A ledger invoice drafted and not yet finalized: what its finalization
 /// needs to place it.
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 struct Draft {
     draft: InvoiceHeader,
     timezone: String,
+}
+
+/// What a `reconciliation_invoices` row holds.
+#[derive(Clone)]
+enum Stored {
+    /// A ledger invoice not finalized yet.
+    Draft(Box<Draft>),
+    /// A finalized ledger invoice.
+    Ledger(Box<LedgerInvoice>),
+    /// A source invoice.
+    Source(Box<SourceInvoice>),
+}
+
+impl Stored {
+    fn parse(side: &str, counted: bool, text: &str) -> Result<Stored, serde_json::Error> {
+        Ok(match (side, counted) {
+            ("ledger", false) => Stored::Draft(Box::new(serde_json::from_str(text)?)),
+            ("ledger", true) => Stored::Ledger(Box::new(serde_json::from_str(text)?)),
+            _ => Stored::Source(Box::new(serde_json::from_str(text)?)),
+        })
+    }
+
+    fn to_json(&self) -> String {
+        match self {
+            Stored::Draft(draft) => serde_json::to_string(draft),
+            Stored::Ledger(invoice) => serde_json::to_string(invoice),
+            Stored::Source(invoice) => serde_json::to_string(invoice),
+        }
+        .expect("serializable")
+    }
 }
 
 /// The state of one `reconciliation_invoices` row after the batch.
@@ -52,7 +82,7 @@ struct InvoiceRow {
     external_subscription_id: Option<String>,
     period: Option<String>,
     counted: bool,
-    invoice: Value,
+    invoice: Stored,
 }
 
 type RowKey = (String, String, String);
@@ -237,11 +267,11 @@ impl Fold {
                 Option<String>,
                 Option<String>,
                 bool,
-                Value,
+                String,
             );
             let rows: Vec<Loaded> = sqlx::query_as(
                 "SELECT i.service_code, i.side, i.key, i.external_customer_id, \
-                 i.external_subscription_id, i.period, i.counted, i.invoice \
+                 i.external_subscription_id, i.period, i.counted, i.invoice::text \
                  FROM reconciliation_invoices i \
                  JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(s, d, x) \
                    ON i.service_code = k.s AND i.side = k.d AND i.key = k.x",
@@ -253,6 +283,8 @@ impl Fold {
             .await?;
             for (service, side, key, customer, subscription, period, counted, invoice) in rows {
                 let side = if side == "ledger" { "ledger" } else { "source" };
+                let invoice =
+                    Stored::parse(side, counted, &invoice).map_err(|e| stored(&key, e))?;
                 self.invoices.insert(
                     (service.clone(), side, key.clone()),
                     InvoiceRow {
@@ -354,11 +386,10 @@ impl Fold {
                     external_subscription_id: Some(header.external_subscription_id.clone()),
                     period: Some(ledger_period(&header, tz)),
                     counted: false,
-                    invoice: serde_json::to_value(Draft {
+                    invoice: Stored::Draft(Box::new(Draft {
                         draft: header,
                         timezone,
-                    })
-                    .expect("serializable"),
+                    })),
                 };
                 self.put_invoice(row);
             }
@@ -367,13 +398,14 @@ impl Fold {
                 let Some(row) = self.invoices.get(&id).cloned() else {
                     return Err(unreadable(event, "finalized before it was drafted"));
                 };
-                let draft: Draft = serde_json::from_value(row.invoice.clone())
-                    .map_err(|e| unreadable(event, format!("its draft: {e}")))?;
+                let Stored::Draft(draft) = &row.invoice else {
+                    return Err(unreadable(event, "finalized twice"));
+                };
                 let tz = draft.timezone.parse().unwrap_or(chrono_tz::UTC);
                 let invoice = ledger_invoice(&draft.draft, &finalization, tz);
                 self.put_invoice(InvoiceRow {
                     counted: true,
-                    invoice: serde_json::to_value(invoice).expect("serializable"),
+                    invoice: Stored::Ledger(Box::new(invoice)),
                     ..row
                 });
             }
@@ -401,7 +433,7 @@ impl Fold {
             external_subscription_id: external.external_subscription_id.clone(),
             period: source_period(&external),
             counted: compared.counted,
-            invoice: serde_json::to_value(compared).expect("serializable"),
+            invoice: Stored::Source(Box::new(compared)),
         });
         Ok(())
     }
@@ -409,6 +441,7 @@ impl Fold {
     /// Write the batch: time zones, invoices, acceptances, then every
     /// touched row recomputed from all of its invoices.
     async fn write(self, conn: &mut PgConnection) -> Result<(), ProjectionError> {
+        let rows = self.recomputed_rows(conn).await?;
         if !self.changed_timezones.is_empty() {
             let mut columns: [Vec<String>; 3] = Default::default();
             for ((service, customer), timezone) in &self.changed_timezones {
@@ -437,7 +470,7 @@ impl Fold {
                 "INSERT INTO reconciliation_invoices (service_code, side, key, external_customer_id, \
                  external_subscription_id, period, counted, invoice) \
                  SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
-                                      $6::text[], $7::bool[], $8::jsonb[]) \
+                                      $6::text[], $7::bool[], $8::text[]::jsonb[]) \
                  ON CONFLICT (service_code, side, key) DO UPDATE SET \
                    external_customer_id = EXCLUDED.external_customer_id, \
                    external_subscription_id = EXCLUDED.external_subscription_id, \
@@ -450,7 +483,7 @@ impl Fold {
             .bind(rows.iter().map(|r| r.external_subscription_id.as_deref()).collect::<Vec<_>>())
             .bind(rows.iter().map(|r| r.period.as_deref()).collect::<Vec<_>>())
             .bind(rows.iter().map(|r| r.counted).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| &r.invoice).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.invoice.to_json()).collect::<Vec<_>>())
             .execute(&mut *conn)
             .await?;
         }
@@ -482,74 +515,121 @@ impl Fold {
             .execute(&mut *conn)
             .await?;
         }
-        recompute_rows(conn, &self.touched).await
+        write_rows(conn, rows).await
+    }
+
+    /// Every touched row recomputed from all of its counted invoices: those
+    /// the batch holds (loaded or changed) and the others, read.
+    async fn recomputed_rows(
+        &self,
+        conn: &mut PgConnection,
+    ) -> Result<Vec<RowState>, ProjectionError> {
+        let mut sides: BTreeMap<RowKey, (String, Vec<LedgerInvoice>, Vec<SourceInvoice>)> =
+            BTreeMap::new();
+        let mut add = |key: RowKey, customer: &str, invoice: &Stored| {
+            let entry = sides
+                .entry(key)
+                .or_insert_with(|| (customer.to_string(), vec![], vec![]));
+            match invoice {
+                Stored::Ledger(invoice) => entry.1.push((**invoice).clone()),
+                Stored::Source(invoice) => entry.2.push((**invoice).clone()),
+                Stored::Draft(_) => {}
+            }
+        };
+        if !self.touched.is_empty() {
+            let mut keys: [Vec<&str>; 3] = Default::default();
+            for (service, subscription, period) in &self.touched {
+                keys[0].push(service);
+                keys[1].push(subscription);
+                keys[2].push(period);
+            }
+            type Counted = (String, String, String, String, String, String, String);
+            let others: Vec<Counted> = sqlx::query_as(
+                "SELECT i.service_code, i.external_subscription_id, i.period, i.side, i.key, \
+                 i.external_customer_id, i.invoice::text FROM reconciliation_invoices i \
+                 JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(s, e, p) \
+                   ON i.service_code = k.s AND i.external_subscription_id = k.e AND i.period = k.p \
+                 WHERE i.counted",
+            )
+            .bind(&keys[0])
+            .bind(&keys[1])
+            .bind(&keys[2])
+            .fetch_all(&mut *conn)
+            .await?;
+            for (service, subscription, period, side, key, customer, invoice) in others {
+                let side = if side == "ledger" { "ledger" } else { "source" };
+                if self
+                    .invoices
+                    .contains_key(&(service.clone(), side, key.clone()))
+                {
+                    continue;
+                }
+                let invoice = Stored::parse(side, true, &invoice).map_err(|e| stored(&key, e))?;
+                add((service, subscription, period), &customer, &invoice);
+            }
+        }
+        for row in self.invoices.values() {
+            let (Some(subscription), Some(period)) = (&row.external_subscription_id, &row.period)
+            else {
+                continue;
+            };
+            let key = (row.service.clone(), subscription.clone(), period.clone());
+            if row.counted && self.touched.contains(&key) {
+                add(key, &row.external_customer_id, &row.invoice);
+            }
+        }
+        Ok(self
+            .touched
+            .iter()
+            .map(|key| {
+                let compared = sides
+                    .remove(key)
+                    .and_then(|(customer, mut ledger, mut source)| {
+                        // One order whatever order the batch met them in.
+                        ledger.sort_by(|a, b| {
+                            (a.issued_at, a.lago_id).cmp(&(b.issued_at, b.lago_id))
+                        });
+                        source.sort_by(|a, b| a.source_id.cmp(&b.source_id));
+                        compare(&key.2, &ledger, &source).map(|c| {
+                            (
+                                customer,
+                                c,
+                                serde_json::to_string(&ledger).expect("serializable"),
+                                serde_json::to_string(&source).expect("serializable"),
+                            )
+                        })
+                    });
+                (key.clone(), compared)
+            })
+            .collect())
     }
 }
 
-/// Recompute `touched` rows from all of their counted invoices.
-async fn recompute_rows(
-    conn: &mut PgConnection,
-    touched: &BTreeSet<RowKey>,
-) -> Result<(), ProjectionError> {
-    if touched.is_empty() {
-        return Ok(());
+fn stored(key: &str, error: serde_json::Error) -> ProjectionError {
+    ProjectionError::UnreadableEvent {
+        position: 0,
+        event_type: format!("reconciliation invoice {key}"),
+        reason: error.to_string(),
     }
-    let mut keys: [Vec<&str>; 3] = Default::default();
-    for (service, subscription, period) in touched {
-        keys[0].push(service);
-        keys[1].push(subscription);
-        keys[2].push(period);
-    }
-    type Counted = (String, String, String, String, String, String, Value);
-    let invoices: Vec<Counted> = sqlx::query_as(
-        "SELECT i.service_code, i.external_subscription_id, i.period, i.side, i.key, \
-         i.external_customer_id, i.invoice FROM reconciliation_invoices i \
-         JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(s, e, p) \
-           ON i.service_code = k.s AND i.external_subscription_id = k.e AND i.period = k.p \
-         WHERE i.counted ORDER BY i.service_code, i.external_subscription_id, i.period, i.side, i.key",
-    )
-    .bind(&keys[0])
-    .bind(&keys[1])
-    .bind(&keys[2])
-    .fetch_all(&mut *conn)
-    .await?;
-    let mut sides: BTreeMap<RowKey, (String, Vec<LedgerInvoice>, Vec<SourceInvoice>)> =
-        BTreeMap::new();
-    for (service, subscription, period, side, key, customer, invoice) in invoices {
-        let entry = sides
-            .entry((service, subscription, period))
-            .or_insert_with(|| (customer, vec![], vec![]));
-        let bad = |e: serde_json::Error| ProjectionError::UnreadableEvent {
-            position: 0,
-            event_type: format!("reconciliation invoice {key}"),
-            reason: e.to_string(),
-        };
-        if side == "ledger" {
-            entry.1.push(serde_json::from_value(invoice).map_err(bad)?);
-        } else {
-            entry.2.push(serde_json::from_value(invoice).map_err(bad)?);
-        }
-    }
-    let mut gone: [Vec<&str>; 3] = Default::default();
-    let mut rows: Vec<(
-        &RowKey,
+}
+
+/// A touched row: its comparison, or `None` when nothing is left to compare.
+type RowState = (
+    RowKey,
+    Option<(
         String,
         aggregates::reconciliation::Comparison,
-        Value,
-        Value,
-    )> = Vec::new();
-    for key in touched {
-        let comparison = sides.get(key).and_then(|(customer, ledger, source)| {
-            compare(&key.2, ledger, source).map(|c| {
-                (
-                    customer.clone(),
-                    c,
-                    serde_json::to_value(ledger).expect("serializable"),
-                    serde_json::to_value(source).expect("serializable"),
-                )
-            })
-        });
-        match comparison {
+        String,
+        String,
+    )>,
+);
+
+/// Write the recomputed rows: upsert those with a comparison, delete the rest.
+async fn write_rows(conn: &mut PgConnection, states: Vec<RowState>) -> Result<(), ProjectionError> {
+    let mut gone: [Vec<&str>; 3] = Default::default();
+    let mut rows = Vec::new();
+    for (key, state) in &states {
+        match state {
             Some((customer, c, ledger, source)) => rows.push((key, customer, c, ledger, source)),
             None => {
                 gone[0].push(&key.0);
@@ -579,7 +659,7 @@ async fn recompute_rows(
          source_fees_cents, source_taxes_cents, source_total_cents, delta_cents, ledger, source) \
          SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
            $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], \
-           $12::bigint[], $13::jsonb[], $14::jsonb[]) \
+           $12::bigint[], $13::text[]::jsonb[], $14::text[]::jsonb[]) \
          ON CONFLICT (service_code, external_subscription_id, period) DO UPDATE SET \
            external_customer_id = EXCLUDED.external_customer_id, status = EXCLUDED.status, \
            ledger_fees_cents = EXCLUDED.ledger_fees_cents, ledger_taxes_cents = EXCLUDED.ledger_taxes_cents, \

@@ -255,6 +255,16 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 1_000_000)]
         usage_records: usize,
     },
+    /// Reconcile one period of many subscriptions with imported actuals and
+    /// rebuild the reconciliation, beside a raw read, on a throwaway cluster.
+    Reconcile {
+        /// Subscriptions (each with three periods).
+        #[arg(long, default_value_t = 10_000)]
+        subscriptions: usize,
+        /// Usage events per subscription and period.
+        #[arg(long, default_value_t = 30)]
+        events: usize,
+    },
     /// Time rebuilding the usage and invoices projections, sealing and
     /// verifying, beside a raw read of the log, on a throwaway cluster.
     Rebuild {
@@ -725,6 +735,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 data_dir: config.data_dir.clone(),
                 seconds,
                 concurrency,
+            })
+            .await?
+        }
+        Command::Bench {
+            command:
+                BenchCommand::Reconcile {
+                    subscriptions,
+                    events,
+                },
+        } => {
+            crate::tools::bench::reconcile::run(crate::tools::bench::reconcile::ReconcileBench {
+                data_dir: config.data_dir.clone(),
+                subscriptions,
+                events_per_period: events,
             })
             .await?
         }

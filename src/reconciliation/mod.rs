@@ -948,7 +948,7 @@ fn causes_text(causes: &[Cause]) -> String {
 /// The report as a table: the rows, the unattributed invoices, the summary.
 pub fn table(report: &ReconcileReport) -> String {
     let mut out = format!(
-        "reconciliation {} (tolerance {} cents)\n{:<12} {:<28} {:<20} {:<18} {:>10} {:>10} {:>10}  causes\n",
+        "reconciliation {} (tolerance {} cents)\n{:<12} {:<36} {:<36} {:<18} {:>10} {:>10} {:>10}  causes\n",
         report.period,
         report.tolerance_cents,
         "service",
@@ -965,7 +965,7 @@ pub fn table(report: &ReconcileReport) -> String {
             status = format!("{status} (±{t})");
         }
         out.push_str(&format!(
-            "{:<12} {:<28} {:<20} {:<18} {:>10} {:>10} {:>10}  {}\n",
+            "{:<12} {:<36} {:<36} {:<18} {:>10} {:>10} {:>10}  {}\n",
             row.service,
             row.external_subscription_id,
             row.external_customer_id,
@@ -999,7 +999,7 @@ pub fn table(report: &ReconcileReport) -> String {
         out.push_str("unattributed (no subscription; never compared)\n");
         for u in &report.unattributed {
             out.push_str(&format!(
-                "{:<12} {:<20} {:<8} {:<20} {:>10} {}\n",
+                "{:<12} {:<36} {:<8} {:<20} {:>10} {}\n",
                 u.service,
                 u.external_customer_id,
                 u.side,

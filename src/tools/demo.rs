@@ -261,6 +261,7 @@ async fn demonstrate(database: &Database) -> anyhow::Result<()> {
 
     invoicing(database, &client, &nexacloud).await?;
     import_sample(database).await?;
+    reconcile_sample(database, &client).await?;
 
     wait_until_caught_up(&client).await?;
     println!("\n== what the ledger knows (GET /admin/v1/services, from the service_directory projection) ==");
@@ -360,6 +361,56 @@ async fn import_sample(database: &Database) -> anyhow::Result<()> {
     println!(
         "(each imported subscription is shadow: invoiced for comparison only; \
          usage keeps NexaCloud's transaction ids usage_records:<id>)"
+    );
+    Ok(())
+}
+
+/// The imported subscriptions' shadow invoices (one pass of the period
+/// closer) reconciled with NexaCloud's own October invoices, and the delta's
+/// explanation.
+async fn reconcile_sample(database: &Database, client: &Client) -> anyhow::Result<()> {
+    println!("\n== dual run: ledger reconcile --period 2026-10 --service nexacloud ==");
+    let report = crate::invoicing::closer::close_due(
+        &database.pool,
+        Some("nexacloud"),
+        aggregates::usage::UsageLimits::default().acceptance_window,
+        chrono::Utc::now(),
+    )
+    .await?;
+    println!(
+        "period closer: {} shadow invoices finalized for the imported deployments",
+        report.finalized
+    );
+    wait_until_caught_up(client).await?;
+    let request = crate::reconciliation::ReconcileRequest {
+        period: "2026-10".into(),
+        service: Some("nexacloud".into()),
+        ..Default::default()
+    };
+    let report = crate::reconciliation::reconcile(&database.pool, &request).await?;
+    print!("{}", crate::reconciliation::table(&report));
+    if let Some(row) = report.rows.iter().find(|r| r.status == "delta") {
+        println!(
+            "\n== ledger explain reconciliation {} 2026-10 ==",
+            row.external_subscription_id
+        );
+        let explained = crate::reconciliation::explain(
+            &database.pool,
+            Some("nexacloud"),
+            &row.external_subscription_id,
+            "2026-10",
+        )
+        .await?;
+        let text = crate::reconciliation::explain_text(&explained);
+        // The side-by-side lines and the causes; the arithmetic follows in full
+        // with `ledger explain reconciliation`.
+        for line in text.lines().take_while(|l| !l.is_empty()) {
+            println!("{line}");
+        }
+    }
+    println!(
+        "(exit code 1 while a row is unresolved: fix the rule, or `ledger reconcile accept … --reason`; \
+         `ledger flip` refuses until the latest periods match)"
     );
     Ok(())
 }

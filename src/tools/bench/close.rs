@@ -213,7 +213,7 @@ async fn measure(cluster: &EmbeddedPostgres, options: &CloseBench) -> anyhow::Re
     Ok(())
 }
 
-async fn post(
+pub(crate) async fn post(
     http: &reqwest::Client,
     url: String,
     key: &str,
@@ -228,7 +228,7 @@ async fn post(
     Ok(body)
 }
 
-async fn setup_catalog(
+pub(crate) async fn setup_catalog(
     http: &reqwest::Client,
     base: &str,
     admin_key: &str,

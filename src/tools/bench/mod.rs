@@ -5,6 +5,7 @@ pub mod close;
 pub mod import;
 pub mod ingest;
 pub mod rebuild;
+pub mod reconcile;
 
 use crate::postgres::embedded::{ClusterSettings, EmbeddedPostgres};
 
