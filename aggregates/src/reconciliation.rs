@@ -1047,7 +1047,12 @@ mod tests {
             "2026-10-01",
             "2026-10-31",
         );
-        let c = compare("2026-10", &[l.clone()], &[s.clone()]).unwrap();
+        let c = compare(
+            "2026-10",
+            std::slice::from_ref(&l),
+            std::slice::from_ref(&s),
+        )
+        .unwrap();
         assert_eq!(c.status, RowStatus::Match);
         assert_eq!(
             (c.ledger.total_cents, c.source.total_cents, c.delta_cents),
@@ -1070,7 +1075,12 @@ mod tests {
             "2026-10-01",
             "2026-10-31",
         );
-        let c = compare("2026-10", &[l.clone()], &[s.clone()]).unwrap();
+        let c = compare(
+            "2026-10",
+            std::slice::from_ref(&l),
+            std::slice::from_ref(&s),
+        )
+        .unwrap();
         assert_eq!((c.status, c.delta_cents), (RowStatus::Delta, 1177 - 2147));
         let found = causes(&[l], &[s], &|_| None);
         assert_eq!(found.len(), 1);
@@ -1131,7 +1141,7 @@ mod tests {
             "2026-10-01",
             "2026-10-31",
         );
-        let found = causes(&[l.clone()], &[s], &|_| None);
+        let found = causes(std::slice::from_ref(&l), &[s], &|_| None);
         assert_eq!(found.len(), 1);
         assert_eq!(
             (found[0].cause, found[0].amount_cents),
@@ -1178,7 +1188,12 @@ mod tests {
             "2026-10-01",
             "2026-10-31",
         );
-        let c = compare("2026-10", &[l.clone()], &[s.clone()]).unwrap();
+        let c = compare(
+            "2026-10",
+            std::slice::from_ref(&l),
+            std::slice::from_ref(&s),
+        )
+        .unwrap();
         let found = causes(&[l], &[s], &|_| None);
         assert_eq!(
             found.iter().map(|c| c.amount_cents).sum::<i64>(),
@@ -1210,14 +1225,18 @@ mod tests {
             "2026-11-04",
         );
         assert_eq!(
-            compare("2026-10", &[l.clone()], &[]).unwrap().status,
+            compare("2026-10", std::slice::from_ref(&l), &[])
+                .unwrap()
+                .status,
             RowStatus::MissingInSource
         );
         assert_eq!(
-            compare("2026-10", &[], &[s.clone()]).unwrap().status,
+            compare("2026-10", &[], std::slice::from_ref(&s))
+                .unwrap()
+                .status,
             RowStatus::MissingInLedger
         );
-        let c = compare("2026-10", &[l], &[s.clone()]).unwrap();
+        let c = compare("2026-10", &[l], std::slice::from_ref(&s)).unwrap();
         assert_eq!(c.status, RowStatus::PeriodMismatch);
         assert_eq!(
             c.source_window,
