@@ -217,12 +217,16 @@ pub async fn flip(
             });
         }
     }
+    // Release the lock now, not when the connection is next used.
     if !blocked.is_empty() {
+        tx.rollback().await?;
         report.flipped.clear();
         report.blocked = blocked;
         return Ok(report);
     }
-    if !request.dry_run {
+    if request.dry_run {
+        tx.rollback().await?;
+    } else {
         append_events(&mut tx, "Subscription", &events, metadata, OnConflict::Fail).await?;
         tx.commit().await?;
     }
