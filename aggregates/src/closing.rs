@@ -48,6 +48,8 @@ pub struct SubscriptionBilling {
     pub live_from: Option<DateTime<Utc>>,
     /// The customer's grace period, in days: invoices stay drafts that long.
     pub grace_days: i64,
+    /// The customer's payment term, in days after the issuing date.
+    pub net_payment_term: i64,
     /// The customer's taxes: (code, rate in percent).
     pub taxes: Vec<(String, Decimal)>,
     /// Its periods, plans and time zone.
@@ -521,6 +523,7 @@ pub fn invoice_header(
         charges_window: layout.usage.map(|(window, _)| window),
         grace_until: layout.issued_at + Duration::days(billing.grace_days),
         drafted_at: now,
+        net_payment_term: billing.net_payment_term,
     }
 }
 
@@ -669,6 +672,7 @@ mod tests {
             shadow: false,
             live_from: None,
             grace_days: 0,
+            net_payment_term: 0,
             taxes: vec![("hst_on".into(), d("13"))],
             schedule: BillingSchedule {
                 billing_time: BillingTime::Calendar,
@@ -1214,7 +1218,7 @@ mod tests {
             .iter()
             .filter_map(|e| match &e.event {
                 InvoiceEvent::InvoiceFinalized(f) => Some(f.number.clone()),
-                InvoiceEvent::InvoiceDrafted(_) => None,
+                _ => None,
             })
             .collect();
         assert_eq!(

@@ -9,6 +9,12 @@
 //! totals, its number and the log position it was computed as of. Nothing
 //! changes a finalized invoice; later usage of its window is billed as an
 //! adjustment on a later invoice.
+//!
+//! Payments are facts on the same stream: a payment status set through the
+//! API or by a payment provider's event (ordered by when the provider says it
+//! happened, so a late `failed` never overrides a later `succeeded`),
+//! refunds, disputes and the moment the invoice became overdue. A shadow
+//! invoice is never payable.
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use cqrs_es::DomainEvent;
@@ -79,6 +85,160 @@ pub struct InvoiceHeader {
     pub grace_until: DateTime<Utc>,
     /// When it was drafted.
     pub drafted_at: DateTime<Utc>,
+    /// Days after the issuing date the payment is due (the customer's
+    /// `net_payment_term` when it was drafted).
+    #[serde(default)]
+    pub net_payment_term: i64,
+}
+
+impl InvoiceHeader {
+    /// The date its payment is due: the issuing date plus the payment term.
+    pub fn payment_due_date(&self) -> chrono::NaiveDate {
+        self.issuing_date + chrono::Duration::days(self.net_payment_term)
+    }
+}
+
+/// Whether an invoice is paid (Lago's `payment_status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum PaymentStatus {
+    /// Not yet settled (every finalized invoice starts here).
+    #[default]
+    Pending,
+    /// Paid.
+    Succeeded,
+    /// The payment failed.
+    Failed,
+}
+
+impl PaymentStatus {
+    /// Lago's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+        }
+    }
+
+    /// From Lago's name.
+    pub fn parse(text: &str) -> Option<Self> {
+        [Self::Pending, Self::Succeeded, Self::Failed]
+            .into_iter()
+            .find(|status| status.as_str() == text)
+    }
+}
+
+/// Who reported a payment fact.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum PaymentSource {
+    /// The service, through `PUT /invoices/{id}` (settled elsewhere).
+    Api,
+    /// A Stripe event.
+    Stripe {
+        /// Stripe's event id (`evt_…`).
+        event_id: String,
+        /// Stripe's event type.
+        event_type: String,
+        /// The payment intent it concerns.
+        payment_intent: Option<String>,
+    },
+}
+
+/// A payment status change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentUpdate {
+    /// The new status.
+    pub status: PaymentStatus,
+    /// When it happened, by the reporter's clock (Stripe's `created`; now
+    /// for the API): updates older than the current status are ignored.
+    pub occurred_at: DateTime<Utc>,
+    /// Who reported it.
+    pub source: PaymentSource,
+    /// The provider's reason for a failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<PaymentFailure>,
+    /// The provider's customer id, when the event named one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider_customer_id: Option<String>,
+}
+
+/// Why a payment failed, as the provider said.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentFailure {
+    /// The provider's code (Stripe's `last_payment_error.code`).
+    pub code: Option<String>,
+    /// The provider's message.
+    pub message: Option<String>,
+}
+
+/// How a dispute ended (Stripe's dispute `status` on `charge.dispute.closed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DisputeOutcome {
+    /// The merchant won: the payment stands.
+    Won,
+    /// The customer won: the money went back.
+    Lost,
+    /// Closed otherwise (e.g. a warning closed).
+    Other,
+}
+
+/// An invoice's payment state, folded from its payment events.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PaymentState {
+    /// The status.
+    pub status: PaymentStatus,
+    /// When the status was set (the reporter's clock).
+    pub status_at: Option<DateTime<Utc>>,
+    /// Past its due date unpaid.
+    pub overdue: bool,
+    /// Refunded so far, in cents.
+    pub refunded_amount_cents: i64,
+    /// A dispute is open.
+    pub disputed: bool,
+    /// When a dispute was lost.
+    pub dispute_lost_at: Option<DateTime<Utc>>,
+    /// The time of the latest dispute fact (orders dispute events).
+    pub dispute_at: Option<DateTime<Utc>>,
+}
+
+impl PaymentState {
+    /// Fold one payment event (other events change nothing).
+    pub fn apply(&mut self, event: &InvoiceEvent) {
+        match event {
+            InvoiceEvent::InvoicePaymentStatusUpdated(update) => {
+                self.status = update.status;
+                self.status_at = Some(update.occurred_at);
+                if update.status == PaymentStatus::Succeeded {
+                    self.overdue = false;
+                }
+            }
+            InvoiceEvent::InvoicePaymentOverdue { .. } => self.overdue = true,
+            InvoiceEvent::InvoicePaymentRefunded {
+                refunded_amount_cents,
+                ..
+            } => self.refunded_amount_cents = *refunded_amount_cents,
+            InvoiceEvent::InvoicePaymentDisputed { occurred_at, .. } => {
+                self.disputed = true;
+                self.dispute_at = Some(*occurred_at);
+            }
+            InvoiceEvent::InvoicePaymentDisputeClosed {
+                outcome,
+                occurred_at,
+                ..
+            } => {
+                self.disputed = false;
+                self.dispute_at = Some(*occurred_at);
+                if *outcome == DisputeOutcome::Lost {
+                    self.dispute_lost_at = Some(*occurred_at);
+                }
+            }
+            InvoiceEvent::InvoiceDrafted(_) | InvoiceEvent::InvoiceFinalized(_) => {}
+        }
+    }
 }
 
 /// What finalization fixed for good.
@@ -107,6 +267,38 @@ pub enum InvoiceEvent {
     InvoiceDrafted(InvoiceHeader),
     /// Finalized.
     InvoiceFinalized(InvoiceFinalization),
+    /// Its payment status changed.
+    InvoicePaymentStatusUpdated(PaymentUpdate),
+    /// Its due date passed unpaid.
+    InvoicePaymentOverdue {
+        /// When it was noticed.
+        overdue_at: DateTime<Utc>,
+    },
+    /// (Part of) its payment was refunded.
+    InvoicePaymentRefunded {
+        /// Refunded in total so far, in cents.
+        refunded_amount_cents: i64,
+        /// When (the provider's clock).
+        occurred_at: DateTime<Utc>,
+        /// Who reported it.
+        source: PaymentSource,
+    },
+    /// The customer disputed its payment.
+    InvoicePaymentDisputed {
+        /// When (the provider's clock).
+        occurred_at: DateTime<Utc>,
+        /// Who reported it.
+        source: PaymentSource,
+    },
+    /// A dispute of its payment closed.
+    InvoicePaymentDisputeClosed {
+        /// How.
+        outcome: DisputeOutcome,
+        /// When (the provider's clock).
+        occurred_at: DateTime<Utc>,
+        /// Who reported it.
+        source: PaymentSource,
+    },
 }
 
 impl DomainEvent for InvoiceEvent {
@@ -114,6 +306,11 @@ impl DomainEvent for InvoiceEvent {
         match self {
             Self::InvoiceDrafted(_) => "InvoiceDrafted",
             Self::InvoiceFinalized(_) => "InvoiceFinalized",
+            Self::InvoicePaymentStatusUpdated(_) => "InvoicePaymentStatusUpdated",
+            Self::InvoicePaymentOverdue { .. } => "InvoicePaymentOverdue",
+            Self::InvoicePaymentRefunded { .. } => "InvoicePaymentRefunded",
+            Self::InvoicePaymentDisputed { .. } => "InvoicePaymentDisputed",
+            Self::InvoicePaymentDisputeClosed { .. } => "InvoicePaymentDisputeClosed",
         }
         .to_string()
     }
@@ -131,6 +328,12 @@ pub enum InvoiceError {
     /// Finalized invoices never change.
     #[error("invoice is already finalized")]
     AlreadyFinalized,
+    /// Only a finalized invoice can be paid.
+    #[error("invoice is not finalized")]
+    NotFinalized,
+    /// A shadow invoice is for comparison only: never payable.
+    #[error("a shadow invoice is never payable")]
+    Shadow,
 }
 
 /// The write model of an invoice.
@@ -138,6 +341,7 @@ pub enum InvoiceError {
 pub struct Invoice {
     header: Option<InvoiceHeader>,
     finalization: Option<InvoiceFinalization>,
+    payment: PaymentState,
     version: i64,
 }
 
@@ -154,10 +358,106 @@ impl Invoice {
     /// Apply one event.
     pub fn apply(&mut self, event: InvoiceEvent) {
         self.version += 1;
+        self.payment.apply(&event);
         match event {
             InvoiceEvent::InvoiceDrafted(header) => self.header = Some(header),
             InvoiceEvent::InvoiceFinalized(finalization) => self.finalization = Some(finalization),
+            _ => {}
         }
+    }
+
+    /// Its payment state.
+    pub fn payment(&self) -> &PaymentState {
+        &self.payment
+    }
+
+    /// Payments apply to finalized live invoices only.
+    fn payable(&self) -> Result<(), InvoiceError> {
+        let header = self.header.as_ref().ok_or(InvoiceError::NotFound)?;
+        if header.shadow {
+            return Err(InvoiceError::Shadow);
+        }
+        if self.finalization.is_none() {
+            return Err(InvoiceError::NotFinalized);
+        }
+        Ok(())
+    }
+
+    /// Record a payment status: nothing when it is the status already or
+    /// older than the one set (providers deliver out of order).
+    pub fn update_payment(
+        &self,
+        update: PaymentUpdate,
+    ) -> Result<Option<InvoiceEvent>, InvoiceError> {
+        self.payable()?;
+        let stale = self
+            .payment
+            .status_at
+            .is_some_and(|at| update.occurred_at < at);
+        if stale || update.status == self.payment.status {
+            return Ok(None);
+        }
+        Ok(Some(InvoiceEvent::InvoicePaymentStatusUpdated(update)))
+    }
+
+    /// Record a refund, given the total refunded so far (Stripe's
+    /// `amount_refunded`): nothing unless it grew.
+    pub fn refund(
+        &self,
+        refunded_amount_cents: i64,
+        occurred_at: DateTime<Utc>,
+        source: PaymentSource,
+    ) -> Result<Option<InvoiceEvent>, InvoiceError> {
+        self.payable()?;
+        Ok((refunded_amount_cents > self.payment.refunded_amount_cents).then_some(
+            InvoiceEvent::InvoicePaymentRefunded {
+                refunded_amount_cents,
+                occurred_at,
+                source,
+            },
+        ))
+    }
+
+    /// Record a dispute opened (`outcome` none) or closed: nothing when an
+    /// equal or later dispute fact is already recorded.
+    pub fn dispute(
+        &self,
+        outcome: Option<DisputeOutcome>,
+        occurred_at: DateTime<Utc>,
+        source: PaymentSource,
+    ) -> Result<Option<InvoiceEvent>, InvoiceError> {
+        self.payable()?;
+        if self.payment.dispute_at.is_some_and(|at| occurred_at < at) {
+            return Ok(None);
+        }
+        Ok(Some(match outcome {
+            None if self.payment.disputed => return Ok(None),
+            None => InvoiceEvent::InvoicePaymentDisputed {
+                occurred_at,
+                source,
+            },
+            Some(outcome) => InvoiceEvent::InvoicePaymentDisputeClosed {
+                outcome,
+                occurred_at,
+                source,
+            },
+        }))
+    }
+
+    /// The moment after which it is overdue: the end of its due date in
+    /// `tz` (an invoice due on the 15th is overdue from the 16th).
+    pub fn overdue_from(&self, tz: chrono_tz::Tz) -> Option<DateTime<Utc>> {
+        let header = self.header.as_ref()?;
+        let next_day = header.payment_due_date().succ_opt()?;
+        Some(crate::period::local_midnight(next_day, tz))
+    }
+
+    /// Mark it overdue at `now` when its due date has passed unpaid.
+    pub fn mark_overdue(&self, now: DateTime<Utc>, tz: chrono_tz::Tz) -> Option<InvoiceEvent> {
+        self.payable().ok()?;
+        let due_passed = self.overdue_from(tz).is_some_and(|from| now >= from);
+        (due_passed && !self.payment.overdue && self.payment.status != PaymentStatus::Succeeded)
+            .then_some(InvoiceEvent::InvoicePaymentOverdue { overdue_at: now })
     }
 
     /// How many events it has (the next one's sequence is this + 1).
@@ -220,6 +520,7 @@ mod tests {
             charges_window: None,
             grace_until: at,
             drafted_at: at,
+            net_payment_term: 0,
         }
     }
 

@@ -30,6 +30,7 @@ pub mod service;
 pub mod subscription;
 pub mod tax;
 pub mod usage;
+pub mod webhook_endpoint;
 pub mod wire;
 
 pub use billable_metric::BillableMetric;
@@ -39,6 +40,7 @@ pub use refusal::{CatalogError, FieldErrors};
 pub use service::{Service, ServiceCommand, ServiceError, ServiceEvent};
 pub use subscription::Subscription;
 pub use tax::Tax;
+pub use webhook_endpoint::WebhookEndpoint;
 
 /// The aggregate id of a service's resource: `{service}/{key}`. Service codes
 /// hold no `/`, so the id is unambiguous.

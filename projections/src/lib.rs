@@ -17,6 +17,7 @@ pub mod projection;
 pub mod reconciliation;
 pub mod service_directory;
 pub mod usage;
+pub mod webhooks;
 
 pub use catalog::Catalog;
 pub use imports::Imports;
@@ -36,5 +37,6 @@ pub fn all() -> Vec<Box<dyn Projection>> {
         Box::new(Invoices),
         Box::new(Imports),
         Box::new(Reconciliation),
+        Box::new(webhooks::Webhooks),
     ]
 }

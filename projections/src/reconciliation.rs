@@ -409,6 +409,8 @@ impl Fold {
                     ..row
                 });
             }
+            // Payments do not change what was billed.
+            _ => {}
         }
         Ok(())
     }

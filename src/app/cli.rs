@@ -20,6 +20,8 @@ use crate::app::{shutdown_signal, Application, BackgroundTasks, Settings};
 use crate::event_log::projection_runner::{self, ProjectionRunner};
 use crate::event_log::store::{CommandBus, CommandMetadata};
 use crate::http::admin::AdminKey;
+use crate::payments::stripe::StripeSettings;
+use crate::webhooks::address::AddressPolicy;
 use crate::postgres::embedded::{ClusterSettings, EmbeddedPostgres};
 use crate::postgres::{ClusterAccess, Database, DatabaseConfig};
 
@@ -93,6 +95,21 @@ pub enum Command {
         /// ones). Default: one per CPU core, at most 8.
         #[arg(long, env = "LEDGER_USAGE_APPENDERS", default_value_t = crate::usage::default_appenders())]
         usage_appenders: usize,
+        /// Stripe webhook endpoint secrets (`whsec_…`), comma-separated during a rotation.
+        #[arg(long, env = "LEDGER_STRIPE_WEBHOOK_SECRET", hide_env_values = true)]
+        stripe_webhook_secret: Option<String>,
+        /// How far a Stripe signature's timestamp may be from now, in seconds.
+        #[arg(long, env = "LEDGER_STRIPE_TOLERANCE_SECONDS", default_value_t = 300)]
+        stripe_tolerance_seconds: i64,
+        /// Ranges webhooks may be delivered to beyond the public internet
+        /// (CIDRs, comma-separated; e.g. the private network of a receiver).
+        #[arg(long, env = "LEDGER_WEBHOOK_ALLOW", value_delimiter = ',', num_args = 1..)]
+        webhook_allow: Vec<String>,
+    },
+    /// Outgoing webhook deliveries: list, redeliver, recover.
+    Webhooks {
+        #[command(subcommand)]
+        command: WebhooksCommand,
     },
     /// Apply the database migrations and exit.
     Migrate,
@@ -422,6 +439,44 @@ pub enum ServicesCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum WebhooksCommand {
+    /// Deliveries, newest first (one JSON object per line).
+    List {
+        /// `pending`, `delivered` or `failed`.
+        #[arg(long)]
+        status: Option<String>,
+        /// One endpoint's (its lago_id).
+        #[arg(long)]
+        endpoint: Option<uuid::Uuid>,
+        /// One service's.
+        #[arg(long)]
+        service: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// One delivery with its body and attempts.
+    Show {
+        /// The message id (its `webhook-id`).
+        message_id: uuid::Uuid,
+    },
+    /// Queue one message again now (same id, same body, a fresh retry schedule).
+    Redeliver {
+        /// The message id (its `webhook-id`).
+        message_id: uuid::Uuid,
+    },
+    /// Queue again every failed message of an endpoint created since a time.
+    Recover {
+        /// The endpoint (its lago_id).
+        #[arg(long)]
+        endpoint: uuid::Uuid,
+        /// RFC 3339.
+        #[arg(long)]
+        since: chrono::DateTime<chrono::Utc>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum ProjectionsCommand {
     /// Each projection's checkpoint and lag.
     Status,
@@ -459,7 +514,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             usage_acceptance_window_days,
             close_interval_seconds,
             usage_appenders,
+            stripe_webhook_secret,
+            stripe_tolerance_seconds,
+            webhook_allow,
         } => {
+            let providers = crate::http::Providers {
+                stripe: StripeSettings::from_list(
+                    stripe_webhook_secret.as_deref(),
+                    stripe_tolerance_seconds,
+                ),
+                webhook_addresses: AddressPolicy::parse(&webhook_allow)
+                    .map_err(|e| anyhow::anyhow!("--webhook-allow: {e}"))?,
+            };
             let limits = UsageLimits {
                 future_skew: chrono::Duration::seconds(usage_future_skew_seconds.into()),
                 acceptance_window: chrono::Duration::days(usage_acceptance_window_days.into()),
@@ -470,8 +536,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 usage_limits: limits,
                 usage_appenders,
                 close_interval: std::time::Duration::from_secs(close_interval_seconds.max(1)),
+                providers,
             };
             serve(&config, settings).await?;
+        }
+        Command::Webhooks { command } => {
+            let database = Database::open(&config, ClusterAccess::ShareIfRunning).await?;
+            let done = webhooks(&database, command).await;
+            database.close().await;
+            return done;
         }
         Command::Migrate => {
             let database = Database::open(&config, ClusterAccess::ShareIfRunning).await?;
@@ -827,6 +900,8 @@ async fn serve(config: &DatabaseConfig, settings: ServeSettings) -> anyhow::Resu
             seal_interval: std::time::Duration::from_secs(60),
             background: BackgroundTasks::ALL,
             connections: crate::app::server::ConnectionLimits::default(),
+            providers: settings.providers,
+            dispatch_interval: std::time::Duration::from_millis(100),
         },
     )
     .await?;
@@ -837,6 +912,58 @@ async fn serve(config: &DatabaseConfig, settings: ServeSettings) -> anyhow::Resu
     served.context("the HTTP server failed")
 }
 
+async fn webhooks(database: &Database, command: WebhooksCommand) -> anyhow::Result<ExitCode> {
+    use crate::webhooks::{self as outbox, dispatcher::Dispatcher, DeliveryFilter};
+    let pool = &database.pool;
+    let now = chrono::Utc::now();
+    match command {
+        WebhooksCommand::List {
+            status,
+            endpoint,
+            service,
+            limit,
+        } => {
+            if let Some(status) = &status {
+                if !outbox::DELIVERY_STATUSES.contains(&status.as_str()) {
+                    bail!("--status: one of {}", outbox::DELIVERY_STATUSES.join(", "));
+                }
+            }
+            // Show every message the log yields so far, queued or not yet.
+            ProjectionRunner::for_all(pool.clone())
+                .await?
+                .catch_up()
+                .await?;
+            Dispatcher::new(pool.clone(), Default::default())
+                .enqueue(now)
+                .await?;
+            let filter = DeliveryFilter {
+                status,
+                endpoint,
+                service,
+                limit: limit.clamp(1, 10_000),
+            };
+            for delivery in outbox::list(pool, &filter).await? {
+                println!("{delivery}");
+            }
+        }
+        WebhooksCommand::Show { message_id } => match outbox::show(pool, message_id).await? {
+            Some(delivery) => println!("{}", serde_json::to_string_pretty(&delivery)?),
+            None => bail!("no message {message_id}"),
+        },
+        WebhooksCommand::Redeliver { message_id } => {
+            if !outbox::redeliver(pool, message_id, now).await? {
+                bail!("no message {message_id}");
+            }
+            println!("message {message_id} queued for delivery");
+        }
+        WebhooksCommand::Recover { endpoint, since } => {
+            let queued = outbox::recover(pool, endpoint, since, now).await?;
+            println!("{queued} failed message(s) of endpoint {endpoint} since {since} queued again");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// What `ledger serve` was asked for.
 struct ServeSettings {
     listen: SocketAddr,
@@ -844,6 +971,7 @@ struct ServeSettings {
     usage_limits: UsageLimits,
     usage_appenders: usize,
     close_interval: std::time::Duration,
+    providers: crate::http::Providers,
 }
 
 async fn services(database: &Database, command: ServicesCommand) -> anyhow::Result<()> {

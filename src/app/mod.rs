@@ -22,6 +22,7 @@ use crate::event_log::tamper::run_sealer;
 use crate::http::admin::AdminKey;
 use crate::http::{self, AppState};
 use crate::invoicing::closer::PeriodCloser;
+use crate::webhooks::dispatcher::Dispatcher;
 
 /// Which background tasks run beside the HTTP server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +33,8 @@ pub struct BackgroundTasks {
     pub closer: bool,
     /// The sealer (seals the log every `seal_interval`).
     pub sealer: bool,
+    /// The webhook dispatcher (delivers the outbox).
+    pub webhooks: bool,
 }
 
 impl BackgroundTasks {
@@ -40,6 +43,7 @@ impl BackgroundTasks {
         projections: true,
         closer: true,
         sealer: true,
+        webhooks: true,
     };
     /// The HTTP server alone: the caller drives the projections and the
     /// closer itself (the tests, so that nothing races them).
@@ -47,6 +51,7 @@ impl BackgroundTasks {
         projections: false,
         closer: false,
         sealer: false,
+        webhooks: false,
     };
     /// The server and the projection runner (the demo and the benchmarks,
     /// which close periods themselves).
@@ -54,6 +59,7 @@ impl BackgroundTasks {
         projections: true,
         closer: false,
         sealer: false,
+        webhooks: false,
     };
 }
 
@@ -76,6 +82,10 @@ pub struct Settings {
     pub background: BackgroundTasks,
     /// Header-read and idle timeouts of client connections.
     pub connections: server::ConnectionLimits,
+    /// Stripe's webhook secrets and where webhooks may go.
+    pub providers: http::Providers,
+    /// How often the webhook dispatcher looks for due messages when idle.
+    pub dispatch_interval: Duration,
 }
 
 impl Settings {
@@ -90,6 +100,8 @@ impl Settings {
             seal_interval: Duration::from_secs(60),
             background,
             connections: server::ConnectionLimits::default(),
+            providers: http::Providers::default(),
+            dispatch_interval: Duration::from_millis(100),
         }
     }
 }
@@ -111,6 +123,7 @@ impl Application {
             settings.admin_key.clone(),
             settings.usage_limits,
             settings.usage_appenders,
+            settings.providers.clone(),
         )
         .await
         .context("cannot register the projections")?;
@@ -200,6 +213,21 @@ impl Application {
                 (pool.clone(), tasks_stopped.clone(), settings.seal_interval);
             tasks.push(supervise(health, tasks_stopped.clone(), move |health| {
                 run_sealer(pool.clone(), interval, stopped.clone(), health)
+            }));
+        }
+        if settings.background.webhooks {
+            let health = state
+                .tasks
+                .register("webhooks", stall(settings.dispatch_interval));
+            let (pool, stopped, policy, idle) = (
+                pool.clone(),
+                tasks_stopped.clone(),
+                settings.providers.webhook_addresses.clone(),
+                settings.dispatch_interval,
+            );
+            tasks.push(supervise(health, tasks_stopped.clone(), move |health| {
+                let dispatcher = Dispatcher::new(pool.clone(), policy.clone());
+                dispatcher.run(stopped.clone(), health, idle)
             }));
         }
         server::serve(

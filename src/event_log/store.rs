@@ -26,6 +26,10 @@ pub enum Actor {
     Closer,
     /// The log sealer (`ledger serve`, `ledger seal`).
     Sealer,
+    /// A payment provider's signed webhook (`stripe`).
+    PaymentProvider(&'static str),
+    /// The webhook dispatcher (an endpoint answered `410 Gone`).
+    Dispatcher,
 }
 
 impl fmt::Display for Actor {
@@ -35,6 +39,8 @@ impl fmt::Display for Actor {
             Actor::Service(code) => write!(f, "service:{code}"),
             Actor::Closer => f.write_str("period-closer"),
             Actor::Sealer => f.write_str("log-sealer"),
+            Actor::PaymentProvider(name) => write!(f, "provider:{name}"),
+            Actor::Dispatcher => f.write_str("webhook-dispatcher"),
         }
     }
 }
@@ -55,6 +61,17 @@ pub struct CommandMetadata {
 }
 
 impl CommandMetadata {
+    /// Metadata for an event a background task of the ledger records.
+    pub fn internal(actor: Actor) -> Self {
+        Self {
+            actor,
+            request_id: format!("task-{}", uuid::Uuid::new_v4()),
+            recorded_at: Utc::now(),
+            client_ip: None,
+            api_key_id: None,
+        }
+    }
+
     /// Metadata for a command an operator runs from the CLI.
     pub fn cli() -> Self {
         Self {
@@ -101,6 +118,8 @@ pub struct CommandBus {
     pub customers: CommandHandler<Customer>,
     /// Subscriptions.
     pub subscriptions: CommandHandler<Subscription>,
+    /// Webhook endpoints.
+    pub webhook_endpoints: CommandHandler<aggregates::WebhookEndpoint>,
 }
 
 impl CommandBus {
@@ -113,6 +132,7 @@ impl CommandBus {
             plans: command_handler(pool),
             customers: command_handler(pool),
             subscriptions: command_handler(pool),
+            webhook_endpoints: command_handler(pool),
         }
     }
 }
@@ -160,7 +180,8 @@ pub async fn log_head_cursor(
     Ok(row.map(projections::LogPosition::from))
 }
 
-fn command_handler<A>(pool: &PgPool) -> CommandHandler<A>
+/// A handler committing `A`'s events to the log in `pool`.
+pub fn command_handler<A>(pool: &PgPool) -> CommandHandler<A>
 where
     A: Aggregate<Services = ()>,
 {

@@ -5,11 +5,13 @@
 //! `x-request-id` or generated, and echoed back).
 
 pub mod admin;
+pub mod admin_webhooks;
 pub mod api;
 pub mod error;
 pub mod extract;
 pub mod health;
 pub mod pagination;
+pub mod stripe;
 
 use std::sync::Arc;
 
@@ -53,6 +55,20 @@ pub struct AppStateInner {
     pub usage_appended: Arc<tokio::sync::Notify>,
     /// The background tasks' health (read by `/ready`).
     pub tasks: Arc<crate::app::supervisor::TaskRegistry>,
+    /// How Stripe's webhook is verified.
+    pub stripe: crate::payments::stripe::StripeSettings,
+    /// Where webhooks may be delivered.
+    pub webhook_addresses: crate::webhooks::address::AddressPolicy,
+}
+
+/// What the ledger trusts and reaches outside: the payment provider's
+/// webhook secrets and the addresses webhooks may go to.
+#[derive(Debug, Clone, Default)]
+pub struct Providers {
+    /// How Stripe's webhook is verified.
+    pub stripe: crate::payments::stripe::StripeSettings,
+    /// Where webhooks may be delivered.
+    pub webhook_addresses: crate::webhooks::address::AddressPolicy,
 }
 
 /// How long a write waits for the projections to show it.
@@ -65,6 +81,7 @@ impl AppState {
         admin_key: Option<admin::AdminKey>,
         usage_limits: aggregates::usage::UsageLimits,
         usage_appenders: usize,
+        providers: Providers,
     ) -> Result<Self, sqlx::Error> {
         let commands = CommandBus::new(&pool);
         let projections = ProjectionRunner::for_all(pool.clone()).await?;
@@ -78,6 +95,8 @@ impl AppState {
             usage_ingest,
             usage_appended: Default::default(),
             tasks: Default::default(),
+            stripe: providers.stripe,
+            webhook_addresses: providers.webhook_addresses,
         })))
     }
 
@@ -152,7 +171,8 @@ pub fn router(state: AppState) -> Router {
     with_middleware(
         Router::new()
             .merge(health::router())
-            .nest("/admin/v1", admin::router())
+            .merge(stripe::router())
+            .nest("/admin/v1", admin::router().merge(admin_webhooks::router()))
             .nest("/api/v1", api::router())
             .fallback(|| async { ApiError::NotFound("route") })
             .method_not_allowed_fallback(|| async { ApiError::InvalidStatus })

@@ -65,6 +65,7 @@ pub enum InvoicingError {
 const BILLING_SELECT: &str = "SELECT s.service_code, s.lago_id, s.external_id, \
         c.lago_id AS customer_lago_id, c.external_id AS external_customer_id, s.shadow, s.live_from, \
         coalesce((c.resource->'billing_configuration'->>'invoice_grace_period')::bigint, 0) AS grace_days, \
+        coalesce((c.resource->>'net_payment_term')::bigint, 0) AS net_payment_term, \
         s.resource->>'billing_time' AS billing_time, coalesce(c.resource->>'timezone', 'UTC') AS timezone, \
         s.subscription_at, s.terminated_at, \
         (SELECT jsonb_agg(jsonb_build_object('since', h.item->'since', 'plan', pv.definition) ORDER BY h.ord) \
@@ -91,6 +92,7 @@ struct BillingRow {
     shadow: bool,
     live_from: Option<DateTime<Utc>>,
     grace_days: i64,
+    net_payment_term: i64,
     billing_time: String,
     timezone: String,
     subscription_at: DateTime<Utc>,
@@ -130,6 +132,7 @@ fn billing_from_row(row: BillingRow) -> Result<SubscriptionBilling, InvoicingErr
         shadow: row.shadow,
         live_from: row.live_from,
         grace_days: row.grace_days,
+        net_payment_term: row.net_payment_term,
         taxes,
         schedule: BillingSchedule {
             billing_time: BillingTime::parse(&row.billing_time).unwrap_or(BillingTime::Calendar),
@@ -283,7 +286,7 @@ pub(crate) async fn lock_sequences(
 }
 
 /// The invoices among `stream_ids`, folded from the log.
-async fn load_invoices(
+pub(crate) async fn load_invoices(
     conn: &mut PgConnection,
     stream_ids: &[String],
 ) -> Result<HashMap<String, Invoice>, InvoicingError> {
@@ -724,6 +727,10 @@ impl PeriodCloser {
     pub async fn close_once(&self, now: DateTime<Utc>) -> anyhow::Result<CloseReport> {
         self.runner.catch_up().await?;
         let report = close_due(&self.pool, None, self.acceptance_window, now).await?;
+        let overdue = crate::payments::mark_overdue(&self.pool, now).await?;
+        if overdue > 0 {
+            tracing::info!(overdue, "invoices marked overdue");
+        }
         self.runner.catch_up().await?;
         Ok(report)
     }

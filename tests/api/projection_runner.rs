@@ -46,7 +46,8 @@ async fn status_reports_checkpoint_and_lag(pool: PgPool) {
             ("invoices", 0, 3),
             ("reconciliation", 0, 3),
             ("service_directory", 0, 3),
-            ("usage", 0, 3)
+            ("usage", 0, 3),
+            ("webhooks", 0, 3)
         ]
     );
     assert_eq!(before[0].updated_at, None, "never run yet");
@@ -54,8 +55,8 @@ async fn status_reports_checkpoint_and_lag(pool: PgPool) {
     let runner = ProjectionRunner::for_all(pool.clone()).await.unwrap();
     assert_eq!(
         runner.catch_up().await.unwrap(),
-        18,
-        "3 events into 6 projections"
+        21,
+        "3 events into 7 projections"
     );
     let after = projection_runner::status(&pool).await.unwrap();
     let summary: Vec<(&str, i64, i64, i64)> = after
@@ -70,7 +71,8 @@ async fn status_reports_checkpoint_and_lag(pool: PgPool) {
             ("invoices", 3, 3, 0),
             ("reconciliation", 3, 3, 0),
             ("service_directory", 3, 3, 0),
-            ("usage", 3, 3, 0)
+            ("usage", 3, 3, 0),
+            ("webhooks", 3, 3, 0)
         ]
     );
     assert_eq!(

@@ -12,6 +12,7 @@ mod invoices;
 mod plans;
 mod subscriptions;
 mod taxes;
+mod webhook_endpoints;
 
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
@@ -39,6 +40,7 @@ pub fn router() -> Router<AppState> {
         .merge(subscriptions::router())
         .merge(events::router())
         .merge(invoices::router())
+        .merge(webhook_endpoints::router())
 }
 
 /// The service a request acts for, proven by an active API key of an active

@@ -1,0 +1,461 @@
+//! Projection `webhooks`: the outbox. Each webhook-worthy event of the log
+//! becomes one message per endpoint of its service that wants its type
+//! (enabled and not deleted at that point of the log), with an id derived
+//! from the event and the endpoint — a rebuild, a restart or a second
+//! instance folds the same event into the same id, never a second message.
+//!
+//! The body is Lago's envelope `{"webhook_type", "object_type",
+//! "organization_id", "<object_type>": {…}}` with the object as the API
+//! serializes it, written once as text: the bytes signed and sent on every
+//! attempt. Invoices carry their subscription (with its `metadata`, where a
+//! service keeps its own ids) under `subscriptions`.
+//!
+//! Shadow never speaks: a shadow invoice, and every event of a shadow
+//! subscription until it is flipped, produces no message.
+
+use aggregates::invoice::{
+    DisputeOutcome, InvoiceEvent, InvoiceFinalization, InvoiceHeader, PaymentState, PaymentStatus,
+    INVOICE_STREAM_TYPE,
+};
+use aggregates::subscription::SubscriptionEvent;
+use aggregates::webhook_endpoint::{EndpointConfig, WebhookEndpointEvent};
+use aggregates::{Subscription, WebhookEndpoint};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use cqrs_es::Aggregate;
+use serde_json::{json, Value};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::catalog::{subscription_resource, timestamp};
+use crate::invoices::{invoice_json, Lines};
+use crate::log::{LogEvent, Reads};
+use crate::projection::{Projection, ProjectionError};
+
+/// The `webhooks` projection.
+pub struct Webhooks;
+
+/// The namespace of message ids (UUID v5 over the event and the endpoint).
+const MESSAGE_NAMESPACE: Uuid = Uuid::from_u128(0x6c65_6467_6572_2d77_6562_686f_6f6b_7331);
+
+/// The id of the message `event` yields as `webhook_type` for `endpoint`.
+pub fn message_id(event: &LogEvent, webhook_type: &str, endpoint: Uuid) -> Uuid {
+    let name = format!(
+        "{}/{}/{}/{webhook_type}/{endpoint}",
+        event.aggregate_type, event.aggregate_id, event.sequence
+    );
+    Uuid::new_v5(&MESSAGE_NAMESPACE, name.as_bytes())
+}
+
+/// A message to write: its type, object type and object.
+struct Emission {
+    webhook_type: &'static str,
+    object_type: &'static str,
+    object: Value,
+}
+
+#[async_trait]
+impl Projection for Webhooks {
+    fn name(&self) -> &'static str {
+        "webhooks"
+    }
+
+    fn tables(&self) -> &'static [&'static str] {
+        &[
+            "webhook_endpoints",
+            "webhook_subscriptions",
+            "webhook_invoices",
+            "webhook_messages",
+        ]
+    }
+
+    fn reads(&self) -> Reads<'static> {
+        Reads {
+            payloads: Some(&[INVOICE_STREAM_TYPE, Subscription::TYPE, WebhookEndpoint::TYPE]),
+            usage_facts: false,
+        }
+    }
+
+    async fn apply(
+        &self,
+        conn: &mut PgConnection,
+        event: &LogEvent,
+    ) -> Result<(), ProjectionError> {
+        let Some((service, key)) = event.aggregate_id.split_once('/') else {
+            return Ok(());
+        };
+        let emissions = match event.aggregate_type.as_str() {
+            t if t == WebhookEndpoint::TYPE => {
+                apply_endpoint(conn, event, service, decode(event)?).await?;
+                return Ok(());
+            }
+            t if t == Subscription::TYPE => {
+                apply_subscription(conn, event, service, key, decode(event)?).await?
+            }
+            INVOICE_STREAM_TYPE => apply_invoice(conn, event, decode(event)?).await?,
+            _ => return Ok(()),
+        };
+        for emission in emissions {
+            emit(conn, event, service, emission).await?;
+        }
+        Ok(())
+    }
+}
+
+fn decode<E: serde::de::DeserializeOwned>(event: &LogEvent) -> Result<E, ProjectionError> {
+    serde::Deserialize::deserialize(&event.payload)
+        .map_err(|error| ProjectionError::unreadable(event, error))
+}
+
+async fn apply_endpoint(
+    conn: &mut PgConnection,
+    event: &LogEvent,
+    service: &str,
+    endpoint_event: WebhookEndpointEvent,
+) -> Result<(), ProjectionError> {
+    let lago_id: Uuid = event
+        .aggregate_id
+        .rsplit('/')
+        .next()
+        .and_then(|id| id.parse().ok())
+        .ok_or_else(|| ProjectionError::unreadable(event, "aggregate id is not {service}/{uuid}"))?;
+    let at = event.recorded_at;
+    let types = |config: &EndpointConfig| config.event_types.as_ref().map(|t| json!(t));
+    match endpoint_event {
+        WebhookEndpointEvent::WebhookEndpointCreated { config, secret, .. } => {
+            sqlx::query(
+                "INSERT INTO webhook_endpoints (service_code, lago_id, webhook_url, signature_algo, \
+                 event_types, secret, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $7)",
+            )
+            .bind(service)
+            .bind(lago_id)
+            .bind(&config.webhook_url)
+            .bind(&config.signature_algo)
+            .bind(types(&config))
+            .bind(secret)
+            .bind(at)
+            .execute(conn)
+            .await?;
+        }
+        WebhookEndpointEvent::WebhookEndpointUpdated { config, .. } => {
+            sqlx::query(
+                "UPDATE webhook_endpoints SET webhook_url = $2, signature_algo = $3, event_types = $4, \
+                 disabled_at = NULL, disabled_reason = NULL, updated_at = $5 WHERE lago_id = $1",
+            )
+            .bind(lago_id)
+            .bind(&config.webhook_url)
+            .bind(&config.signature_algo)
+            .bind(types(&config))
+            .bind(at)
+            .execute(conn)
+            .await?;
+        }
+        WebhookEndpointEvent::WebhookEndpointSecretRotated {
+            secret,
+            previous_valid_until,
+            ..
+        } => {
+            sqlx::query(
+                "UPDATE webhook_endpoints SET previous_secret = secret, previous_valid_until = $3, \
+                 secret = $2, updated_at = $4 WHERE lago_id = $1",
+            )
+            .bind(lago_id)
+            .bind(secret)
+            .bind(previous_valid_until)
+            .bind(at)
+            .execute(conn)
+            .await?;
+        }
+        WebhookEndpointEvent::WebhookEndpointDisabled { reason, at } => {
+            sqlx::query(
+                "UPDATE webhook_endpoints SET disabled_at = $2, disabled_reason = $3, updated_at = $2 \
+                 WHERE lago_id = $1",
+            )
+            .bind(lago_id)
+            .bind(at)
+            .bind(reason)
+            .execute(conn)
+            .await?;
+        }
+        WebhookEndpointEvent::WebhookEndpointDeleted { at } => {
+            sqlx::query(
+                "UPDATE webhook_endpoints SET deleted_at = $2, updated_at = $2 WHERE lago_id = $1",
+            )
+            .bind(lago_id)
+            .bind(at)
+            .execute(conn)
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// The subscription's object as a payload shows it, and whether it speaks.
+async fn subscription(
+    conn: &mut PgConnection,
+    service: &str,
+    external_id: &str,
+) -> Result<Option<(Value, bool)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT resource, speaks FROM webhook_subscriptions WHERE service_code = $1 AND external_id = $2",
+    )
+    .bind(service)
+    .bind(external_id)
+    .fetch_optional(conn)
+    .await
+}
+
+async fn apply_subscription(
+    conn: &mut PgConnection,
+    event: &LogEvent,
+    service: &str,
+    external_id: &str,
+    subscription_event: SubscriptionEvent,
+) -> Result<Vec<Emission>, ProjectionError> {
+    if let SubscriptionEvent::SubscriptionCreated(terms) = &subscription_event {
+        let mut resource = subscription_resource(terms, event.recorded_at);
+        resource["status"] = json!("active");
+        let speaks = !terms.shadow;
+        sqlx::query(
+            "INSERT INTO webhook_subscriptions (service_code, external_id, speaks, resource) \
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(service)
+        .bind(external_id)
+        .bind(speaks)
+        .bind(&resource)
+        .execute(&mut *conn)
+        .await?;
+        return Ok(speaking(speaks, "subscription.started", resource));
+    }
+    let Some((mut resource, mut speaks)) = subscription(conn, service, external_id).await? else {
+        return Err(ProjectionError::unreadable(event, "subscription not created"));
+    };
+    let webhook_type = match subscription_event {
+        SubscriptionEvent::SubscriptionCreated(_) => unreachable!("handled above"),
+        SubscriptionEvent::SubscriptionTerminated { terminated_at } => {
+            resource["terminated_at"] = json!(timestamp(terminated_at));
+            resource["status"] = json!("terminated");
+            Some("subscription.terminated")
+        }
+        SubscriptionEvent::SubscriptionSuspended { suspended_at } => {
+            resource["suspended_at"] = json!(timestamp(suspended_at));
+            Some("subscription.updated")
+        }
+        SubscriptionEvent::SubscriptionRestored { .. } => {
+            resource["suspended_at"] = Value::Null;
+            Some("subscription.updated")
+        }
+        SubscriptionEvent::SubscriptionPlanChanged { previous, plan, .. } => {
+            resource["plan_code"] = json!(plan.code);
+            resource["plan_version"] = json!(plan.version);
+            resource["lago_plan_id"] = json!(plan.lago_id);
+            resource["previous_plan_code"] = json!(previous.code);
+            Some("subscription.updated")
+        }
+        SubscriptionEvent::SubscriptionFlipped { live_from, .. } => {
+            resource["live_from"] = json!(timestamp(live_from));
+            speaks = true;
+            None
+        }
+        SubscriptionEvent::SubscriptionFlipUndone { .. } => {
+            resource["live_from"] = Value::Null;
+            speaks = false;
+            None
+        }
+    };
+    sqlx::query(
+        "UPDATE webhook_subscriptions SET resource = $3, speaks = $4 \
+         WHERE service_code = $1 AND external_id = $2",
+    )
+    .bind(service)
+    .bind(external_id)
+    .bind(&resource)
+    .bind(speaks)
+    .execute(&mut *conn)
+    .await?;
+    Ok(webhook_type
+        .map(|t| speaking(speaks, t, resource))
+        .unwrap_or_default())
+}
+
+fn speaking(speaks: bool, webhook_type: &'static str, subscription: Value) -> Vec<Emission> {
+    if !speaks {
+        return vec![];
+    }
+    vec![Emission {
+        webhook_type,
+        object_type: "subscription",
+        object: subscription,
+    }]
+}
+
+#[derive(sqlx::FromRow)]
+struct StoredInvoice {
+    status: String,
+    header: Value,
+    finalization: Option<Value>,
+    payment: Value,
+    created_at: DateTime<Utc>,
+}
+
+async fn apply_invoice(
+    conn: &mut PgConnection,
+    event: &LogEvent,
+    invoice_event: InvoiceEvent,
+) -> Result<Vec<Emission>, ProjectionError> {
+    let unreadable = |e: serde_json::Error| ProjectionError::unreadable(event, e);
+    if let InvoiceEvent::InvoiceDrafted(header) = &invoice_event {
+        sqlx::query(
+            "INSERT INTO webhook_invoices (stream_id, status, header, created_at) \
+             VALUES ($1, 'draft', $2, $3)",
+        )
+        .bind(&event.aggregate_id)
+        .bind(serde_json::to_value(header).expect("serializable"))
+        .bind(event.recorded_at)
+        .execute(&mut *conn)
+        .await?;
+    }
+    let stored: Option<StoredInvoice> = sqlx::query_as(
+        "SELECT status, header, finalization, payment, created_at FROM webhook_invoices \
+         WHERE stream_id = $1",
+    )
+    .bind(&event.aggregate_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(mut stored) = stored else {
+        return Err(ProjectionError::unreadable(event, "invoice not drafted"));
+    };
+    let header: InvoiceHeader = serde_json::from_value(stored.header.clone()).map_err(unreadable)?;
+    let mut payment: PaymentState = serde_json::from_value(stored.payment.clone()).map_err(unreadable)?;
+    payment.apply(&invoice_event);
+    if let InvoiceEvent::InvoiceFinalized(finalization) = &invoice_event {
+        stored.status = "finalized".into();
+        stored.finalization = Some(serde_json::to_value(finalization).expect("serializable"));
+    }
+    sqlx::query(
+        "UPDATE webhook_invoices SET status = $2, finalization = $3, payment = $4 WHERE stream_id = $1",
+    )
+    .bind(&event.aggregate_id)
+    .bind(&stored.status)
+    .bind(&stored.finalization)
+    .bind(serde_json::to_value(&payment).expect("serializable"))
+    .execute(&mut *conn)
+    .await?;
+    if header.shadow {
+        return Ok(vec![]);
+    }
+    let finalization: Option<InvoiceFinalization> = stored
+        .finalization
+        .map(serde_json::from_value)
+        .transpose()
+        .map_err(unreadable)?;
+    let lines = match &finalization {
+        Some(finalization) => Lines::finalized(finalization),
+        None => Lines::draft(&header, &[], &[], Default::default()),
+    };
+    let mut invoice = invoice_json(&header, &stored.status, lines, &payment, stored.created_at);
+    let subscription = subscription(conn, &header.service, &header.external_subscription_id).await?;
+    invoice["subscriptions"] = json!(subscription.map(|(resource, _)| resource).into_iter().collect::<Vec<_>>());
+    let of_invoice = |webhook_type| Emission {
+        webhook_type,
+        object_type: "invoice",
+        object: invoice.clone(),
+    };
+    Ok(match &invoice_event {
+        InvoiceEvent::InvoiceDrafted(_) => vec![of_invoice("invoice.drafted")],
+        InvoiceEvent::InvoiceFinalized(_) => vec![of_invoice("invoice.created")],
+        InvoiceEvent::InvoicePaymentStatusUpdated(update) => {
+            let mut emissions = vec![of_invoice("invoice.payment_status_updated")];
+            if update.status == PaymentStatus::Failed {
+                let failure = update.failure.clone();
+                emissions.push(Emission {
+                    webhook_type: "invoice.payment_failure",
+                    object_type: "payment_provider_invoice_payment_error",
+                    object: json!({
+                        "lago_invoice_id": header.lago_id,
+                        "lago_customer_id": header.customer_lago_id,
+                        "external_customer_id": header.external_customer_id,
+                        "provider_customer_id": update.provider_customer_id,
+                        "payment_provider": match update.source {
+                            aggregates::invoice::PaymentSource::Stripe { .. } => Some("stripe"),
+                            aggregates::invoice::PaymentSource::Api => None,
+                        },
+                        "provider_error": {
+                            "error_code": failure.as_ref().and_then(|f| f.code.clone()),
+                            "message": failure.as_ref().and_then(|f| f.message.clone()),
+                        },
+                        "invoice": invoice,
+                    }),
+                });
+            }
+            emissions
+        }
+        InvoiceEvent::InvoicePaymentOverdue { .. } => vec![of_invoice("invoice.payment_overdue")],
+        InvoiceEvent::InvoicePaymentDisputeClosed {
+            outcome: DisputeOutcome::Lost,
+            ..
+        } => vec![Emission {
+            webhook_type: "invoice.payment_dispute_lost",
+            object_type: "payment_dispute_lost",
+            object: json!({"invoice": invoice}),
+        }],
+        _ => vec![],
+    })
+}
+
+/// Write `emission` as one message per endpoint of `service` that wants it.
+async fn emit(
+    conn: &mut PgConnection,
+    event: &LogEvent,
+    service: &str,
+    emission: Emission,
+) -> Result<(), ProjectionError> {
+    let endpoints: Vec<(Uuid, Option<Value>)> = sqlx::query_as(
+        "SELECT lago_id, event_types FROM webhook_endpoints \
+         WHERE service_code = $1 AND deleted_at IS NULL AND disabled_at IS NULL ORDER BY lago_id",
+    )
+    .bind(service)
+    .fetch_all(&mut *conn)
+    .await?;
+    let wanted: Vec<Uuid> = endpoints
+        .into_iter()
+        .filter(|(_, types)| {
+            types.as_ref().and_then(Value::as_array).is_none_or(|types| {
+                types.iter().any(|t| t.as_str() == Some(emission.webhook_type))
+            })
+        })
+        .map(|(id, _)| id)
+        .collect();
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    let body = json!({
+        "webhook_type": emission.webhook_type,
+        "object_type": emission.object_type,
+        "organization_id": service,
+        emission.object_type: emission.object,
+    })
+    .to_string();
+    let ids: Vec<Uuid> = wanted
+        .iter()
+        .map(|endpoint| message_id(event, emission.webhook_type, *endpoint))
+        .collect();
+    sqlx::query(
+        "INSERT INTO webhook_messages (id, service_code, endpoint_lago_id, webhook_type, object_type, \
+         body, position, created_at) \
+         SELECT id, $3, endpoint, $4, $5, $6, $7, $8 FROM unnest($1::uuid[], $2::uuid[]) AS m(id, endpoint) \
+         ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(&ids)
+    .bind(&wanted)
+    .bind(service)
+    .bind(emission.webhook_type)
+    .bind(emission.object_type)
+    .bind(body)
+    .bind(event.position)
+    .bind(event.recorded_at)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
