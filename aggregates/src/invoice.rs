@@ -409,13 +409,15 @@ impl Invoice {
         source: PaymentSource,
     ) -> Result<Option<InvoiceEvent>, InvoiceError> {
         self.payable()?;
-        Ok((refunded_amount_cents > self.payment.refunded_amount_cents).then_some(
-            InvoiceEvent::InvoicePaymentRefunded {
-                refunded_amount_cents,
-                occurred_at,
-                source,
-            },
-        ))
+        Ok(
+            (refunded_amount_cents > self.payment.refunded_amount_cents).then_some(
+                InvoiceEvent::InvoicePaymentRefunded {
+                    refunded_amount_cents,
+                    occurred_at,
+                    source,
+                },
+            ),
+        )
     }
 
     /// Record a dispute opened (`outcome` none) or closed: nothing when an

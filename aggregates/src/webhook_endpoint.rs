@@ -332,9 +332,18 @@ mod tests {
         let config = validate(&input("https://hooks.nexacloud.example/ledger"), None).unwrap();
         assert_eq!(config.signature_algo, "hmac");
         assert!(config.wants("invoice.created"));
-        for bad in ["ftp://x", "https://", "https://user@host/", "http://a b", ""] {
+        for bad in [
+            "ftp://x",
+            "https://",
+            "https://user@host/",
+            "http://a b",
+            "",
+        ] {
             let refused = validate(&input(bad), None).unwrap_err();
-            assert!(refused.to_string().contains("webhook_url"), "{bad}: {refused}");
+            assert!(
+                refused.to_string().contains("webhook_url"),
+                "{bad}: {refused}"
+            );
         }
         let jwt = WebhookEndpointInput {
             signature_algo: Some("jwt".into()),

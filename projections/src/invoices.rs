@@ -281,4 +281,3 @@ pub fn invoice_json(
         "finalized_at": lines.finalized_at.map(timestamp),
     })
 }
-

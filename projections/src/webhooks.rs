@@ -71,7 +71,11 @@ impl Projection for Webhooks {
 
     fn reads(&self) -> Reads<'static> {
         Reads {
-            payloads: Some(&[INVOICE_STREAM_TYPE, Subscription::TYPE, WebhookEndpoint::TYPE]),
+            payloads: Some(&[
+                INVOICE_STREAM_TYPE,
+                Subscription::TYPE,
+                WebhookEndpoint::TYPE,
+            ]),
             usage_facts: false,
         }
     }
@@ -118,7 +122,9 @@ async fn apply_endpoint(
         .rsplit('/')
         .next()
         .and_then(|id| id.parse().ok())
-        .ok_or_else(|| ProjectionError::unreadable(event, "aggregate id is not {service}/{uuid}"))?;
+        .ok_or_else(|| {
+            ProjectionError::unreadable(event, "aggregate id is not {service}/{uuid}")
+        })?;
     let at = event.recorded_at;
     let types = |config: &EndpointConfig| config.event_types.as_ref().map(|t| json!(t));
     match endpoint_event {
@@ -229,7 +235,10 @@ async fn apply_subscription(
         return Ok(speaking(speaks, "subscription.started", resource));
     }
     let Some((mut resource, mut speaks)) = subscription(conn, service, external_id).await? else {
-        return Err(ProjectionError::unreadable(event, "subscription not created"));
+        return Err(ProjectionError::unreadable(
+            event,
+            "subscription not created",
+        ));
     };
     let webhook_type = match subscription_event {
         SubscriptionEvent::SubscriptionCreated(_) => unreachable!("handled above"),
@@ -326,8 +335,10 @@ async fn apply_invoice(
     let Some(mut stored) = stored else {
         return Err(ProjectionError::unreadable(event, "invoice not drafted"));
     };
-    let header: InvoiceHeader = serde_json::from_value(stored.header.clone()).map_err(unreadable)?;
-    let mut payment: PaymentState = serde_json::from_value(stored.payment.clone()).map_err(unreadable)?;
+    let header: InvoiceHeader =
+        serde_json::from_value(stored.header.clone()).map_err(unreadable)?;
+    let mut payment: PaymentState =
+        serde_json::from_value(stored.payment.clone()).map_err(unreadable)?;
     payment.apply(&invoice_event);
     if let InvoiceEvent::InvoiceFinalized(finalization) = &invoice_event {
         stored.status = "finalized".into();
@@ -355,8 +366,12 @@ async fn apply_invoice(
         None => Lines::draft(&header, &[], &[], Default::default()),
     };
     let mut invoice = invoice_json(&header, &stored.status, lines, &payment, stored.created_at);
-    let subscription = subscription(conn, &header.service, &header.external_subscription_id).await?;
-    invoice["subscriptions"] = json!(subscription.map(|(resource, _)| resource).into_iter().collect::<Vec<_>>());
+    let subscription =
+        subscription(conn, &header.service, &header.external_subscription_id).await?;
+    invoice["subscriptions"] = json!(subscription
+        .map(|(resource, _)| resource)
+        .into_iter()
+        .collect::<Vec<_>>());
     let of_invoice = |webhook_type| Emission {
         webhook_type,
         object_type: "invoice",
@@ -421,9 +436,14 @@ async fn emit(
     let wanted: Vec<Uuid> = endpoints
         .into_iter()
         .filter(|(_, types)| {
-            types.as_ref().and_then(Value::as_array).is_none_or(|types| {
-                types.iter().any(|t| t.as_str() == Some(emission.webhook_type))
-            })
+            types
+                .as_ref()
+                .and_then(Value::as_array)
+                .is_none_or(|types| {
+                    types
+                        .iter()
+                        .any(|t| t.as_str() == Some(emission.webhook_type))
+                })
         })
         .map(|(id, _)| id)
         .collect();

@@ -21,9 +21,9 @@ use crate::event_log::projection_runner::{self, ProjectionRunner};
 use crate::event_log::store::{CommandBus, CommandMetadata};
 use crate::http::admin::AdminKey;
 use crate::payments::stripe::StripeSettings;
-use crate::webhooks::address::AddressPolicy;
 use crate::postgres::embedded::{ClusterSettings, EmbeddedPostgres};
 use crate::postgres::{ClusterAccess, Database, DatabaseConfig};
+use crate::webhooks::address::AddressPolicy;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -958,7 +958,9 @@ async fn webhooks(database: &Database, command: WebhooksCommand) -> anyhow::Resu
         }
         WebhooksCommand::Recover { endpoint, since } => {
             let queued = outbox::recover(pool, endpoint, since, now).await?;
-            println!("{queued} failed message(s) of endpoint {endpoint} since {since} queued again");
+            println!(
+                "{queued} failed message(s) of endpoint {endpoint} since {since} queued again"
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -114,7 +114,14 @@ async fn append(
         event_type: event.event_type(),
         payload: serde_json::to_value(event).expect("serializable"),
     };
-    append_events(conn, INVOICE_STREAM_TYPE, &[new], metadata, OnConflict::Fail).await?;
+    append_events(
+        conn,
+        INVOICE_STREAM_TYPE,
+        &[new],
+        metadata,
+        OnConflict::Fail,
+    )
+    .await?;
     Ok(())
 }
 

@@ -448,7 +448,12 @@ mod tests {
             "a tampered body"
         );
         assert_eq!(
-            verify(&settings("whsec_new"), Some(&header), body, at(1_700_000_301)),
+            verify(
+                &settings("whsec_new"),
+                Some(&header),
+                body,
+                at(1_700_000_301)
+            ),
             Err(SignatureError::Stale)
         );
         assert_eq!(

@@ -44,12 +44,7 @@ fn refused_v4(ip: Ipv4Addr) -> Option<&'static str> {
 /// `64:ff9b::a.b.c.d`), if any.
 fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     let s = ip.segments();
-    let tail = Ipv4Addr::new(
-        (s[6] >> 8) as u8,
-        s[6] as u8,
-        (s[7] >> 8) as u8,
-        s[7] as u8,
-    );
+    let tail = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
     let mapped = s[..5] == [0; 5] && s[5] == 0xffff;
     let nat64 = s[..6] == [0x64, 0xff9b, 0, 0, 0, 0];
     (mapped || nat64).then_some(tail)
@@ -103,9 +98,10 @@ impl AddressPolicy {
             IpAddr::V6(v6) => (refused_v6(v6), embedded_v4(v6)),
         };
         let range = range?;
-        let allowed = self.allow.iter().any(|net| {
-            net.contains(&ip) || v4.is_some_and(|v4| net.contains(&IpAddr::V4(v4)))
-        });
+        let allowed = self
+            .allow
+            .iter()
+            .any(|net| net.contains(&ip) || v4.is_some_and(|v4| net.contains(&IpAddr::V4(v4))));
         (!allowed).then_some(range)
     }
 
@@ -200,9 +196,8 @@ impl Resolve for GuardedResolver {
     fn resolve(&self, name: Name) -> Resolving {
         let policy = self.policy.clone();
         Box::pin(async move {
-            let resolved: Vec<SocketAddr> = tokio::net::lookup_host((name.as_str(), 0))
-                .await?
-                .collect();
+            let resolved: Vec<SocketAddr> =
+                tokio::net::lookup_host((name.as_str(), 0)).await?.collect();
             let refused = resolved.iter().find_map(|a| policy.refusal(a.ip()));
             let permitted = policy.permitted(resolved);
             if permitted.is_empty() {
@@ -258,7 +253,13 @@ mod tests {
         for (ip, range) in cases {
             assert_eq!(refusal(&policy, ip), Some(range), "{ip}");
         }
-        for public in ["93.184.215.14", "172.32.0.1", "100.128.0.1", "2606:4700::1111", "::ffff:8.8.8.8"] {
+        for public in [
+            "93.184.215.14",
+            "172.32.0.1",
+            "100.128.0.1",
+            "2606:4700::1111",
+            "::ffff:8.8.8.8",
+        ] {
             assert_eq!(refusal(&policy, public), None, "{public}");
         }
     }
@@ -267,7 +268,11 @@ mod tests {
     fn an_allowed_range_opens_exactly_that_range() {
         let policy = AddressPolicy::parse(&["10.20.0.0/16".into(), "127.0.0.1".into()]).unwrap();
         assert_eq!(refusal(&policy, "10.20.3.4"), None);
-        assert_eq!(refusal(&policy, "::ffff:10.20.3.4"), None, "mapped form too");
+        assert_eq!(
+            refusal(&policy, "::ffff:10.20.3.4"),
+            None,
+            "mapped form too"
+        );
         assert_eq!(refusal(&policy, "10.21.0.1"), Some("private"));
         assert_eq!(refusal(&policy, "127.0.0.1"), None);
         assert_eq!(refusal(&policy, "127.0.0.2"), Some("loopback"));
@@ -290,8 +295,14 @@ mod tests {
             check_url(&policy, "http://localhost:9/hook").await,
             Err(Unreachable::Refused("loopback"))
         );
-        assert_eq!(check_url(&policy, "not a url").await, Err(Unreachable::Invalid));
+        assert_eq!(
+            check_url(&policy, "not a url").await,
+            Err(Unreachable::Invalid)
+        );
         let loopback = AddressPolicy::parse(&["127.0.0.0/8".into(), "::1/128".into()]).unwrap();
-        assert_eq!(check_url(&loopback, "http://localhost:9/hook").await, Ok(()));
+        assert_eq!(
+            check_url(&loopback, "http://localhost:9/hook").await,
+            Ok(())
+        );
     }
 }

@@ -59,7 +59,9 @@ pub fn retry_delay(message_id: Uuid, attempts_made: i32) -> Option<Duration> {
     let digest = signing_digest(message_id, attempts_made);
     // A factor in [0.8, 1.2].
     let factor = 0.8 + 0.4 * (f64::from(digest % 10_001) / 10_000.0);
-    Some(Duration::milliseconds((base as f64 * 1_000.0 * factor).round() as i64))
+    Some(Duration::milliseconds(
+        (base as f64 * 1_000.0 * factor).round() as i64,
+    ))
 }
 
 fn signing_digest(message_id: Uuid, attempts_made: i32) -> u32 {
@@ -75,7 +77,12 @@ pub fn parse_retry_after(value: &str, now: DateTime<Utc>) -> Option<Duration> {
     let value = value.trim();
     let wait = match value.parse::<i64>() {
         Ok(seconds) => Duration::seconds(seconds),
-        Err(_) => DateTime::parse_from_rfc2822(value).ok()?.with_timezone(&Utc) - now,
+        Err(_) => {
+            DateTime::parse_from_rfc2822(value)
+                .ok()?
+                .with_timezone(&Utc)
+                - now
+        }
     };
     Some(wait.clamp(Duration::zero(), Duration::seconds(MAX_RETRY_AFTER_SECONDS)))
 }
@@ -170,12 +177,11 @@ impl Dispatcher {
             sqlx::query_scalar("SELECT position FROM webhook_dispatch_cursor FOR UPDATE")
                 .fetch_one(&mut *tx)
                 .await?;
-        let reached: Option<i64> = sqlx::query_scalar(
-            "SELECT max(position) FROM webhook_messages WHERE position > $1",
-        )
-        .bind(cursor)
-        .fetch_one(&mut *tx)
-        .await?;
+        let reached: Option<i64> =
+            sqlx::query_scalar("SELECT max(position) FROM webhook_messages WHERE position > $1")
+                .bind(cursor)
+                .fetch_one(&mut *tx)
+                .await?;
         let Some(reached) = reached else {
             tx.rollback().await?;
             return Ok(0);
@@ -372,7 +378,8 @@ impl Dispatcher {
 
     /// An endpoint answered `410 Gone`: disable it (its stream records why).
     async fn disable(&self, attempt: &Attempt) {
-        let id = aggregates::scoped_id(&attempt.service_code, &attempt.endpoint_lago_id.to_string());
+        let id =
+            aggregates::scoped_id(&attempt.service_code, &attempt.endpoint_lago_id.to_string());
         let command = WebhookEndpointCommand::Disable {
             reason: "410 Gone".into(),
             at: Utc::now(),
@@ -516,12 +523,20 @@ mod tests {
                 (base * 8 / 10..=base * 12 / 10).contains(&delay),
                 "after attempt {made}: {delay} ms vs {base} ms"
             );
-            assert_eq!(retry_delay(id, made), retry_delay(id, made), "deterministic");
+            assert_eq!(
+                retry_delay(id, made),
+                retry_delay(id, made),
+                "deterministic"
+            );
         }
         assert_eq!(retry_delay(id, 8), None, "the eighth attempt was the last");
         assert_eq!(MAX_ATTEMPTS, 8);
         let spread: std::collections::BTreeSet<i64> = (0..50)
-            .map(|n| retry_delay(Uuid::from_u128(n), 1).unwrap().num_milliseconds())
+            .map(|n| {
+                retry_delay(Uuid::from_u128(n), 1)
+                    .unwrap()
+                    .num_milliseconds()
+            })
             .collect();
         assert!(spread.len() > 40, "jitter spreads messages apart");
     }
@@ -534,7 +549,10 @@ mod tests {
             parse_retry_after("Thu, 03 Dec 2026 12:10:00 GMT", now),
             Some(Duration::seconds(600))
         );
-        assert_eq!(parse_retry_after("999999", now), Some(Duration::seconds(36_000)));
+        assert_eq!(
+            parse_retry_after("999999", now),
+            Some(Duration::seconds(36_000))
+        );
         assert_eq!(parse_retry_after("soon", now), None);
     }
 }

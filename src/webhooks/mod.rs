@@ -48,7 +48,8 @@ pub async fn list(pool: &PgPool, filter: &DeliveryFilter) -> Result<Vec<Value>, 
         sql.push(" AND d.endpoint_lago_id = ").push_bind(endpoint);
     }
     if let Some(service) = &filter.service {
-        sql.push(" AND d.service_code = ").push_bind(service.clone());
+        sql.push(" AND d.service_code = ")
+            .push_bind(service.clone());
     }
     sql.push(" ORDER BY d.enqueued_at DESC, d.message_id LIMIT ")
         .push_bind(filter.limit);

@@ -53,7 +53,12 @@ pub fn lago_signature(secret: &str, body: &[u8]) -> String {
 
 /// Every header of one attempt: `secrets` are the valid ones, the current
 /// first (it alone signs Lago's header).
-pub fn headers(secrets: &[&str], id: &str, timestamp: i64, body: &[u8]) -> Vec<(&'static str, String)> {
+pub fn headers(
+    secrets: &[&str],
+    id: &str,
+    timestamp: i64,
+    body: &[u8],
+) -> Vec<(&'static str, String)> {
     let signatures: Vec<String> = secrets
         .iter()
         .map(|secret| standard_signature(secret, id, timestamp, body))
@@ -93,7 +98,11 @@ mod tests {
         let previous = generate_secret();
         assert!(previous.starts_with("whsec_") && key_of(&previous).len() == 32);
         let headers = headers(&[SECRET, &previous], ID, TIMESTAMP, BODY);
-        let signature = &headers.iter().find(|(h, _)| *h == "webhook-signature").unwrap().1;
+        let signature = &headers
+            .iter()
+            .find(|(h, _)| *h == "webhook-signature")
+            .unwrap()
+            .1;
         let parts: Vec<&str> = signature.split(' ').collect();
         assert_eq!(parts.len(), 2);
         assert_eq!(parts[0], standard_signature(SECRET, ID, TIMESTAMP, BODY));

@@ -257,3 +257,56 @@ pub fn ledger_cli(pool: &PgPool, args: &[&str]) -> std::process::Output {
         .output()
         .expect("run ledger")
 }
+
+/// A Stripe endpoint secret the signal tests configure.
+pub const STRIPE_SECRET: &str = "whsec_test_stripe_endpoint_secret";
+
+/// The ledger with Stripe's secret configured, webhooks allowed to
+/// loopback (the tests' receivers), and no background task.
+pub async fn spawn_signalling_app(pool: PgPool) -> TestApp {
+    spawn_app_with_settings(pool, signalling_settings(BackgroundTasks::NONE)).await
+}
+
+/// Settings of [`spawn_signalling_app`] with the given tasks.
+pub fn signalling_settings(background: BackgroundTasks) -> Settings {
+    Settings {
+        usage_limits: aggregates::usage::UsageLimits {
+            acceptance_window: Duration::days(WINDOW_DAYS),
+            ..Default::default()
+        },
+        providers: ledger::http::Providers {
+            stripe: ledger::payments::stripe::StripeSettings::from_list(
+                Some(&format!("whsec_rotated_out,{STRIPE_SECRET}")),
+                300,
+            ),
+            webhook_addresses: loopback(),
+        },
+        ..Settings::local(Some(AdminKey::new(ADMIN_KEY)), background)
+    }
+}
+
+/// A policy that allows loopback (IPv4 and IPv6) and nothing else.
+pub fn loopback() -> ledger::webhooks::address::AddressPolicy {
+    ledger::webhooks::address::AddressPolicy::parse(&["127.0.0.0/8".into(), "::1/128".into()])
+        .unwrap()
+}
+
+/// The NexaCloud catalog, deployment `dep_1` (live, its deployment id in
+/// the metadata) since 1 September 2026, and September closed: one
+/// finalized invoice of $19.00 + 13% HST, returned as the API shows it.
+pub async fn live_invoice(svc: &ServiceClient<'_>) -> Value {
+    svc.nexacloud_catalog().await;
+    svc.created(
+        "/subscriptions",
+        serde_json::json!({"subscription": {"external_customer_id": "cus_ada", "plan_code": "starter",
+            "external_id": "dep_1", "subscription_at": "2026-09-01T04:00:00Z",
+            "metadata": {"deployment_id": "deployment-42"}}}),
+    )
+    .await;
+    close(svc.app, "2026-10-02T00:00:00Z").await;
+    let (status, body) = svc.get("/invoices?status=finalized").await;
+    assert_eq!(status, StatusCode::OK);
+    let invoice = body["invoices"][0].clone();
+    assert_eq!(invoice["total_amount_cents"], 2147, "{invoice}");
+    invoice
+}

@@ -16,10 +16,10 @@ use uuid::Uuid;
 use super::Tenant;
 use crate::http::error::{ApiError, ApiResult};
 use crate::http::extract::{LagoJson, RequestContext};
-use crate::payments::{self, PaymentFact};
 use crate::http::pagination::PageRequest;
 use crate::http::AppState;
 use crate::invoicing::closer::{self as invoicing, InvoicingError};
+use crate::payments::{self, PaymentFact};
 use projections::invoices::{invoice_json, Lines};
 
 pub fn router() -> Router<AppState> {

@@ -168,8 +168,9 @@ async fn rotate(
     )
     .await?;
     answer["webhook_endpoint"]["secret"] = json!(secret);
-    answer["webhook_endpoint"]["previous_secret_valid_until"] =
-        json!(projections::catalog::timestamp(now + Duration::hours(ROTATION_OVERLAP_HOURS)));
+    answer["webhook_endpoint"]["previous_secret_valid_until"] = json!(
+        projections::catalog::timestamp(now + Duration::hours(ROTATION_OVERLAP_HOURS))
+    );
     Ok(Json(answer))
 }
 
@@ -192,7 +193,10 @@ async fn remove(
     )
     .await?;
     state
-        .await_projected(<aggregates::WebhookEndpoint as cqrs_es::Aggregate>::TYPE, &id)
+        .await_projected(
+            <aggregates::WebhookEndpoint as cqrs_es::Aggregate>::TYPE,
+            &id,
+        )
         .await?;
     Ok(Json(before))
 }
@@ -213,5 +217,7 @@ async fn list(
         },
     )
     .await?;
-    Ok(Json(json!({ "webhook_endpoints": endpoints, "meta": meta })))
+    Ok(Json(
+        json!({ "webhook_endpoints": endpoints, "meta": meta }),
+    ))
 }
