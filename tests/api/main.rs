@@ -21,3 +21,4 @@ mod replay;
 mod tamper_evidence;
 mod tenancy;
 mod usage;
+mod webhooks;
