@@ -14,7 +14,7 @@ use crate::helpers::{close, live_invoice, spawn_signalling_app, TestApp, STRIPE_
 
 /// `Stripe-Signature` as Stripe's libraries build it: `t=<unix>,v1=<hex
 /// HMAC-SHA256 of "<t>.<payload>" keyed with the whole whsec_ secret>`.
-fn stripe_signature(secret: &str, timestamp: i64, payload: &str) -> String {
+pub(crate) fn stripe_signature(secret: &str, timestamp: i64, payload: &str) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
     mac.update(format!("{timestamp}.{payload}").as_bytes());
     let hex: String = mac
@@ -26,13 +26,13 @@ fn stripe_signature(secret: &str, timestamp: i64, payload: &str) -> String {
     format!("t={timestamp},v1={hex}")
 }
 
-fn event(id: &str, event_type: &str, created: i64, object: Value) -> String {
+pub(crate) fn event(id: &str, event_type: &str, created: i64, object: Value) -> String {
     json!({"id": id, "object": "event", "type": event_type, "created": created,
            "livemode": false, "data": {"object": object}})
     .to_string()
 }
 
-fn intent(id: &str, lago_invoice_id: &Value) -> Value {
+pub(crate) fn intent(id: &str, lago_invoice_id: &Value) -> Value {
     json!({"id": id, "object": "payment_intent", "customer": "cus_stripe_ada",
            "metadata": {"lago_invoice_id": lago_invoice_id}})
 }
@@ -56,7 +56,7 @@ async fn post_stripe(
 }
 
 /// Post `payload` signed now with the configured secret; expect 200.
-async fn deliver(app: &TestApp, payload: &str) -> Value {
+pub(crate) async fn deliver(app: &TestApp, payload: &str) -> Value {
     let signature = stripe_signature(STRIPE_SECRET, Utc::now().timestamp(), payload);
     let (status, body) = post_stripe(app, payload, Some(signature)).await;
     assert_eq!(status, StatusCode::OK, "{body}");

@@ -46,6 +46,7 @@ impl Hit {
 #[derive(Clone)]
 struct Receiver {
     url: String,
+    paths: Arc<Mutex<Vec<String>>>,
     hits: Arc<Mutex<Vec<Hit>>>,
     answers: Arc<Mutex<VecDeque<(u16, Option<&'static str>)>>>,
 }
@@ -54,26 +55,38 @@ impl Receiver {
     async fn start() -> Receiver {
         let hits: Arc<Mutex<Vec<Hit>>> = Default::default();
         let answers: Arc<Mutex<VecDeque<(u16, Option<&'static str>)>>> = Default::default();
-        let (h, a) = (hits.clone(), answers.clone());
-        let app = axum::Router::new().fallback(move |headers: HeaderMap, body: Bytes| {
-            let (h, a) = (h.clone(), a.clone());
-            async move {
-                h.lock().unwrap().push(Hit { headers, body });
-                let (status, retry_after) = a.lock().unwrap().pop_front().unwrap_or((200, None));
-                let mut response = axum::response::Response::new(axum::body::Body::from("ok"));
-                *response.status_mut() = AxumStatus::from_u16(status).unwrap();
-                if let Some(after) = retry_after {
+        let paths: Arc<Mutex<Vec<String>>> = Default::default();
+        let (h, a, p) = (hits.clone(), answers.clone(), paths.clone());
+        let app = axum::Router::new().fallback(
+            move |uri: axum::http::Uri, headers: HeaderMap, body: Bytes| {
+                let (h, a, p) = (h.clone(), a.clone(), p.clone());
+                async move {
+                    let mut hits = h.lock().unwrap();
+                    p.lock().unwrap().push(uri.path().to_string());
+                    hits.push(Hit { headers, body });
+                    drop(hits);
+                    let (status, retry_after) =
+                        a.lock().unwrap().pop_front().unwrap_or((200, None));
+                    let mut response = axum::response::Response::new(axum::body::Body::from("ok"));
+                    *response.status_mut() = AxumStatus::from_u16(status).unwrap();
+                    if let Some(after) = retry_after {
+                        response
+                            .headers_mut()
+                            .insert("retry-after", after.parse().unwrap());
+                    }
                     response
-                        .headers_mut()
-                        .insert("retry-after", after.parse().unwrap());
                 }
-                response
-            }
-        });
+            },
+        );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/hooks", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await });
-        Receiver { url, hits, answers }
+        Receiver {
+            url,
+            paths,
+            hits,
+            answers,
+        }
     }
 
     fn answer(&self, answers: &[(u16, Option<&'static str>)]) {
@@ -712,4 +725,154 @@ async fn two_ledgers_on_one_database_deliver_each_message_once(pool: PgPool) {
             .await
             .unwrap();
     assert_eq!(delivered, 200);
+}
+
+/// NexaCloud's example receiver (`examples/nexacloud_receiver.py`, which
+/// verifies with the official `standardwebhooks` library) on a free port.
+struct ExampleReceiver {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Drop for ExampleReceiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_example_receiver(secret: &str, api: &str) -> ExampleReceiver {
+    use std::io::BufRead;
+    let root = env!("CARGO_MANIFEST_DIR");
+    let python = format!("{root}/target/lago-venv/bin/python");
+    assert!(
+        std::path::Path::new(&python).exists(),
+        "{python} is missing: scripts/test creates it (the Python client's virtual environment)"
+    );
+    let mut child = std::process::Command::new(python)
+        .arg(format!("{root}/examples/nexacloud_receiver.py"))
+        .args(["--port", "0", "--secret", secret, "--api", api])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("the example receiver starts");
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let listening: Value = serde_json::from_str(&line).expect("it prints its port");
+    std::thread::spawn(move || for _ in stdout.lines() {});
+    ExampleReceiver {
+        child,
+        url: format!("http://127.0.0.1:{}/", listening["listening"]),
+    }
+}
+
+/// The paths of NexaCloud's API the receiver called, in order.
+fn calls(api: &Receiver) -> Vec<String> {
+    api.paths.lock().unwrap().clone()
+}
+
+async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[sqlx::test]
+async fn the_control_loop_suspends_restores_and_deprovisions_a_deployment(pool: PgPool) {
+    use crate::payments::{deliver, event, intent};
+    let tasks = BackgroundTasks {
+        projections: true,
+        webhooks: true,
+        ..BackgroundTasks::NONE
+    };
+    let app = spawn_app_with_settings(pool.clone(), signalling_settings(tasks)).await;
+    let svc = app.service("nexacloud").await;
+    let nexacloud_api = Receiver::start().await;
+    let created = endpoint(&svc, &nexacloud_api.url, None).await;
+    let secret = created["secret"].as_str().unwrap();
+    let api_base = nexacloud_api.url.trim_end_matches("/hooks").to_string();
+    let receiver = start_example_receiver(secret, &api_base);
+    let path = format!(
+        "/webhook_endpoints/{}",
+        created["lago_id"].as_str().unwrap()
+    );
+    let (status, _) = svc
+        .put(
+            &path,
+            json!({"webhook_endpoint": {"webhook_url": receiver.url}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+
+    // A forged delivery is refused by the receiver's verification.
+    let forged = reqwest::Client::new()
+        .post(&receiver.url)
+        .header("webhook-id", "msg_forged")
+        .header("webhook-timestamp", Utc::now().timestamp().to_string())
+        .header("webhook-signature", "v1,Zm9yZ2Vk")
+        .body(
+            r#"{"webhook_type":"subscription.terminated","subscription":{"external_id":"dep_1"}}"#,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), StatusCode::BAD_REQUEST);
+
+    let invoice = live_invoice(&svc).await;
+    let now = Utc::now().timestamp();
+    deliver(
+        &app,
+        &event(
+            "evt_fail",
+            "payment_intent.payment_failed",
+            now,
+            intent("pi_1", &invoice["lago_id"]),
+        ),
+    )
+    .await;
+    until("suspend", || calls(&nexacloud_api).len() == 1).await;
+    deliver(
+        &app,
+        &event(
+            "evt_ok",
+            "payment_intent.succeeded",
+            now + 1,
+            intent("pi_1", &invoice["lago_id"]),
+        ),
+    )
+    .await;
+    until("restore", || calls(&nexacloud_api).len() == 2).await;
+    let (status, _) = svc.delete("/subscriptions/dep_1").await;
+    assert_eq!(status, StatusCode::OK);
+    until("deprovision", || calls(&nexacloud_api).len() == 3).await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(
+        calls(&nexacloud_api),
+        [
+            "/subscriptions/deployment-42/suspend",
+            "/subscriptions/deployment-42/restore",
+            "/subscriptions/deployment-42/deprovision"
+        ],
+        "each signal once, in order"
+    );
+    let ids: std::collections::BTreeSet<String> = nexacloud_api
+        .hits()
+        .iter()
+        .map(|h| h.header("x-webhook-id"))
+        .collect();
+    assert_eq!(ids.len(), 3, "three distinct messages");
+    let failed: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM webhook_deliveries WHERE status <> 'delivered'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        failed, 0,
+        "every message was accepted (signatures verified)"
+    );
 }
