@@ -41,6 +41,9 @@ impl Hit {
     }
 }
 
+/// Queued answers: (status, Retry-After).
+type Answers = Arc<Mutex<VecDeque<(u16, Option<&'static str>)>>>;
+
 /// A receiver on a real socket: records every request and answers with
 /// the queued answers (status, Retry-After), then 200.
 #[derive(Clone)]
@@ -48,13 +51,13 @@ struct Receiver {
     url: String,
     paths: Arc<Mutex<Vec<String>>>,
     hits: Arc<Mutex<Vec<Hit>>>,
-    answers: Arc<Mutex<VecDeque<(u16, Option<&'static str>)>>>,
+    answers: Answers,
 }
 
 impl Receiver {
     async fn start() -> Receiver {
         let hits: Arc<Mutex<Vec<Hit>>> = Default::default();
-        let answers: Arc<Mutex<VecDeque<(u16, Option<&'static str>)>>> = Default::default();
+        let answers: Answers = Default::default();
         let paths: Arc<Mutex<Vec<String>>> = Default::default();
         let (h, a, p) = (hits.clone(), answers.clone(), paths.clone());
         let app = axum::Router::new().fallback(
