@@ -282,6 +282,19 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 30)]
         events: usize,
     },
+    /// Deliver many finalized invoices' webhooks to a local receiver
+    /// (messages/s beside raw POSTs), then latency at a steady rate.
+    Webhooks {
+        /// Finalized invoices whose messages are delivered.
+        #[arg(long, default_value_t = 10_000)]
+        invoices: usize,
+        /// Payments recorded per second in the steady-state phase.
+        #[arg(long, default_value_t = 200)]
+        rate: usize,
+        /// Seconds of steady state.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
     /// Time rebuilding the usage and invoices projections, sealing and
     /// verifying, beside a raw read of the log, on a throwaway cluster.
     Rebuild {
@@ -864,6 +877,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 data_dir: config.data_dir.clone(),
                 subscriptions,
                 events_per_subscription: events,
+            })
+            .await?
+        }
+        Command::Bench {
+            command:
+                BenchCommand::Webhooks {
+                    invoices,
+                    rate,
+                    seconds,
+                },
+        } => {
+            crate::tools::bench::webhooks::run(crate::tools::bench::webhooks::WebhooksBench {
+                data_dir: config.data_dir.clone(),
+                invoices,
+                rate,
+                seconds,
             })
             .await?
         }

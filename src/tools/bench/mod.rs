@@ -6,6 +6,7 @@ pub mod import;
 pub mod ingest;
 pub mod rebuild;
 pub mod reconcile;
+pub mod webhooks;
 
 use crate::postgres::embedded::{ClusterSettings, EmbeddedPostgres};
 
