@@ -25,6 +25,8 @@ use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
 use serde_json::{json, Value};
 use sqlx::PgConnection;
+use std::collections::HashMap;
+
 use uuid::Uuid;
 
 use crate::catalog::{subscription_resource, timestamp};
@@ -85,25 +87,83 @@ impl Projection for Webhooks {
         conn: &mut PgConnection,
         event: &LogEvent,
     ) -> Result<(), ProjectionError> {
+        self.apply_batch(conn, std::slice::from_ref(event)).await
+    }
+
+    async fn apply_batch(
+        &self,
+        conn: &mut PgConnection,
+        events: &[LogEvent],
+    ) -> Result<(), ProjectionError> {
+        let mut batch = Batch::default();
+        for event in events {
+            batch.apply(conn, event).await?;
+        }
+        batch.write(conn).await
+    }
+}
+
+/// What one batch has read or written, so each row is read once per
+/// batch, and the messages it yields, written together at its end.
+#[derive(Default)]
+struct Batch {
+    /// Per service: its enabled endpoints and the types each wants.
+    endpoints: HashMap<String, Vec<(Uuid, Option<Vec<String>>)>>,
+    /// Per (service, external id): the object and whether it speaks.
+    subscriptions: HashMap<(String, String), (Value, bool)>,
+    /// Per invoice stream.
+    invoices: HashMap<String, StoredInvoice>,
+    /// Invoices changed in the batch (written at its end).
+    changed_invoices: Vec<String>,
+    /// Messages to write.
+    messages: Vec<Message>,
+}
+
+struct Message {
+    id: Uuid,
+    service: String,
+    endpoint: Uuid,
+    webhook_type: &'static str,
+    object_type: &'static str,
+    body: String,
+    position: i64,
+    created_at: DateTime<Utc>,
+}
+
+impl Batch {
+    async fn apply(
+        &mut self,
+        conn: &mut PgConnection,
+        event: &LogEvent,
+    ) -> Result<(), ProjectionError> {
         let Some((service, key)) = event.aggregate_id.split_once('/') else {
             return Ok(());
         };
         let emissions = match event.aggregate_type.as_str() {
             t if t == WebhookEndpoint::TYPE => {
                 apply_endpoint(conn, event, service, decode(event)?).await?;
+                self.endpoints.remove(service);
                 return Ok(());
             }
             t if t == Subscription::TYPE => {
-                apply_subscription(conn, event, service, key, decode(event)?).await?
+                self.apply_subscription(conn, event, service, key, decode(event)?)
+                    .await?
             }
-            INVOICE_STREAM_TYPE => apply_invoice(conn, event, decode(event)?).await?,
+            INVOICE_STREAM_TYPE => self.apply_invoice(conn, event, decode(event)?).await?,
             _ => return Ok(()),
         };
         for emission in emissions {
-            emit(conn, event, service, emission).await?;
+            self.emit(conn, event, service, emission).await?;
         }
         Ok(())
     }
+}
+
+/// Whether an endpoint wanting `wants` (none: everything) receives `webhook_type`.
+fn receives(wants: &Option<Vec<String>>, webhook_type: &str) -> bool {
+    wants
+        .as_ref()
+        .is_none_or(|types| types.iter().any(|t| t == webhook_type))
 }
 
 fn decode<E: serde::de::DeserializeOwned>(event: &LogEvent) -> Result<E, ProjectionError> {
@@ -196,96 +256,118 @@ async fn apply_endpoint(
     Ok(())
 }
 
-/// The subscription's object as a payload shows it, and whether it speaks.
-async fn subscription(
-    conn: &mut PgConnection,
-    service: &str,
-    external_id: &str,
-) -> Result<Option<(Value, bool)>, sqlx::Error> {
-    sqlx::query_as(
+impl Batch {
+    /// The subscription's object as a payload shows it, and whether it speaks.
+    async fn subscription(
+        &mut self,
+        conn: &mut PgConnection,
+        service: &str,
+        external_id: &str,
+    ) -> Result<Option<(Value, bool)>, sqlx::Error> {
+        let key = (service.to_string(), external_id.to_string());
+        if let Some(found) = self.subscriptions.get(&key) {
+            return Ok(Some(found.clone()));
+        }
+        let found: Option<(Value, bool)> = sqlx::query_as(
         "SELECT resource, speaks FROM webhook_subscriptions WHERE service_code = $1 AND external_id = $2",
     )
     .bind(service)
     .bind(external_id)
     .fetch_optional(conn)
-    .await
-}
+    .await?;
+        if let Some(found) = &found {
+            self.subscriptions.insert(key, found.clone());
+        }
+        Ok(found)
+    }
 
-async fn apply_subscription(
-    conn: &mut PgConnection,
-    event: &LogEvent,
-    service: &str,
-    external_id: &str,
-    subscription_event: SubscriptionEvent,
-) -> Result<Vec<Emission>, ProjectionError> {
-    if let SubscriptionEvent::SubscriptionCreated(terms) = &subscription_event {
-        let mut resource = subscription_resource(terms, event.recorded_at);
-        resource["status"] = json!("active");
-        let speaks = !terms.shadow;
-        sqlx::query(
-            "INSERT INTO webhook_subscriptions (service_code, external_id, speaks, resource) \
+    async fn apply_subscription(
+        &mut self,
+        conn: &mut PgConnection,
+        event: &LogEvent,
+        service: &str,
+        external_id: &str,
+        subscription_event: SubscriptionEvent,
+    ) -> Result<Vec<Emission>, ProjectionError> {
+        if let SubscriptionEvent::SubscriptionCreated(terms) = &subscription_event {
+            let mut resource = subscription_resource(terms, event.recorded_at);
+            resource["status"] = json!("active");
+            let speaks = !terms.shadow;
+            sqlx::query(
+                "INSERT INTO webhook_subscriptions (service_code, external_id, speaks, resource) \
              VALUES ($1, $2, $3, $4)",
+            )
+            .bind(service)
+            .bind(external_id)
+            .bind(speaks)
+            .bind(&resource)
+            .execute(&mut *conn)
+            .await?;
+            self.subscriptions.insert(
+                (service.to_string(), external_id.to_string()),
+                (resource.clone(), speaks),
+            );
+            return Ok(speaking(speaks, "subscription.started", resource));
+        }
+        let Some((mut resource, mut speaks)) =
+            self.subscription(conn, service, external_id).await?
+        else {
+            return Err(ProjectionError::unreadable(
+                event,
+                "subscription not created",
+            ));
+        };
+        let webhook_type = match subscription_event {
+            SubscriptionEvent::SubscriptionCreated(_) => unreachable!("handled above"),
+            SubscriptionEvent::SubscriptionTerminated { terminated_at } => {
+                resource["terminated_at"] = json!(timestamp(terminated_at));
+                resource["status"] = json!("terminated");
+                Some("subscription.terminated")
+            }
+            SubscriptionEvent::SubscriptionSuspended { suspended_at } => {
+                resource["suspended_at"] = json!(timestamp(suspended_at));
+                Some("subscription.updated")
+            }
+            SubscriptionEvent::SubscriptionRestored { .. } => {
+                resource["suspended_at"] = Value::Null;
+                Some("subscription.updated")
+            }
+            SubscriptionEvent::SubscriptionPlanChanged { previous, plan, .. } => {
+                resource["plan_code"] = json!(plan.code);
+                resource["plan_version"] = json!(plan.version);
+                resource["lago_plan_id"] = json!(plan.lago_id);
+                resource["previous_plan_code"] = json!(previous.code);
+                Some("subscription.updated")
+            }
+            SubscriptionEvent::SubscriptionFlipped { live_from, .. } => {
+                resource["live_from"] = json!(timestamp(live_from));
+                speaks = true;
+                None
+            }
+            SubscriptionEvent::SubscriptionFlipUndone { .. } => {
+                resource["live_from"] = Value::Null;
+                speaks = false;
+                None
+            }
+        };
+        sqlx::query(
+            "UPDATE webhook_subscriptions SET resource = $3, speaks = $4 \
+         WHERE service_code = $1 AND external_id = $2",
         )
         .bind(service)
         .bind(external_id)
-        .bind(speaks)
         .bind(&resource)
+        .bind(speaks)
         .execute(&mut *conn)
         .await?;
-        return Ok(speaking(speaks, "subscription.started", resource));
+        self.subscriptions.insert(
+            (service.to_string(), external_id.to_string()),
+            (resource.clone(), speaks),
+        );
+        Ok(webhook_type
+            .map(|t| speaking(speaks, t, resource))
+            .unwrap_or_default())
     }
-    let Some((mut resource, mut speaks)) = subscription(conn, service, external_id).await? else {
-        return Err(ProjectionError::unreadable(
-            event,
-            "subscription not created",
-        ));
-    };
-    let webhook_type = match subscription_event {
-        SubscriptionEvent::SubscriptionCreated(_) => unreachable!("handled above"),
-        SubscriptionEvent::SubscriptionTerminated { terminated_at } => {
-            resource["terminated_at"] = json!(timestamp(terminated_at));
-            resource["status"] = json!("terminated");
-            Some("subscription.terminated")
-        }
-        SubscriptionEvent::SubscriptionSuspended { suspended_at } => {
-            resource["suspended_at"] = json!(timestamp(suspended_at));
-            Some("subscription.updated")
-        }
-        SubscriptionEvent::SubscriptionRestored { .. } => {
-            resource["suspended_at"] = Value::Null;
-            Some("subscription.updated")
-        }
-        SubscriptionEvent::SubscriptionPlanChanged { previous, plan, .. } => {
-            resource["plan_code"] = json!(plan.code);
-            resource["plan_version"] = json!(plan.version);
-            resource["lago_plan_id"] = json!(plan.lago_id);
-            resource["previous_plan_code"] = json!(previous.code);
-            Some("subscription.updated")
-        }
-        SubscriptionEvent::SubscriptionFlipped { live_from, .. } => {
-            resource["live_from"] = json!(timestamp(live_from));
-            speaks = true;
-            None
-        }
-        SubscriptionEvent::SubscriptionFlipUndone { .. } => {
-            resource["live_from"] = Value::Null;
-            speaks = false;
-            None
-        }
-    };
-    sqlx::query(
-        "UPDATE webhook_subscriptions SET resource = $3, speaks = $4 \
-         WHERE service_code = $1 AND external_id = $2",
-    )
-    .bind(service)
-    .bind(external_id)
-    .bind(&resource)
-    .bind(speaks)
-    .execute(&mut *conn)
-    .await?;
-    Ok(webhook_type
-        .map(|t| speaking(speaks, t, resource))
-        .unwrap_or_default())
 }
 
 fn speaking(speaks: bool, webhook_type: &'static str, subscription: Value) -> Vec<Emission> {
@@ -299,7 +381,7 @@ fn speaking(speaks: bool, webhook_type: &'static str, subscription: Value) -> Ve
     }]
 }
 
-#[derive(sqlx::FromRow)]
+#[derive(Clone, sqlx::FromRow)]
 struct StoredInvoice {
     status: String,
     header: Value,
@@ -308,174 +390,252 @@ struct StoredInvoice {
     created_at: DateTime<Utc>,
 }
 
-async fn apply_invoice(
-    conn: &mut PgConnection,
-    event: &LogEvent,
-    invoice_event: InvoiceEvent,
-) -> Result<Vec<Emission>, ProjectionError> {
-    let unreadable = |e: serde_json::Error| ProjectionError::unreadable(event, e);
-    if let InvoiceEvent::InvoiceDrafted(header) = &invoice_event {
-        sqlx::query(
-            "INSERT INTO webhook_invoices (stream_id, status, header, created_at) \
-             VALUES ($1, 'draft', $2, $3)",
-        )
-        .bind(&event.aggregate_id)
-        .bind(serde_json::to_value(header).expect("serializable"))
-        .bind(event.recorded_at)
-        .execute(&mut *conn)
-        .await?;
-    }
-    let stored: Option<StoredInvoice> = sqlx::query_as(
-        "SELECT status, header, finalization, payment, created_at FROM webhook_invoices \
-         WHERE stream_id = $1",
-    )
-    .bind(&event.aggregate_id)
-    .fetch_optional(&mut *conn)
-    .await?;
-    let Some(mut stored) = stored else {
-        return Err(ProjectionError::unreadable(event, "invoice not drafted"));
-    };
-    let header: InvoiceHeader =
-        serde_json::from_value(stored.header.clone()).map_err(unreadable)?;
-    let mut payment: PaymentState =
-        serde_json::from_value(stored.payment.clone()).map_err(unreadable)?;
-    payment.apply(&invoice_event);
-    if let InvoiceEvent::InvoiceFinalized(finalization) = &invoice_event {
-        stored.status = "finalized".into();
-        stored.finalization = Some(serde_json::to_value(finalization).expect("serializable"));
-    }
-    sqlx::query(
-        "UPDATE webhook_invoices SET status = $2, finalization = $3, payment = $4 WHERE stream_id = $1",
-    )
-    .bind(&event.aggregate_id)
-    .bind(&stored.status)
-    .bind(&stored.finalization)
-    .bind(serde_json::to_value(&payment).expect("serializable"))
-    .execute(&mut *conn)
-    .await?;
-    if header.shadow {
-        return Ok(vec![]);
-    }
-    let finalization: Option<InvoiceFinalization> = stored
-        .finalization
-        .map(serde_json::from_value)
-        .transpose()
-        .map_err(unreadable)?;
-    let lines = match &finalization {
-        Some(finalization) => Lines::finalized(finalization),
-        None => Lines::draft(&header, &[], &[], Default::default()),
-    };
-    let mut invoice = invoice_json(&header, &stored.status, lines, &payment, stored.created_at);
-    let subscription =
-        subscription(conn, &header.service, &header.external_subscription_id).await?;
-    invoice["subscriptions"] = json!(subscription
-        .map(|(resource, _)| resource)
-        .into_iter()
-        .collect::<Vec<_>>());
-    let of_invoice = |webhook_type| Emission {
-        webhook_type,
-        object_type: "invoice",
-        object: invoice.clone(),
-    };
-    Ok(match &invoice_event {
-        InvoiceEvent::InvoiceDrafted(_) => vec![of_invoice("invoice.drafted")],
-        InvoiceEvent::InvoiceFinalized(_) => vec![of_invoice("invoice.created")],
-        InvoiceEvent::InvoicePaymentStatusUpdated(update) => {
-            let mut emissions = vec![of_invoice("invoice.payment_status_updated")];
-            if update.status == PaymentStatus::Failed {
-                let failure = update.failure.clone();
-                emissions.push(Emission {
-                    webhook_type: "invoice.payment_failure",
-                    object_type: "payment_provider_invoice_payment_error",
-                    object: json!({
-                        "lago_invoice_id": header.lago_id,
-                        "lago_customer_id": header.customer_lago_id,
-                        "external_customer_id": header.external_customer_id,
-                        "provider_customer_id": update.provider_customer_id,
-                        "payment_provider": match update.source {
-                            aggregates::invoice::PaymentSource::Stripe { .. } => Some("stripe"),
-                            aggregates::invoice::PaymentSource::Api => None,
-                        },
-                        "provider_error": {
-                            "error_code": failure.as_ref().and_then(|f| f.code.clone()),
-                            "message": failure.as_ref().and_then(|f| f.message.clone()),
-                        },
-                        "invoice": invoice,
-                    }),
-                });
+impl Batch {
+    async fn apply_invoice(
+        &mut self,
+        conn: &mut PgConnection,
+        event: &LogEvent,
+        invoice_event: InvoiceEvent,
+    ) -> Result<Vec<Emission>, ProjectionError> {
+        let unreadable = |e: serde_json::Error| ProjectionError::unreadable(event, e);
+        let stream = &event.aggregate_id;
+        let mut stored = if let InvoiceEvent::InvoiceDrafted(header) = &invoice_event {
+            StoredInvoice {
+                status: "draft".into(),
+                header: serde_json::to_value(header).expect("serializable"),
+                finalization: None,
+                payment: json!({}),
+                created_at: event.recorded_at,
             }
-            emissions
+        } else if let Some(stored) = self.invoices.get(stream) {
+            stored.clone()
+        } else {
+            let stored: Option<StoredInvoice> = sqlx::query_as(
+                "SELECT status, header, finalization, payment, created_at FROM webhook_invoices \
+             WHERE stream_id = $1",
+            )
+            .bind(stream)
+            .fetch_optional(&mut *conn)
+            .await?;
+            stored.ok_or_else(|| ProjectionError::unreadable(event, "invoice not drafted"))?
+        };
+        let header: InvoiceHeader =
+            serde_json::from_value(stored.header.clone()).map_err(unreadable)?;
+        let mut payment: PaymentState =
+            serde_json::from_value(stored.payment.clone()).map_err(unreadable)?;
+        payment.apply(&invoice_event);
+        stored.payment = serde_json::to_value(&payment).expect("serializable");
+        if let InvoiceEvent::InvoiceFinalized(finalization) = &invoice_event {
+            stored.status = "finalized".into();
+            stored.finalization = Some(serde_json::to_value(finalization).expect("serializable"));
         }
-        InvoiceEvent::InvoicePaymentOverdue { .. } => vec![of_invoice("invoice.payment_overdue")],
-        InvoiceEvent::InvoicePaymentDisputeClosed {
-            outcome: DisputeOutcome::Lost,
-            ..
-        } => vec![Emission {
-            webhook_type: "invoice.payment_dispute_lost",
-            object_type: "payment_dispute_lost",
-            object: json!({"invoice": invoice}),
-        }],
-        _ => vec![],
-    })
+        self.invoices.insert(stream.clone(), stored.clone());
+        self.changed_invoices.push(stream.clone());
+        let types: &[&str] = match &invoice_event {
+            InvoiceEvent::InvoiceDrafted(_) => &["invoice.drafted"],
+            InvoiceEvent::InvoiceFinalized(_) => &["invoice.created"],
+            InvoiceEvent::InvoicePaymentStatusUpdated(_) => {
+                &["invoice.payment_status_updated", "invoice.payment_failure"]
+            }
+            InvoiceEvent::InvoicePaymentOverdue { .. } => &["invoice.payment_overdue"],
+            InvoiceEvent::InvoicePaymentDisputeClosed { .. } => &["invoice.payment_dispute_lost"],
+            _ => &[],
+        };
+        if header.shadow || !self.wanted(conn, &header.service, types).await? {
+            return Ok(vec![]);
+        }
+        let finalization: Option<InvoiceFinalization> = stored
+            .finalization
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(unreadable)?;
+        let lines = match &finalization {
+            Some(finalization) => Lines::finalized(finalization),
+            None => Lines::draft(&header, &[], &[], Default::default()),
+        };
+        let mut invoice = invoice_json(&header, &stored.status, lines, &payment, stored.created_at);
+        let subscription = self
+            .subscription(conn, &header.service, &header.external_subscription_id)
+            .await?;
+        invoice["subscriptions"] = json!(subscription
+            .map(|(resource, _)| resource)
+            .into_iter()
+            .collect::<Vec<_>>());
+        let of_invoice = |webhook_type| Emission {
+            webhook_type,
+            object_type: "invoice",
+            object: invoice.clone(),
+        };
+        Ok(match &invoice_event {
+            InvoiceEvent::InvoiceDrafted(_) => vec![of_invoice("invoice.drafted")],
+            InvoiceEvent::InvoiceFinalized(_) => vec![of_invoice("invoice.created")],
+            InvoiceEvent::InvoicePaymentStatusUpdated(update) => {
+                let mut emissions = vec![of_invoice("invoice.payment_status_updated")];
+                if update.status == PaymentStatus::Failed {
+                    let failure = update.failure.clone();
+                    emissions.push(Emission {
+                        webhook_type: "invoice.payment_failure",
+                        object_type: "payment_provider_invoice_payment_error",
+                        object: json!({
+                            "lago_invoice_id": header.lago_id,
+                            "lago_customer_id": header.customer_lago_id,
+                            "external_customer_id": header.external_customer_id,
+                            "provider_customer_id": update.provider_customer_id,
+                            "payment_provider": match update.source {
+                                aggregates::invoice::PaymentSource::Stripe { .. } => Some("stripe"),
+                                aggregates::invoice::PaymentSource::Api => None,
+                            },
+                            "provider_error": {
+                                "error_code": failure.as_ref().and_then(|f| f.code.clone()),
+                                "message": failure.as_ref().and_then(|f| f.message.clone()),
+                            },
+                            "invoice": invoice,
+                        }),
+                    });
+                }
+                emissions
+            }
+            InvoiceEvent::InvoicePaymentOverdue { .. } => {
+                vec![of_invoice("invoice.payment_overdue")]
+            }
+            InvoiceEvent::InvoicePaymentDisputeClosed {
+                outcome: DisputeOutcome::Lost,
+                ..
+            } => vec![Emission {
+                webhook_type: "invoice.payment_dispute_lost",
+                object_type: "payment_dispute_lost",
+                object: json!({"invoice": invoice}),
+            }],
+            _ => vec![],
+        })
+    }
 }
 
-/// Write `emission` as one message per endpoint of `service` that wants it.
-async fn emit(
-    conn: &mut PgConnection,
-    event: &LogEvent,
-    service: &str,
-    emission: Emission,
-) -> Result<(), ProjectionError> {
-    let endpoints: Vec<(Uuid, Option<Value>)> = sqlx::query_as(
-        "SELECT lago_id, event_types FROM webhook_endpoints \
-         WHERE service_code = $1 AND deleted_at IS NULL AND disabled_at IS NULL ORDER BY lago_id",
-    )
-    .bind(service)
-    .fetch_all(&mut *conn)
-    .await?;
-    let wanted: Vec<Uuid> = endpoints
-        .into_iter()
-        .filter(|(_, types)| {
-            types
-                .as_ref()
-                .and_then(Value::as_array)
-                .is_none_or(|types| {
-                    types
-                        .iter()
-                        .any(|t| t.as_str() == Some(emission.webhook_type))
-                })
-        })
-        .map(|(id, _)| id)
-        .collect();
-    if wanted.is_empty() {
-        return Ok(());
+impl Batch {
+    /// The enabled endpoints of `service`, read once per batch.
+    async fn endpoints(
+        &mut self,
+        conn: &mut PgConnection,
+        service: &str,
+    ) -> Result<&[(Uuid, Option<Vec<String>>)], sqlx::Error> {
+        if !self.endpoints.contains_key(service) {
+            let rows: Vec<(Uuid, Option<Value>)> = sqlx::query_as(
+                "SELECT lago_id, event_types FROM webhook_endpoints \
+                 WHERE service_code = $1 AND deleted_at IS NULL AND disabled_at IS NULL ORDER BY lago_id",
+            )
+            .bind(service)
+            .fetch_all(&mut *conn)
+            .await?;
+            let endpoints = rows
+                .into_iter()
+                .map(|(id, types)| (id, types.and_then(|t| serde_json::from_value(t).ok())))
+                .collect();
+            self.endpoints.insert(service.to_string(), endpoints);
+        }
+        Ok(&self.endpoints[service])
     }
-    let body = json!({
-        "webhook_type": emission.webhook_type,
-        "object_type": emission.object_type,
-        "organization_id": service,
-        emission.object_type: emission.object,
-    })
-    .to_string();
-    let ids: Vec<Uuid> = wanted
-        .iter()
-        .map(|endpoint| message_id(event, emission.webhook_type, *endpoint))
-        .collect();
-    sqlx::query(
-        "INSERT INTO webhook_messages (id, service_code, endpoint_lago_id, webhook_type, object_type, \
-         body, position, created_at) \
-         SELECT id, $3, endpoint, $4, $5, $6, $7, $8 FROM unnest($1::uuid[], $2::uuid[]) AS m(id, endpoint) \
-         ON CONFLICT (id) DO NOTHING",
-    )
-    .bind(&ids)
-    .bind(&wanted)
-    .bind(service)
-    .bind(emission.webhook_type)
-    .bind(emission.object_type)
-    .bind(body)
-    .bind(event.position)
-    .bind(event.recorded_at)
-    .execute(conn)
-    .await?;
-    Ok(())
+
+    /// Whether any endpoint of `service` wants one of `types`.
+    async fn wanted(
+        &mut self,
+        conn: &mut PgConnection,
+        service: &str,
+        types: &[&str],
+    ) -> Result<bool, sqlx::Error> {
+        let endpoints = self.endpoints(conn, service).await?;
+        Ok(types
+            .iter()
+            .any(|t| endpoints.iter().any(|(_, wants)| receives(wants, t))))
+    }
+
+    /// Queue `emission` as one message per endpoint of `service` that wants it.
+    async fn emit(
+        &mut self,
+        conn: &mut PgConnection,
+        event: &LogEvent,
+        service: &str,
+        emission: Emission,
+    ) -> Result<(), ProjectionError> {
+        let wanted: Vec<Uuid> = self
+            .endpoints(conn, service)
+            .await?
+            .iter()
+            .filter(|(_, wants)| receives(wants, emission.webhook_type))
+            .map(|(id, _)| *id)
+            .collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let body = json!({
+            "webhook_type": emission.webhook_type,
+            "object_type": emission.object_type,
+            "organization_id": service,
+            emission.object_type: emission.object,
+        })
+        .to_string();
+        for endpoint in wanted {
+            self.messages.push(Message {
+                id: message_id(event, emission.webhook_type, endpoint),
+                service: service.to_string(),
+                endpoint,
+                webhook_type: emission.webhook_type,
+                object_type: emission.object_type,
+                body: body.clone(),
+                position: event.position,
+                created_at: event.recorded_at,
+            });
+        }
+        Ok(())
+    }
+
+    /// Write the batch's invoices and messages (a message id already
+    /// written stays as it was).
+    async fn write(mut self, conn: &mut PgConnection) -> Result<(), ProjectionError> {
+        self.changed_invoices.sort();
+        self.changed_invoices.dedup();
+        if !self.changed_invoices.is_empty() {
+            let rows: Vec<(&String, &StoredInvoice)> = self
+                .changed_invoices
+                .iter()
+                .map(|stream| (stream, &self.invoices[stream]))
+                .collect();
+            sqlx::query(
+                "INSERT INTO webhook_invoices (stream_id, status, header, finalization, payment, created_at) \
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::jsonb[], $5::jsonb[], \
+                                      $6::timestamptz[]) \
+                 ON CONFLICT (stream_id) DO UPDATE SET status = excluded.status, \
+                 finalization = excluded.finalization, payment = excluded.payment",
+            )
+            .bind(rows.iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|(_, i)| i.status.as_str()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|(_, i)| &i.header).collect::<Vec<_>>())
+            .bind(rows.iter().map(|(_, i)| i.finalization.as_ref()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|(_, i)| &i.payment).collect::<Vec<_>>())
+            .bind(rows.iter().map(|(_, i)| i.created_at).collect::<Vec<_>>())
+            .execute(&mut *conn)
+            .await?;
+        }
+        if self.messages.is_empty() {
+            return Ok(());
+        }
+        let m = &self.messages;
+        sqlx::query(
+            "INSERT INTO webhook_messages (id, service_code, endpoint_lago_id, webhook_type, object_type, \
+             body, position, created_at) \
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[], \
+                                  $6::text[], $7::bigint[], $8::timestamptz[]) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(m.iter().map(|m| m.id).collect::<Vec<_>>())
+        .bind(m.iter().map(|m| m.service.as_str()).collect::<Vec<_>>())
+        .bind(m.iter().map(|m| m.endpoint).collect::<Vec<_>>())
+        .bind(m.iter().map(|m| m.webhook_type).collect::<Vec<_>>())
+        .bind(m.iter().map(|m| m.object_type).collect::<Vec<_>>())
+        .bind(m.iter().map(|m| m.body.as_str()).collect::<Vec<_>>())
+        .bind(m.iter().map(|m| m.position).collect::<Vec<_>>())
+        .bind(m.iter().map(|m| m.created_at).collect::<Vec<_>>())
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
 }

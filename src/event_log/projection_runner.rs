@@ -178,7 +178,7 @@ impl ProjectionRunner {
     /// [`Self::apply_readable`] for the projections `wanted` picks. A batch
     /// shorter than a full one read everything readable at its snapshot, so
     /// it ends the projection's turn.
-    async fn apply_readable_of(
+    pub async fn apply_readable_of(
         &self,
         wanted: impl Fn(&dyn Projection) -> bool,
     ) -> Result<(usize, bool), ProjectionError> {

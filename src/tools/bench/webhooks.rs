@@ -6,8 +6,9 @@
 //! (loopback allowed), and closes last month: N finalized invoices. Then:
 //!
 //! 1. **Backlog**: the ledger (projection runner + dispatcher, as `ledger
-//!    serve` runs them) starts with N messages to fold and deliver; timed
-//!    from its start to the last message received: messages/s. Beside it,
+//!    serve` runs them) starts with N messages to fold and deliver (the
+//!    other read models already hold the invoices); timed from its start to
+//!    the last message received: messages/s. Beside it,
 //!    the reference: the same N bodies POSTed raw to the same receiver with
 //!    the same concurrency (no database, no signing).
 //! 2. **Steady state**: with the ledger running, payments are recorded at a
@@ -145,6 +146,12 @@ async fn measure(cluster: &EmbeddedPostgres, options: &WebhooksBench) -> anyhow:
             report.finalized
         );
     }
+    // The other read models fold the invoices whatever webhooks do: bring
+    // them up to date first, so the clock measures the outbox alone.
+    crate::event_log::projection_runner::ProjectionRunner::for_all(pool.clone())
+        .await?
+        .apply_readable_of(|p| p.name() != "webhooks")
+        .await?;
     println!("webhooks benchmark: {n} finalized invoices, one endpoint on loopback");
     println!(
         "set-up (catalog, subscriptions over HTTP, closing): {:.1} s",
@@ -170,6 +177,15 @@ async fn measure(cluster: &EmbeddedPostgres, options: &WebhooksBench) -> anyhow:
     };
     let started = Instant::now();
     let ledger = Application::build(pool.clone(), settings).await?.spawn()?;
+    let folded = loop {
+        let messages: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_messages")
+            .fetch_one(&pool)
+            .await?;
+        if messages as usize >= n {
+            break started.elapsed();
+        }
+        tokio::time::sleep(StdDuration::from_millis(10)).await;
+    };
     wait_for(&receipts, n, StdDuration::from_secs(600)).await?;
     let backlog = started.elapsed();
 
@@ -257,6 +273,11 @@ async fn measure(cluster: &EmbeddedPostgres, options: &WebhooksBench) -> anyhow:
         "{:<64} {:>12.0}",
         format!("backlog: {n} messages folded, signed, delivered (msg/s, goal ≥ 1,000)"),
         n as f64 / backlog.as_secs_f64()
+    );
+    println!(
+        "{:<64} {:>12.0}",
+        "  of which folding the log into the outbox (msg/s)",
+        n as f64 / folded.as_secs_f64()
     );
     println!(
         "{:<64} {:>12.0}",
