@@ -23,9 +23,11 @@ from lago_python_client.models import (
     Customer,
     CustomerBillingConfiguration,
     Event,
+    Invoice,
     Plan,
     Subscription,
     Tax,
+    WebhookEndpoint,
 )
 
 LEDGER_URL = os.environ["LEDGER_URL"]
@@ -319,6 +321,37 @@ class CatalogThroughTheOfficialClient(unittest.TestCase):
         with self.assertRaises(LagoApiError) as again:
             self.client.invoices.finalize(draft.lago_id)
         self.assertEqual(again.exception.status_code, 405)
+        # Paid elsewhere: Lago's update sets the payment status.
+        self.assertEqual(finalized.payment_status, "pending")
+        paid = self.client.invoices.update(Invoice(payment_status="succeeded"), draft.lago_id)
+        self.assertEqual((paid.payment_status, paid.payment_overdue), ("succeeded", False))
+        self.assertEqual(
+            [i.lago_id for i in self.client.invoices.find_all({"payment_status": "succeeded"})["invoices"]],
+            [draft.lago_id],
+        )
+
+    def test_webhook_endpoints_create_find_update_list_and_destroy(self):
+        # A literal public address: nothing to resolve, nothing private.
+        created = self.client.webhook_endpoints.create(
+            WebhookEndpoint(webhook_url="https://93.184.215.14/ledger", signature_algo="hmac")
+        )
+        self.assertEqual((created.webhook_url, created.signature_algo), ("https://93.184.215.14/ledger", "hmac"))
+        found = self.client.webhook_endpoints.find(created.lago_id)
+        self.assertEqual(found.lago_id, created.lago_id)
+        updated = self.client.webhook_endpoints.update(
+            WebhookEndpoint(event_types=["invoice.created", "invoice.payment_failure"]), created.lago_id
+        )
+        self.assertEqual(updated.event_types, ["invoice.created", "invoice.payment_failure"])
+        self.assertEqual(updated.webhook_url, "https://93.184.215.14/ledger")
+        listed = self.client.webhook_endpoints.find_all()
+        self.assertEqual([e.lago_id for e in listed["webhook_endpoints"]], [created.lago_id])
+        with self.assertRaises(LagoApiError) as refused:
+            self.client.webhook_endpoints.create(WebhookEndpoint(webhook_url="http://169.254.169.254/"))
+        self.assertEqual(refused.exception.status_code, 422)
+        self.client.webhook_endpoints.destroy(created.lago_id)
+        with self.assertRaises(LagoApiError) as gone:
+            self.client.webhook_endpoints.find(created.lago_id)
+        self.assertEqual(gone.exception.status_code, 404)
 
     def test_another_services_key_finds_nothing(self):
         self.create_catalog()
