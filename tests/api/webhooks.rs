@@ -879,3 +879,42 @@ async fn the_control_loop_suspends_restores_and_deprovisions_a_deployment(pool: 
         "every message was accepted (signatures verified)"
     );
 }
+
+#[sqlx::test]
+async fn a_message_claimed_by_a_dispatcher_that_died_is_sent_again_with_its_id(pool: PgPool) {
+    let app = spawn_signalling_app(pool.clone()).await;
+    let svc = app.service("nexacloud").await;
+    let receiver = Receiver::start().await;
+    endpoint(&svc, &receiver.url, Some(&["invoice.created"])).await;
+    live_invoice(&svc).await;
+    app.catch_up().await;
+    let t0 = utc("2026-12-03T10:00:00Z");
+    let outbox = dispatcher(&pool);
+    assert_eq!(outbox.enqueue(t0).await.unwrap(), 1);
+    // A dispatcher claimed it, sent it, and crashed before recording.
+    let id: uuid::Uuid =
+        sqlx::query_scalar("UPDATE webhook_deliveries SET claimed_until = $1 RETURNING message_id")
+            .bind(t0 + Duration::seconds(60))
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        outbox
+            .dispatch_once(t0 + Duration::seconds(30))
+            .await
+            .unwrap()
+            .attempted,
+        0,
+        "its lease holds"
+    );
+    let report = outbox
+        .dispatch_once(t0 + Duration::seconds(60))
+        .await
+        .unwrap();
+    assert_eq!(
+        (report.attempted, report.delivered),
+        (1, 1),
+        "the lease expired: sent again"
+    );
+    assert_eq!(receiver.hits()[0].header("webhook-id"), id.to_string());
+}
