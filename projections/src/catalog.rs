@@ -197,6 +197,31 @@ pub fn subscription_resource(terms: &SubscriptionTerms, created_at: DateTime<Utc
     })
 }
 
+/// What a subscription event changes in its API object (the keys to merge
+/// into it); `None` for its creation, which makes the whole object
+/// ([`subscription_resource`]). The status is computed when read (SQL
+/// `subscription_status`).
+pub fn subscription_changes(event: &SubscriptionEvent) -> Option<Value> {
+    Some(match event {
+        SubscriptionEvent::SubscriptionCreated(_) => return None,
+        SubscriptionEvent::SubscriptionTerminated { terminated_at } => {
+            json!({"terminated_at": timestamp(*terminated_at)})
+        }
+        SubscriptionEvent::SubscriptionSuspended { suspended_at } => {
+            json!({"suspended_at": timestamp(*suspended_at)})
+        }
+        SubscriptionEvent::SubscriptionRestored { .. } => json!({"suspended_at": null}),
+        SubscriptionEvent::SubscriptionPlanChanged { previous, plan, .. } => json!({
+            "plan_code": plan.code, "plan_version": plan.version, "lago_plan_id": plan.lago_id,
+            "previous_plan_code": previous.code,
+        }),
+        SubscriptionEvent::SubscriptionFlipped { live_from, .. } => {
+            json!({"live_from": timestamp(*live_from)})
+        }
+        SubscriptionEvent::SubscriptionFlipUndone { .. } => json!({"live_from": null}),
+    })
+}
+
 fn decode<E: DeserializeOwned>(event: &LogEvent) -> Result<E, ProjectionError> {
     serde::Deserialize::deserialize(&event.payload)
         .map_err(|error| ProjectionError::unreadable(event, error))
@@ -397,115 +422,69 @@ async fn apply_subscription(
 ) -> Result<(), ProjectionError> {
     let (service, external_id) = scope(event)?;
     let at = event.recorded_at;
-    let update = |set: &str| {
-        format!(
-            "UPDATE subscriptions SET {set}, updated_at = $3 WHERE service_code = $1 AND external_id = $2"
+    let Some(changes) = subscription_changes(&subscription_event) else {
+        let SubscriptionEvent::SubscriptionCreated(terms) = subscription_event else {
+            unreachable!("only a creation changes nothing in place")
+        };
+        sqlx::query(
+            "INSERT INTO subscriptions (service_code, external_id, lago_id, external_customer_id, \
+             plan_code, plan_version, shadow, subscription_at, resource, created_at, updated_at, \
+             plan_history, import_source, import_run) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, \
+             jsonb_build_array(jsonb_build_object('since', $8, 'code', $5::text, 'version', $6::int)), \
+             $11, $12)",
         )
+        .bind(service)
+        .bind(external_id)
+        .bind(terms.lago_id)
+        .bind(&terms.customer.external_id)
+        .bind(&terms.plan.code)
+        .bind(terms.plan.version as i32)
+        .bind(terms.shadow)
+        .bind(terms.subscription_at)
+        .bind(subscription_resource(&terms, at))
+        .bind(at)
+        .bind(terms.import.as_ref().map(|i| i.source.clone()))
+        .bind(terms.import.as_ref().map(|i| i.run_id))
+        .execute(conn)
+        .await?;
+        return Ok(());
     };
-    match subscription_event {
-        SubscriptionEvent::SubscriptionCreated(terms) => {
-            sqlx::query(
-                "INSERT INTO subscriptions (service_code, external_id, lago_id, external_customer_id, \
-                 plan_code, plan_version, shadow, subscription_at, resource, created_at, updated_at, \
-                 plan_history, import_source, import_run) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, \
-                 jsonb_build_array(jsonb_build_object('since', $8, 'code', $5::text, 'version', $6::int)), \
-                 $11, $12)",
-            )
-            .bind(service)
-            .bind(external_id)
-            .bind(terms.lago_id)
-            .bind(&terms.customer.external_id)
-            .bind(&terms.plan.code)
-            .bind(terms.plan.version as i32)
-            .bind(terms.shadow)
-            .bind(terms.subscription_at)
-            .bind(subscription_resource(&terms, at))
-            .bind(at)
-            .bind(terms.import.as_ref().map(|i| i.source.clone()))
-            .bind(terms.import.as_ref().map(|i| i.run_id))
-            .execute(conn)
-            .await?;
+    // The columns each event sets beside the object's keys ($5 onwards).
+    let set = match &subscription_event {
+        SubscriptionEvent::SubscriptionCreated(_) => unreachable!("handled above"),
+        SubscriptionEvent::SubscriptionTerminated { .. } => "terminated_at = $5, ",
+        SubscriptionEvent::SubscriptionSuspended { .. } => "suspended_at = $5, ",
+        SubscriptionEvent::SubscriptionRestored { .. } => "suspended_at = NULL, ",
+        SubscriptionEvent::SubscriptionPlanChanged { .. } => {
+            "plan_code = $5, plan_version = $6, plan_history = plan_history || \
+             jsonb_build_array(jsonb_build_object('since', $7::timestamptz, 'code', $5::text, \
+             'version', $6::int)), "
         }
-        SubscriptionEvent::SubscriptionTerminated { terminated_at } => {
-            sqlx::query(&update(
-                "terminated_at = $4, resource = resource || jsonb_build_object('terminated_at', $5::text)",
-            ))
-            .bind(service)
-            .bind(external_id)
-            .bind(at)
-            .bind(terminated_at)
-            .bind(timestamp(terminated_at))
-            .execute(conn)
-            .await?;
-        }
-        SubscriptionEvent::SubscriptionSuspended { suspended_at } => {
-            sqlx::query(&update(
-                "suspended_at = $4, resource = resource || jsonb_build_object('suspended_at', $5::text)",
-            ))
-            .bind(service)
-            .bind(external_id)
-            .bind(at)
-            .bind(suspended_at)
-            .bind(timestamp(suspended_at))
-            .execute(conn)
-            .await?;
-        }
-        SubscriptionEvent::SubscriptionRestored { .. } => {
-            sqlx::query(&update(
-                "suspended_at = NULL, resource = resource || jsonb_build_object('suspended_at', NULL)",
-            ))
-            .bind(service)
-            .bind(external_id)
-            .bind(at)
-            .execute(conn)
-            .await?;
-        }
+        SubscriptionEvent::SubscriptionFlipped { .. } => "live_from = $5, ",
+        SubscriptionEvent::SubscriptionFlipUndone { .. } => "live_from = NULL, ",
+    };
+    let sql = format!(
+        "UPDATE subscriptions SET {set}resource = resource || $4, updated_at = $3 \
+         WHERE service_code = $1 AND external_id = $2"
+    );
+    let query = sqlx::query(&sql)
+        .bind(service)
+        .bind(external_id)
+        .bind(at)
+        .bind(changes);
+    let query = match subscription_event {
+        SubscriptionEvent::SubscriptionTerminated { terminated_at } => query.bind(terminated_at),
+        SubscriptionEvent::SubscriptionSuspended { suspended_at } => query.bind(suspended_at),
         SubscriptionEvent::SubscriptionPlanChanged {
-            previous,
-            plan,
-            changed_at,
-        } => {
-            sqlx::query(&update(
-                "plan_code = $4, plan_version = $5, plan_history = plan_history || \
-                 jsonb_build_array(jsonb_build_object('since', $8::timestamptz, 'code', $4::text, \
-                 'version', $5::int)), resource = resource || jsonb_build_object(\
-                 'plan_code', $4::text, 'plan_version', $5::int, 'lago_plan_id', $6::uuid, \
-                 'previous_plan_code', $7::text)",
-            ))
-            .bind(service)
-            .bind(external_id)
-            .bind(at)
-            .bind(&plan.code)
+            plan, changed_at, ..
+        } => query
+            .bind(plan.code)
             .bind(plan.version as i32)
-            .bind(plan.lago_id)
-            .bind(&previous.code)
-            .bind(changed_at)
-            .execute(conn)
-            .await?;
-        }
-        SubscriptionEvent::SubscriptionFlipped { live_from, .. } => {
-            sqlx::query(&update(
-                "live_from = $4, resource = resource || jsonb_build_object('live_from', $5::text)",
-            ))
-            .bind(service)
-            .bind(external_id)
-            .bind(at)
-            .bind(live_from)
-            .bind(timestamp(live_from))
-            .execute(conn)
-            .await?;
-        }
-        SubscriptionEvent::SubscriptionFlipUndone { .. } => {
-            sqlx::query(&update(
-                "live_from = NULL, resource = resource || jsonb_build_object('live_from', NULL)",
-            ))
-            .bind(service)
-            .bind(external_id)
-            .bind(at)
-            .execute(conn)
-            .await?;
-        }
-    }
+            .bind(changed_at),
+        SubscriptionEvent::SubscriptionFlipped { live_from, .. } => query.bind(live_from),
+        _ => query,
+    };
+    query.execute(conn).await?;
     Ok(())
 }

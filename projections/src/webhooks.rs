@@ -29,7 +29,7 @@ use std::collections::HashMap;
 
 use uuid::Uuid;
 
-use crate::catalog::{subscription_resource, timestamp};
+use crate::catalog::{subscription_changes, subscription_resource};
 use crate::invoices::{invoice_json, Lines};
 use crate::log::{LogEvent, Reads};
 use crate::projection::{Projection, ProjectionError};
@@ -103,12 +103,15 @@ impl Projection for Webhooks {
     }
 }
 
+/// An endpoint and the types it wants (none: every type).
+type EndpointWants = (Uuid, Option<Vec<String>>);
+
 /// What one batch has read or written, so each row is read once per
 /// batch, and the messages it yields, written together at its end.
 #[derive(Default)]
 struct Batch {
     /// Per service: its enabled endpoints and the types each wants.
-    endpoints: HashMap<String, Vec<(Uuid, Option<Vec<String>>)>>,
+    endpoints: HashMap<String, Vec<EndpointWants>>,
     /// Per (service, external id): the object and whether it speaks.
     subscriptions: HashMap<(String, String), (Value, bool)>,
     /// Per invoice stream.
@@ -289,76 +292,57 @@ impl Batch {
         external_id: &str,
         subscription_event: SubscriptionEvent,
     ) -> Result<Vec<Emission>, ProjectionError> {
-        if let SubscriptionEvent::SubscriptionCreated(terms) = &subscription_event {
-            let mut resource = subscription_resource(terms, event.recorded_at);
-            resource["status"] = json!("active");
-            let speaks = !terms.shadow;
-            sqlx::query(
-                "INSERT INTO webhook_subscriptions (service_code, external_id, speaks, resource) \
-             VALUES ($1, $2, $3, $4)",
-            )
-            .bind(service)
-            .bind(external_id)
-            .bind(speaks)
-            .bind(&resource)
-            .execute(&mut *conn)
-            .await?;
-            self.subscriptions.insert(
-                (service.to_string(), external_id.to_string()),
-                (resource.clone(), speaks),
-            );
-            return Ok(speaking(speaks, "subscription.started", resource));
-        }
-        let Some((mut resource, mut speaks)) =
-            self.subscription(conn, service, external_id).await?
-        else {
+        let known = match &subscription_event {
+            SubscriptionEvent::SubscriptionCreated(terms) => Some((
+                subscription_resource(terms, event.recorded_at),
+                !terms.shadow,
+            )),
+            _ => self.subscription(conn, service, external_id).await?,
+        };
+        let Some((resource, speaks)) = known else {
             return Err(ProjectionError::unreadable(
                 event,
                 "subscription not created",
             ));
         };
-        let webhook_type = match subscription_event {
-            SubscriptionEvent::SubscriptionCreated(_) => unreachable!("handled above"),
+        let changes = subscription_changes(&subscription_event).unwrap_or_else(|| json!({}));
+        // A termination is effective at its own instant, even a moment after
+        // the log recorded it.
+        let as_of = match &subscription_event {
             SubscriptionEvent::SubscriptionTerminated { terminated_at } => {
-                resource["terminated_at"] = json!(timestamp(terminated_at));
-                resource["status"] = json!("terminated");
-                Some("subscription.terminated")
+                event.recorded_at.max(*terminated_at)
             }
-            SubscriptionEvent::SubscriptionSuspended { suspended_at } => {
-                resource["suspended_at"] = json!(timestamp(suspended_at));
-                Some("subscription.updated")
-            }
-            SubscriptionEvent::SubscriptionRestored { .. } => {
-                resource["suspended_at"] = Value::Null;
-                Some("subscription.updated")
-            }
-            SubscriptionEvent::SubscriptionPlanChanged { previous, plan, .. } => {
-                resource["plan_code"] = json!(plan.code);
-                resource["plan_version"] = json!(plan.version);
-                resource["lago_plan_id"] = json!(plan.lago_id);
-                resource["previous_plan_code"] = json!(previous.code);
-                Some("subscription.updated")
-            }
-            SubscriptionEvent::SubscriptionFlipped { live_from, .. } => {
-                resource["live_from"] = json!(timestamp(live_from));
-                speaks = true;
-                None
-            }
-            SubscriptionEvent::SubscriptionFlipUndone { .. } => {
-                resource["live_from"] = Value::Null;
-                speaks = false;
-                None
-            }
+            _ => event.recorded_at,
         };
-        sqlx::query(
-            "UPDATE webhook_subscriptions SET resource = $3, speaks = $4 \
-         WHERE service_code = $1 AND external_id = $2",
+        let (webhook_type, speaks) = match subscription_event {
+            SubscriptionEvent::SubscriptionCreated(_) => (Some("subscription.started"), speaks),
+            SubscriptionEvent::SubscriptionTerminated { .. } => {
+                (Some("subscription.terminated"), speaks)
+            }
+            SubscriptionEvent::SubscriptionSuspended { .. }
+            | SubscriptionEvent::SubscriptionRestored { .. }
+            | SubscriptionEvent::SubscriptionPlanChanged { .. } => {
+                (Some("subscription.updated"), speaks)
+            }
+            SubscriptionEvent::SubscriptionFlipped { .. } => (None, true),
+            SubscriptionEvent::SubscriptionFlipUndone { .. } => (None, false),
+        };
+        // The object as of the event, its status by the catalog's rule.
+        let resource: Value = sqlx::query_scalar(
+            "INSERT INTO webhook_subscriptions (service_code, external_id, speaks, resource) \
+             SELECT $1, $2, $3, r || jsonb_build_object('status', subscription_status( \
+                 (r->>'subscription_at')::timestamptz, (r->>'suspended_at')::timestamptz, \
+                 (r->>'terminated_at')::timestamptz, $5)) \
+             FROM (SELECT $4::jsonb AS r) changed \
+             ON CONFLICT (service_code, external_id) DO UPDATE \
+             SET speaks = excluded.speaks, resource = excluded.resource RETURNING resource",
         )
         .bind(service)
         .bind(external_id)
-        .bind(&resource)
         .bind(speaks)
-        .execute(&mut *conn)
+        .bind(merged(resource, changes))
+        .bind(as_of)
+        .fetch_one(&mut *conn)
         .await?;
         self.subscriptions.insert(
             (service.to_string(), external_id.to_string()),
@@ -368,6 +352,14 @@ impl Batch {
             .map(|t| speaking(speaks, t, resource))
             .unwrap_or_default())
     }
+}
+
+/// `object` with the keys of `changes` set.
+fn merged(mut object: Value, changes: Value) -> Value {
+    if let (Some(object), Value::Object(changes)) = (object.as_object_mut(), changes) {
+        object.extend(changes);
+    }
+    object
 }
 
 fn speaking(speaks: bool, webhook_type: &'static str, subscription: Value) -> Vec<Emission> {
@@ -517,7 +509,7 @@ impl Batch {
         &mut self,
         conn: &mut PgConnection,
         service: &str,
-    ) -> Result<&[(Uuid, Option<Vec<String>>)], sqlx::Error> {
+    ) -> Result<&[EndpointWants], sqlx::Error> {
         if !self.endpoints.contains_key(service) {
             let rows: Vec<(Uuid, Option<Value>)> = sqlx::query_as(
                 "SELECT lago_id, event_types FROM webhook_endpoints \

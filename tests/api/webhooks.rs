@@ -654,6 +654,9 @@ async fn shadow_subscriptions_never_speak_until_flipped(pool: PgPool) {
     let hit = receiver.hits()[0].json();
     assert_eq!(hit["webhook_type"], "subscription.terminated");
     assert_eq!(hit["subscription"]["external_id"], "shadow_1");
+    assert_eq!(hit["subscription"]["status"], "terminated");
+    assert_eq!(hit["subscription"]["live_from"], "2026-11-01T04:00:00Z");
+    assert_ne!(hit["subscription"]["terminated_at"], Value::Null);
 }
 
 #[sqlx::test]
