@@ -144,10 +144,15 @@ pub async fn record(
                 tx.commit().await?;
                 return Ok(recorded);
             }
-            Err(InvoicingError::Database(e)) if lost_race(&e) && attempt < RACE_RETRIES => {
-                attempt += 1;
+            Err(error) => {
+                tx.rollback().await?;
+                match error {
+                    InvoicingError::Database(e) if lost_race(&e) && attempt < RACE_RETRIES => {
+                        attempt += 1;
+                    }
+                    other => return Err(other),
+                }
             }
-            Err(other) => return Err(other),
         }
     }
 }
@@ -175,12 +180,11 @@ pub async fn mark_overdue(pool: &PgPool, now: DateTime<Utc>) -> Result<usize, In
         let tz = timezone.parse().unwrap_or(chrono_tz::UTC);
         let mut tx = pool.begin().await?;
         let invoices = load_invoices(&mut tx, std::slice::from_ref(&stream)).await?;
-        let Some(invoice) = invoices.get(&stream) else {
+        let Some(event) = invoices.get(&stream).and_then(|i| i.mark_overdue(now, tz)) else {
+            tx.rollback().await?;
             continue;
         };
-        let Some(event) = invoice.mark_overdue(now, tz) else {
-            continue;
-        };
+        let invoice = &invoices[&stream];
         let metadata = CommandMetadata::internal(Actor::Closer);
         match append(&mut tx, &stream, invoice.version() + 1, &event, metadata).await {
             Ok(()) => {
@@ -188,7 +192,7 @@ pub async fn mark_overdue(pool: &PgPool, now: DateTime<Utc>) -> Result<usize, In
                 marked += 1;
             }
             // A payment arrived at the same moment: the next pass decides.
-            Err(e) if lost_race(&e) => {}
+            Err(e) if lost_race(&e) => tx.rollback().await?,
             Err(e) => return Err(e.into()),
         }
     }

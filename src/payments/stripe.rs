@@ -304,15 +304,24 @@ pub async fn receive(pool: &PgPool, body: &Value) -> Result<Outcome, InvoicingEr
     loop {
         let mut tx = pool.begin().await?;
         match receive_in(&mut tx, &event, body).await {
-            Ok(outcome) if outcome.status == "duplicate" => return Ok(outcome),
+            Ok(outcome) if outcome.status == "duplicate" => {
+                // Release at once what this delivery would have written.
+                tx.rollback().await?;
+                return Ok(outcome);
+            }
             Ok(outcome) => {
                 tx.commit().await?;
                 return Ok(outcome);
             }
-            Err(InvoicingError::Database(e)) if lost_race(&e) && attempt < RACE_RETRIES => {
-                attempt += 1;
+            Err(error) => {
+                tx.rollback().await?;
+                match error {
+                    InvoicingError::Database(e) if lost_race(&e) && attempt < RACE_RETRIES => {
+                        attempt += 1;
+                    }
+                    other => return Err(other),
+                }
             }
-            Err(other) => return Err(other),
         }
     }
 }

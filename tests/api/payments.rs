@@ -347,3 +347,57 @@ async fn payment_statuses_set_through_the_api_and_shadow_invoices_are_never_paya
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
+
+#[sqlx::test]
+async fn racing_deliveries_record_each_event_once_and_the_latest_status_wins(pool: PgPool) {
+    let app = spawn_signalling_app(pool.clone()).await;
+    let svc = app.service("nexacloud").await;
+    let id = live_invoice(&svc).await["lago_id"].clone();
+    let now = Utc::now().timestamp();
+    // Five copies of one event, and ten events created a second apart
+    // (failed, succeeded, failed, …; the last one created succeeded),
+    // delivered all at once in reverse order of creation.
+    let copy = event(
+        "evt_copy",
+        "payment_intent.payment_failed",
+        now - 100,
+        intent("pi_1", &id),
+    );
+    let mut payloads: Vec<String> = vec![copy; 5];
+    for n in (0..10).rev() {
+        let kind = if n % 2 == 1 {
+            "payment_intent.succeeded"
+        } else {
+            "payment_intent.payment_failed"
+        };
+        payloads.push(event(
+            &format!("evt_{n}"),
+            kind,
+            now + n,
+            intent("pi_1", &id),
+        ));
+    }
+    let outcomes = futures_util::future::join_all(payloads.iter().map(|p| deliver(&app, p))).await;
+    let duplicates = outcomes
+        .iter()
+        .filter(|o| o["status"] == "duplicate")
+        .count();
+    assert_eq!(duplicates, 4, "{outcomes:?}");
+    assert_eq!(stripe_events(&pool).await, 11);
+    assert_eq!(
+        invoice(&app, &svc, &id).await["payment_status"],
+        "succeeded"
+    );
+    // Every recorded change moved forward in Stripe's time.
+    let times: Vec<String> = sqlx::query_scalar(
+        "SELECT payload->'InvoicePaymentStatusUpdated'->>'occurred_at' FROM events \
+         WHERE aggregate_type = 'Invoice' AND event_type = 'InvoicePaymentStatusUpdated' ORDER BY sequence",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let mut sorted = times.clone();
+    sorted.sort();
+    assert_eq!(times, sorted, "no update older than the one before it");
+    assert!(!times.is_empty());
+}

@@ -325,6 +325,16 @@ async fn messages_are_signed_both_ways_and_carry_the_subscription_metadata(pool:
     assert_eq!(delivery(&pool, &id).await["status"], "delivered");
     assert_eq!(pass(&app, Utc::now()).await.attempted, 0, "delivered once");
 
+    // Unpaid past its due date: one overdue message.
+    let overdue = ledger::payments::mark_overdue(&pool, utc("2026-10-02T04:00:00Z"))
+        .await
+        .unwrap();
+    assert_eq!(overdue, 1);
+    assert_eq!(pass(&app, Utc::now()).await.delivered, 1);
+    let last = receiver.hits().last().unwrap().json();
+    assert_eq!(last["webhook_type"], "invoice.payment_overdue");
+    assert_eq!(last["invoice"]["payment_overdue"], true);
+
     // During a rotation both secrets sign; the body and id stay the same.
     let path = format!(
         "/webhook_endpoints/{}",
@@ -359,6 +369,7 @@ async fn messages_are_signed_both_ways_and_carry_the_subscription_metadata(pool:
         standard_signature(new_secret, &id, &timestamp, &tampered)
     );
     assert_eq!(delivery(&pool, &id).await["attempts"], 2);
+    assert_eq!(receiver.hits().len(), 5);
 }
 
 #[sqlx::test]
