@@ -472,6 +472,26 @@ async fn failed_attempts_follow_the_schedule_honour_retry_after_and_end_as_dead_
         (json!("delivered"), json!(9))
     );
     assert_eq!(receiver.hits().len(), 9);
+    // The same over the operator API.
+    let (status, body) = app
+        .post_admin(&format!("/admin/v1/webhooks/{id}/redeliver"), "")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        (
+            body["webhook"]["status"].clone(),
+            body["webhook"]["attempts"].clone()
+        ),
+        (json!("pending"), json!(9))
+    );
+    assert_eq!(
+        body["webhook"]["attempts_made"].as_array().unwrap().len(),
+        9
+    );
+    let (status, _) = app
+        .post_admin("/admin/v1/webhooks/not-an-id/redeliver", "")
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
 }
 
 #[sqlx::test]
