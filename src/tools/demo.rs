@@ -27,10 +27,23 @@ pub async fn run(config: &DatabaseConfig) -> anyhow::Result<()> {
 
 async fn demonstrate(database: &Database) -> anyhow::Result<()> {
     let admin_key = uuid::Uuid::new_v4().to_string();
-    let settings = Settings::local(
-        Some(AdminKey::new(&admin_key)),
-        BackgroundTasks::PROJECTIONS,
-    );
+    let settings = Settings {
+        // The demo's webhook receiver listens on loopback.
+        providers: crate::http::Providers {
+            webhook_addresses: crate::webhooks::address::AddressPolicy::parse(&[
+                "127.0.0.1/32".into()
+            ])
+            .map_err(anyhow::Error::msg)?,
+            ..Default::default()
+        },
+        ..Settings::local(
+            Some(AdminKey::new(&admin_key)),
+            BackgroundTasks {
+                webhooks: true,
+                ..BackgroundTasks::PROJECTIONS
+            },
+        )
+    };
     let ledger = Application::build(database.pool.clone(), settings)
         .await?
         .spawn()?;
@@ -259,7 +272,9 @@ async fn demonstrate(database: &Database) -> anyhow::Result<()> {
         body["code"]
     );
 
+    let hooks = Hooks::listen(&nexacloud).await?;
     invoicing(database, &client, &nexacloud).await?;
+    hooks.report(&nexacloud).await?;
     import_sample(database).await?;
     reconcile_sample(database, &client).await?;
 
@@ -525,6 +540,100 @@ async fn invoicing(database: &Database, client: &Client, nexacloud: &Client) -> 
     Ok(())
 }
 
+/// A receiver standing in for NexaCloud's webhook endpoint.
+struct Hooks {
+    endpoint: String,
+    secret: String,
+    received: std::sync::Arc<std::sync::Mutex<Vec<(axum::http::HeaderMap, axum::body::Bytes)>>>,
+}
+
+impl Hooks {
+    async fn listen(nexacloud: &Client) -> anyhow::Result<Self> {
+        println!("\n== webhooks: NexaCloud registers an endpoint (a receiver in this process) ==");
+        let received: std::sync::Arc<std::sync::Mutex<Vec<_>>> = Default::default();
+        let log = received.clone();
+        let app = axum::Router::new().fallback(
+            move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                let log = log.clone();
+                async move {
+                    log.lock().expect("received").push((headers, body));
+                    "ok"
+                }
+            },
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}/ledger-webhooks", listener.local_addr()?);
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let (status, body) = nexacloud
+            .post(
+                "/api/v1/webhook_endpoints",
+                json!({"webhook_endpoint": {"webhook_url": url, "signature_algo": "hmac",
+                       "event_types": ["subscription.started", "invoice.drafted", "invoice.created"]}}),
+            )
+            .await?;
+        if status != StatusCode::OK {
+            anyhow::bail!("cannot register the demo's endpoint: {body}");
+        }
+        let endpoint = &body["webhook_endpoint"];
+        let secret = endpoint["secret"].as_str().unwrap_or_default().to_string();
+        println!(
+            "POST /api/v1/webhook_endpoints {url} -> 200, secret {}… (shown once)",
+            &secret[..secret.len().min(12)]
+        );
+        Ok(Self {
+            endpoint: endpoint["lago_id"].as_str().unwrap_or_default().to_string(),
+            secret,
+            received,
+        })
+    }
+
+    /// What arrived, each signature checked; then the endpoint is removed.
+    async fn report(self, nexacloud: &Client) -> anyhow::Result<()> {
+        println!("\n== webhooks received (signed, Standard Webhooks and Lago headers) ==");
+        // Give the dispatcher a moment (it polls every 100 ms).
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        let received = self.received.lock().expect("received").clone();
+        if received.is_empty() {
+            println!("(nothing new since an earlier run: each fact is announced once)");
+        }
+        for (headers, body) in &received {
+            let header = |name: &str| {
+                headers
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            let (id, timestamp) = (header("webhook-id"), header("webhook-timestamp"));
+            let expected = crate::webhooks::signing::standard_signature(
+                &self.secret,
+                &id,
+                timestamp.parse().unwrap_or_default(),
+                body,
+            );
+            let event: Value = serde_json::from_slice(body).unwrap_or_default();
+            let object = &event[event["object_type"].as_str().unwrap_or_default()];
+            println!(
+                "{:<22} {} webhook-id {id} signature {}",
+                event["webhook_type"].as_str().unwrap_or_default(),
+                object["number"]
+                    .as_str()
+                    .or(object["external_id"].as_str())
+                    .unwrap_or_default(),
+                if header("webhook-signature") == expected {
+                    "verified"
+                } else {
+                    "WRONG"
+                }
+            );
+        }
+        nexacloud
+            .delete(&format!("/api/v1/webhook_endpoints/{}", self.endpoint))
+            .await?;
+        Ok(())
+    }
+}
+
 fn describe(database: &Database) -> String {
     match database.embedded_data_dir() {
         Some(dir) => format!("embedded PostgreSQL in {}", dir.display()),
@@ -590,5 +699,16 @@ impl Client {
             .await
             .with_context(|| format!("GET {path}"))?;
         Ok((response.status(), response.json().await?))
+    }
+
+    async fn delete(&self, path: &str) -> anyhow::Result<StatusCode> {
+        let response = self
+            .http
+            .delete(format!("{}{path}", self.base))
+            .bearer_auth(&self.admin_key)
+            .send()
+            .await
+            .with_context(|| format!("DELETE {path}"))?;
+        Ok(response.status())
     }
 }
