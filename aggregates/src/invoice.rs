@@ -383,18 +383,21 @@ impl Invoice {
         Ok(())
     }
 
-    /// Record a payment status: nothing when it is the status already or
-    /// older than the one set (providers deliver out of order).
+    /// Record a payment status. Providers deliver out of order, so the
+    /// reporter's clock decides: an update older than the latest one known
+    /// changes nothing; the same status reported later is recorded too (it
+    /// moves the latest time on, so an older report of another status,
+    /// arriving after it, still loses).
     pub fn update_payment(
         &self,
         update: PaymentUpdate,
     ) -> Result<Option<InvoiceEvent>, InvoiceError> {
         self.payable()?;
-        let stale = self
-            .payment
-            .status_at
-            .is_some_and(|at| update.occurred_at < at);
-        if stale || update.status == self.payment.status {
+        let latest = self.payment.status_at;
+        let stale = latest.is_some_and(|at| update.occurred_at < at);
+        let nothing_new = update.status == self.payment.status
+            && latest.is_none_or(|at| update.occurred_at <= at);
+        if stale || nothing_new {
             return Ok(None);
         }
         Ok(Some(InvoiceEvent::InvoicePaymentStatusUpdated(update)))
@@ -558,6 +561,74 @@ mod tests {
         assert_eq!(
             invoice.finalize(finalization()),
             Err(InvoiceError::AlreadyFinalized)
+        );
+    }
+
+    fn paid(status: PaymentStatus, at: &str) -> PaymentUpdate {
+        PaymentUpdate {
+            status,
+            occurred_at: at.parse().unwrap(),
+            source: PaymentSource::Api,
+            failure: None,
+            provider_customer_id: None,
+        }
+    }
+
+    #[test]
+    fn the_latest_report_wins_whatever_order_they_arrive_in() {
+        let mut invoice = Invoice::default();
+        assert_eq!(
+            invoice.update_payment(paid(PaymentStatus::Succeeded, "2026-12-01T00:00:07Z")),
+            Err(InvoiceError::NotFound)
+        );
+        invoice.apply(invoice.draft(header()).unwrap());
+        assert_eq!(
+            invoice.update_payment(paid(PaymentStatus::Succeeded, "2026-12-01T00:00:07Z")),
+            Err(InvoiceError::NotFinalized)
+        );
+        invoice.apply(invoice.finalize(finalization()).unwrap());
+        let record = |invoice: &mut Invoice, status, at| {
+            let event = invoice.update_payment(paid(status, at)).unwrap();
+            let recorded = event.is_some();
+            if let Some(event) = event {
+                invoice.apply(event);
+            }
+            recorded
+        };
+        use PaymentStatus::{Failed, Pending, Succeeded};
+        assert!(
+            !record(&mut invoice, Pending, "2026-12-01T00:00:01Z"),
+            "pending already"
+        );
+        assert!(record(&mut invoice, Succeeded, "2026-12-01T00:00:07Z"));
+        assert!(
+            record(&mut invoice, Succeeded, "2026-12-01T00:00:09Z"),
+            "the clock moves on"
+        );
+        assert!(
+            !record(&mut invoice, Succeeded, "2026-12-01T00:00:09Z"),
+            "the same report"
+        );
+        assert!(
+            !record(&mut invoice, Failed, "2026-12-01T00:00:08Z"),
+            "older than the latest"
+        );
+        assert_eq!(invoice.payment().status, Succeeded);
+        assert!(record(&mut invoice, Failed, "2026-12-01T00:00:10Z"));
+        assert_eq!(invoice.payment().status, Failed);
+        let mut shadow = Invoice::default();
+        shadow.apply(InvoiceEvent::InvoiceDrafted(InvoiceHeader {
+            shadow: true,
+            ..header()
+        }));
+        shadow.apply(shadow.finalize(finalization()).unwrap());
+        assert_eq!(
+            shadow.update_payment(paid(Succeeded, "2026-12-01T00:00:07Z")),
+            Err(InvoiceError::Shadow)
+        );
+        assert_eq!(
+            shadow.mark_overdue("2027-01-01T00:00:00Z".parse().unwrap(), chrono_tz::UTC),
+            None
         );
     }
 

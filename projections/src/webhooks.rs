@@ -415,6 +415,7 @@ impl Batch {
             serde_json::from_value(stored.header.clone()).map_err(unreadable)?;
         let mut payment: PaymentState =
             serde_json::from_value(stored.payment.clone()).map_err(unreadable)?;
+        let status_before = payment.status;
         payment.apply(&invoice_event);
         stored.payment = serde_json::to_value(&payment).expect("serializable");
         if let InvoiceEvent::InvoiceFinalized(finalization) = &invoice_event {
@@ -426,6 +427,10 @@ impl Batch {
         let types: &[&str] = match &invoice_event {
             InvoiceEvent::InvoiceDrafted(_) => &["invoice.drafted"],
             InvoiceEvent::InvoiceFinalized(_) => &["invoice.created"],
+            // The same status reported again is not news.
+            InvoiceEvent::InvoicePaymentStatusUpdated(update) if update.status == status_before => {
+                &[]
+            }
             InvoiceEvent::InvoicePaymentStatusUpdated(_) => {
                 &["invoice.payment_status_updated", "invoice.payment_failure"]
             }
