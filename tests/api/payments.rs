@@ -115,6 +115,26 @@ async fn stripe_events_are_verified_first_recorded_once_and_ordered_by_created(p
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
         assert_eq!(body["error_details"]["Stripe-Signature"], json!([reason]));
     }
+    let huge = "x".repeat(3 * 1024 * 1024);
+    let (status, body) = post_stripe(
+        &app,
+        &huge,
+        Some(stripe_signature(STRIPE_SECRET, now, &huge)),
+    )
+    .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(body["code"], "payload_too_large");
+    let not_json = "not json";
+    let (status, body) = post_stripe(
+        &app,
+        not_json,
+        Some(stripe_signature(STRIPE_SECRET, now, not_json)),
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].clone()),
+        (StatusCode::BAD_REQUEST, json!("bad_request"))
+    );
     let tampered = succeeded.replace("pi_1", "pi_9");
     let (status, _) = post_stripe(
         &app,
