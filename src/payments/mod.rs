@@ -126,7 +126,37 @@ async fn append(
 }
 
 /// How often a write that lost a race on a stream is tried again.
-pub(crate) const RACE_RETRIES: usize = 5;
+const RACE_RETRIES: usize = 5;
+
+/// End one attempt of a transaction that writes to a stream: commit it (or
+/// roll it back when `keep` is false) and give its result; roll it back and
+/// give `None` when it lost a race on a stream and may be tried again.
+pub(crate) async fn settle<T>(
+    tx: sqlx::Transaction<'_, sqlx::Postgres>,
+    outcome: Result<(T, bool), InvoicingError>,
+    attempts: &mut usize,
+) -> Result<Option<T>, InvoicingError> {
+    match outcome {
+        Ok((result, true)) => {
+            tx.commit().await?;
+            Ok(Some(result))
+        }
+        Ok((result, false)) => {
+            tx.rollback().await?;
+            Ok(Some(result))
+        }
+        Err(error) => {
+            tx.rollback().await?;
+            match error {
+                InvoicingError::Database(e) if lost_race(&e) && *attempts < RACE_RETRIES => {
+                    *attempts += 1;
+                    Ok(None)
+                }
+                other => Err(other),
+            }
+        }
+    }
+}
 
 /// Record `fact` in a transaction of its own, retried when another writer
 /// appended to the invoice at the same moment.
@@ -136,23 +166,12 @@ pub async fn record(
     fact: &PaymentFact,
     metadata: CommandMetadata,
 ) -> Result<Recorded, InvoicingError> {
-    let mut attempt = 0;
+    let mut attempts = 0;
     loop {
         let mut tx = pool.begin().await?;
-        match record_in(&mut tx, stream, fact, metadata.clone()).await {
-            Ok(recorded) => {
-                tx.commit().await?;
-                return Ok(recorded);
-            }
-            Err(error) => {
-                tx.rollback().await?;
-                match error {
-                    InvoicingError::Database(e) if lost_race(&e) && attempt < RACE_RETRIES => {
-                        attempt += 1;
-                    }
-                    other => return Err(other),
-                }
-            }
+        let outcome = record_in(&mut tx, stream, fact, metadata.clone()).await;
+        if let Some(recorded) = settle(tx, outcome.map(|r| (r, true)), &mut attempts).await? {
+            return Ok(recorded);
         }
     }
 }

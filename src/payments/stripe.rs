@@ -20,7 +20,7 @@ use sha2::Sha256;
 use sqlx::{PgConnection, PgPool};
 use subtle::ConstantTimeEq;
 
-use super::{lost_race, record_in, PaymentFact, Recorded, RACE_RETRIES};
+use super::{record_in, settle, PaymentFact, Recorded};
 use crate::event_log::append::{append_events, NewEvent, OnConflict};
 use crate::event_log::store::{Actor, CommandMetadata};
 use crate::invoicing::closer::InvoicingError;
@@ -300,28 +300,16 @@ pub async fn receive(pool: &PgPool, body: &Value) -> Result<Outcome, InvoicingEr
     let Some(event) = parse(body) else {
         return Ok(unmatched("not_a_stripe_event", None));
     };
-    let mut attempt = 0;
+    let mut attempts = 0;
     loop {
         let mut tx = pool.begin().await?;
-        match receive_in(&mut tx, &event, body).await {
-            Ok(outcome) if outcome.status == "duplicate" => {
-                // Release at once what this delivery would have written.
-                tx.rollback().await?;
-                return Ok(outcome);
-            }
-            Ok(outcome) => {
-                tx.commit().await?;
-                return Ok(outcome);
-            }
-            Err(error) => {
-                tx.rollback().await?;
-                match error {
-                    InvoicingError::Database(e) if lost_race(&e) && attempt < RACE_RETRIES => {
-                        attempt += 1;
-                    }
-                    other => return Err(other),
-                }
-            }
+        // A duplicate releases at once what this delivery would have written.
+        let outcome = receive_in(&mut tx, &event, body).await.map(|outcome| {
+            let keep = outcome.status != "duplicate";
+            (outcome, keep)
+        });
+        if let Some(outcome) = settle(tx, outcome, &mut attempts).await? {
+            return Ok(outcome);
         }
     }
 }

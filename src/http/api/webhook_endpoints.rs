@@ -71,6 +71,28 @@ async fn guard(state: &AppState, input: &WebhookEndpointInput) -> ApiResult<()> 
     Ok(())
 }
 
+/// Run `command` on the endpoint `lago_id` and answer with it as a GET would.
+async fn execute(
+    state: &AppState,
+    tenant: &Tenant,
+    request: &RequestContext,
+    lago_id: Uuid,
+    command: WebhookEndpointCommand,
+) -> ApiResult<Value> {
+    let select = select();
+    let Json(answer) = write_then_read(
+        state,
+        tenant,
+        request,
+        &state.commands.webhook_endpoints,
+        &lago_id.to_string(),
+        command,
+        &resource(&select),
+    )
+    .await?;
+    Ok(answer)
+}
+
 fn endpoint_id(lago_id: &str) -> ApiResult<Uuid> {
     lago_id
         .parse()
@@ -92,17 +114,7 @@ async fn create(
         secret: secret.clone(),
         at: Utc::now(),
     };
-    let select = select();
-    let Json(mut answer) = write_then_read(
-        &state,
-        &tenant,
-        &request,
-        &state.commands.webhook_endpoints,
-        &lago_id.to_string(),
-        command,
-        &resource(&select),
-    )
-    .await?;
+    let mut answer = execute(&state, &tenant, &request, lago_id, command).await?;
     answer["webhook_endpoint"]["secret"] = json!(secret);
     Ok(Json(answer))
 }
@@ -129,17 +141,9 @@ async fn update(
         input: body.webhook_endpoint,
         at: Utc::now(),
     };
-    let select = select();
-    write_then_read(
-        &state,
-        &tenant,
-        &request,
-        &state.commands.webhook_endpoints,
-        &lago_id.to_string(),
-        command,
-        &resource(&select),
-    )
-    .await
+    Ok(Json(
+        execute(&state, &tenant, &request, lago_id, command).await?,
+    ))
 }
 
 async fn rotate(
@@ -151,26 +155,16 @@ async fn rotate(
     let lago_id = endpoint_id(&lago_id)?;
     let secret = generate_secret();
     let now = Utc::now();
+    let previous_valid_until = now + Duration::hours(ROTATION_OVERLAP_HOURS);
     let command = WebhookEndpointCommand::RotateSecret {
         secret: secret.clone(),
-        previous_valid_until: now + Duration::hours(ROTATION_OVERLAP_HOURS),
+        previous_valid_until,
         at: now,
     };
-    let select = select();
-    let Json(mut answer) = write_then_read(
-        &state,
-        &tenant,
-        &request,
-        &state.commands.webhook_endpoints,
-        &lago_id.to_string(),
-        command,
-        &resource(&select),
-    )
-    .await?;
+    let mut answer = execute(&state, &tenant, &request, lago_id, command).await?;
     answer["webhook_endpoint"]["secret"] = json!(secret);
-    answer["webhook_endpoint"]["previous_secret_valid_until"] = json!(
-        projections::catalog::timestamp(now + Duration::hours(ROTATION_OVERLAP_HOURS))
-    );
+    answer["webhook_endpoint"]["previous_secret_valid_until"] =
+        json!(projections::catalog::timestamp(previous_valid_until));
     Ok(Json(answer))
 }
 
