@@ -10,9 +10,15 @@
 //!
 //! PostgreSQL refuses to run as root. When the ledger runs as root, the
 //! cluster runs as the unprivileged system user [`CLUSTER_USER`], created on
-//! first use. The server is started with `pg_ctl` and stopped when the ledger
-//! exits; a server left behind by a ledger that crashed is stopped and
-//! restarted on the next start.
+//! first use. That user must be able to reach the cluster's directories: when
+//! the data directory lies under one it cannot enter (root's home, mode 0700,
+//! is the usual case), `postgres/` and `postgres-run/` are kept in a
+//! directory of their own under [`CLUSTER_HOME`] instead, and the data
+//! directory's `postgres.location` names it (it is read on every later
+//! start; nobody has to loosen a home directory's permissions).
+//! The server is started with `pg_ctl` and stopped when the ledger exits; a
+//! server left behind by a ledger that crashed is stopped and restarted on
+//! the next start.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, Write};
@@ -27,6 +33,10 @@ use sqlx::{ConnectOptions, Connection};
 
 /// The unprivileged system user the cluster runs as when the ledger is root.
 pub const CLUSTER_USER: &str = "ledgerpg";
+/// Where clusters live whose data directory the cluster user cannot reach.
+pub const CLUSTER_HOME: &str = "/var/lib/ledger/clusters";
+/// The data directory's file naming where its cluster lives, when elsewhere.
+const LOCATION_FILE: &str = "postgres.location";
 /// The database role and database the ledger uses inside the cluster.
 const ROLE_AND_DATABASE: &str = "ledger";
 const PORT: u16 = 5432;
@@ -113,6 +123,9 @@ struct ClusterOwner {
 #[derive(Debug)]
 pub struct EmbeddedPostgres {
     data_dir: PathBuf,
+    /// The directory holding `postgres/` and `postgres-run/`: the data
+    /// directory, or one under [`CLUSTER_HOME`].
+    cluster_root: PathBuf,
     cluster_dir: PathBuf,
     run_dir: PathBuf,
     bin_dir: PathBuf,
@@ -141,9 +154,11 @@ impl EmbeddedPostgres {
         } else {
             None
         };
+        let cluster_root = cluster_root(&data_dir, owner.is_some())?;
         let cluster = Self {
-            cluster_dir: data_dir.join("postgres"),
-            run_dir: data_dir.join("postgres-run"),
+            cluster_dir: cluster_root.join("postgres"),
+            run_dir: cluster_root.join("postgres-run"),
+            cluster_root,
             data_dir,
             bin_dir,
             owner,
@@ -161,6 +176,14 @@ impl EmbeddedPostgres {
     /// The ledger's data directory.
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
+    }
+
+    /// Where the cluster's files are: the data directory, or (when running
+    /// as root under a directory the cluster user cannot enter) a directory
+    /// under [`CLUSTER_HOME`] that the data directory's `postgres.location`
+    /// names.
+    pub fn cluster_root(&self) -> &Path {
+        &self.cluster_root
     }
 
     /// Start the server (stopping one a crashed ledger left running) and
@@ -241,22 +264,23 @@ impl EmbeddedPostgres {
                 .map_err(|e| dir_error(e.to_string()))?;
         }
         if let Some(owner) = &self.owner {
-            // The cluster user must be able to reach its directories.
-            if let Some(blocking) = self.data_dir.ancestors().skip(1).find(|dir| {
-                fs::metadata(dir).is_ok_and(|meta| meta.permissions().mode() & 0o001 == 0)
-            }) {
+            // The cluster user must be able to reach its directories (a root
+            // under CLUSTER_HOME is reachable by construction; one named by
+            // an older `postgres.location` may have been moved since).
+            if let Some(blocking) = unreachable_ancestor(&self.cluster_root) {
                 return Err(dir_error(format!(
                     "the cluster runs as '{CLUSTER_USER}', which cannot enter {} (not searchable by \
-                     others): `chmod o+x {}` or choose another --data-dir",
+                     others): `chmod o+x {}`, or remove {} to keep the cluster under {CLUSTER_HOME}",
                     blocking.display(),
-                    blocking.display()
+                    blocking.display(),
+                    self.data_dir.join(LOCATION_FILE).display()
                 )));
             }
-            let mode = fs::metadata(&self.data_dir)
+            let mode = fs::metadata(&self.cluster_root)
                 .map_err(|e| dir_error(e.to_string()))?
                 .permissions()
                 .mode();
-            fs::set_permissions(&self.data_dir, fs::Permissions::from_mode(mode | 0o711))
+            fs::set_permissions(&self.cluster_root, fs::Permissions::from_mode(mode | 0o711))
                 .map_err(|e| dir_error(e.to_string()))?;
             for dir in [&self.cluster_dir, &self.run_dir] {
                 chown(dir, Some(owner.uid.as_raw()), Some(owner.gid.as_raw()))
@@ -422,11 +446,70 @@ fn cluster_connect_options(run_dir: &Path, database: &str) -> PgConnectOptions {
 /// owns and runs (so CLI commands can work beside `ledger serve`), if its
 /// server is up.
 pub fn running_cluster_options(data_dir: &Path) -> Option<PgConnectOptions> {
-    let run_dir = data_dir.join("postgres-run");
+    let run_dir = recorded_location(data_dir)
+        .unwrap_or_else(|| data_dir.to_path_buf())
+        .join("postgres-run");
     run_dir
         .join(format!(".s.PGSQL.{PORT}"))
         .exists()
         .then(|| cluster_connect_options(&run_dir, ROLE_AND_DATABASE))
+}
+
+/// The first directory above `dir` that others cannot search (enter).
+fn unreachable_ancestor(dir: &Path) -> Option<&Path> {
+    dir.ancestors()
+        .skip(1)
+        .find(|dir| fs::metadata(dir).is_ok_and(|meta| meta.permissions().mode() & 0o001 == 0))
+}
+
+/// Where a data directory's `postgres.location` says its cluster lives.
+fn recorded_location(data_dir: &Path) -> Option<PathBuf> {
+    let text = fs::read_to_string(data_dir.join(LOCATION_FILE)).ok()?;
+    let path = PathBuf::from(text.trim());
+    path.is_absolute().then_some(path)
+}
+
+/// The directory that holds the cluster of `data_dir`: the one its
+/// `postgres.location` names; else, when the cluster runs as another user
+/// who cannot enter `data_dir`, a new directory under [`CLUSTER_HOME`]
+/// (recorded in `postgres.location`); else `data_dir` itself.
+fn cluster_root(data_dir: &Path, other_user: bool) -> Result<PathBuf, EmbeddedError> {
+    if let Some(recorded) = recorded_location(data_dir) {
+        return Ok(recorded);
+    }
+    if !other_user || unreachable_ancestor(data_dir).is_none() {
+        return Ok(data_dir.to_path_buf());
+    }
+    let dir_error = |reason: String| EmbeddedError::DataDirectory {
+        dir: data_dir.to_path_buf(),
+        reason,
+    };
+    let home = Path::new(CLUSTER_HOME);
+    fs::create_dir_all(home).map_err(|e| dir_error(format!("{CLUSTER_HOME}: {e}")))?;
+    for dir in home
+        .ancestors()
+        .take_while(|dir| dir.starts_with("/var/lib/ledger"))
+    {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o755))
+            .map_err(|e| dir_error(format!("{}: {e}", dir.display())))?;
+    }
+    // A fresh name per data directory: a data directory deleted and made
+    // again gets a new, empty cluster (the old one is left for its owner).
+    let root = home.join(uuid::Uuid::new_v4().to_string());
+    fs::create_dir(&root).map_err(|e| dir_error(format!("{}: {e}", root.display())))?;
+    fs::write(
+        data_dir.join(LOCATION_FILE),
+        format!("{}\n", root.display()),
+    )
+    .map_err(|e| dir_error(format!("{LOCATION_FILE}: {e}")))?;
+    tracing::info!(
+        cluster = %root.display(),
+        "running as root under a directory '{CLUSTER_USER}' cannot enter: the cluster's files \
+         live in {} ({} names it)",
+        root.display(),
+        data_dir.join(LOCATION_FILE).display()
+    );
+    Ok(root)
 }
 
 fn lock_data_dir(data_dir: &Path) -> Result<Flock<File>, EmbeddedError> {

@@ -348,3 +348,70 @@ async fn keys_never_appear_in_the_log() {
         assert!(!log.contains(secret), "a secret reached the log");
     }
 }
+
+/// A newcomer in a container is root with a home only root can enter: the
+/// cluster (which runs as `ledgerpg` then) keeps its files under
+/// `CLUSTER_HOME`, named by the data directory's `postgres.location`, and
+/// finds them again on the next start. Run as another user, the cluster
+/// stays inside the data directory.
+#[tokio::test]
+async fn a_data_directory_under_a_home_only_its_owner_can_enter_works() {
+    use std::os::unix::fs::PermissionsExt;
+    let home = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(home.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let data_dir = home.path().join("clone/ledger-data");
+    let data_dir_canonical = {
+        std::fs::create_dir_all(&data_dir).unwrap();
+        data_dir.canonicalize().unwrap()
+    };
+    let as_root = nix::unistd::Uid::effective().is_root();
+
+    let mut cluster = started(&data_dir).await;
+    let root = cluster.cluster_root().to_path_buf();
+    let location = std::fs::read_to_string(data_dir.join("postgres.location")).ok();
+    if as_root {
+        assert!(
+            root.starts_with(ledger::postgres::embedded::CLUSTER_HOME),
+            "{root:?}"
+        );
+        assert_eq!(location, Some(format!("{}\n", root.display())));
+        assert_eq!(
+            std::fs::metadata(home.path()).unwrap().permissions().mode() & 0o777,
+            0o700,
+            "the home directory's permissions are left alone"
+        );
+    } else {
+        assert_eq!(root, data_dir_canonical);
+        assert_eq!(location, None);
+    }
+    let pool = pool_options(1)
+        .connect_with(cluster.connect_options())
+        .await
+        .unwrap();
+    MIGRATOR.run(&pool).await.unwrap();
+    sqlx::raw_sql("CREATE TABLE kept (n int); INSERT INTO kept VALUES (7)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    cluster.stop().await.unwrap();
+    drop(cluster);
+
+    let mut cluster = started(&data_dir).await;
+    assert_eq!(cluster.cluster_root(), root.as_path());
+    let pool = pool_options(1)
+        .connect_with(cluster.connect_options())
+        .await
+        .unwrap();
+    let kept: i32 = sqlx::query_scalar("SELECT n FROM kept")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(kept, 7);
+    pool.close().await;
+    cluster.stop().await.unwrap();
+    drop(cluster);
+    if as_root {
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}

@@ -38,8 +38,10 @@ impl Throwaway {
     /// Stop the cluster and delete its directory.
     pub async fn remove(mut self) -> anyhow::Result<()> {
         self.cluster.stop().await?;
+        let root = self.cluster.cluster_root().to_path_buf();
         drop(self.cluster);
         let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_dir_all(root);
         Ok(())
     }
 }
