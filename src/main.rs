@@ -8,7 +8,11 @@ use ledger::app::cli::Cli;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    ledger::app::telemetry::init(cli.log_format);
+    let log_file = cli.log_file();
+    if let Err(error) = ledger::app::telemetry::init(cli.log_format, log_file.as_deref()) {
+        eprintln!("error: cannot write the log file: {error}");
+        return ExitCode::FAILURE;
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {

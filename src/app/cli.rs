@@ -123,8 +123,13 @@ pub enum Command {
         #[command(subcommand)]
         command: ProjectionsCommand,
     },
-    /// Start the ledger, record a few facts through its API and print what it knows.
-    Demo,
+    /// Start the ledger, record a few facts through its API and print what it
+    /// knows. The server's log lines go to `<data-dir>/demo.log`.
+    Demo {
+        /// Print the server's log lines on stderr instead.
+        #[arg(long)]
+        server_logs: bool,
+    },
     /// Recompute a period's invoices from the log alone and compare them
     /// with the finalized ones; exits 1 when anything differs.
     Replay {
@@ -507,7 +512,19 @@ pub enum ProjectionsCommand {
     },
 }
 
+/// Where `ledger demo` writes the server's log lines (in its data directory).
+pub const DEMO_LOG: &str = "demo.log";
+
 impl Cli {
+    /// The file log lines go to instead of stderr: `ledger demo`'s, unless
+    /// asked for on stderr.
+    pub fn log_file(&self) -> Option<PathBuf> {
+        match self.command {
+            Command::Demo { server_logs: false } => Some(self.data_dir.join(DEMO_LOG)),
+            _ => None,
+        }
+    }
+
     fn database_config(&self) -> DatabaseConfig {
         DatabaseConfig {
             url: self.database_url.clone(),
@@ -576,7 +593,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             database.close().await;
             result?;
         }
-        Command::Demo => crate::tools::demo::run(&config).await?,
+        Command::Demo { server_logs } => {
+            let log_file = (!server_logs).then(|| config.data_dir.join(DEMO_LOG));
+            crate::tools::demo::run(&config, log_file.as_deref()).await?
+        }
         Command::Explain {
             command: ExplainCommand::Invoice { lago_id },
         } => {

@@ -18,14 +18,21 @@ const SERVICES: [(&str, &str); 3] = [
 ];
 
 /// Run the demo on the database `config` names (see the README).
-pub async fn run(config: &DatabaseConfig) -> anyhow::Result<()> {
+/// `log_file`: where the server's log lines go, if not to stderr.
+pub async fn run(
+    config: &DatabaseConfig,
+    log_file: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
     let database = Database::open(config, ClusterAccess::Own).await?;
-    let result = demonstrate(&database).await;
+    let result = demonstrate(&database, log_file).await;
     database.close().await;
     result
 }
 
-async fn demonstrate(database: &Database) -> anyhow::Result<()> {
+async fn demonstrate(
+    database: &Database,
+    log_file: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
     let admin_key = uuid::Uuid::new_v4().to_string();
     let settings = Settings {
         // The demo's webhook receiver listens on loopback.
@@ -50,9 +57,16 @@ async fn demonstrate(database: &Database) -> anyhow::Result<()> {
     let base = ledger.base_url.clone();
 
     println!(
-        "ledger serving at {base} (database: {})\n",
+        "ledger serving at {base} (database: {})",
         describe(database)
     );
+    if let Some(file) = log_file {
+        println!(
+            "the server's log lines: {} (`ledger demo --server-logs` prints them instead)",
+            std::path::absolute(file)?.display()
+        );
+    }
+    println!();
     let client = Client {
         http: reqwest::Client::new(),
         base: base.clone(),

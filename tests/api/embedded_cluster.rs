@@ -415,3 +415,52 @@ async fn a_data_directory_under_a_home_only_its_owner_can_enter_works() {
         std::fs::remove_dir_all(&root).unwrap();
     }
 }
+
+/// `ledger demo` narrates on stdout, in order, what a new user should see;
+/// the server's log lines go to the data directory's `demo.log`.
+#[tokio::test]
+async fn the_demo_narrates_on_stdout_and_keeps_the_server_logs_in_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_ledger"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .arg("demo")
+        .env_remove("DATABASE_URL")
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert_eq!(stderr, "", "nothing but the narration is printed");
+    assert!(!stdout.contains(" INFO "), "{stdout}");
+    let log = dir.path().canonicalize().unwrap().join("demo.log");
+    let sections = [
+        "ledger serving at http://127.0.0.1:".to_string(),
+        format!("the server's log lines: {}", log.display()),
+        "== recording facts through the admin API ==".into(),
+        "== NexaCloud's catalog".into(),
+        "== usage: NexaCloud reports CPU-seconds per deployment ==".into(),
+        "== webhooks: NexaCloud registers an endpoint".into(),
+        "== invoicing: last month closes".into(),
+        "== webhooks received".into(),
+        "== importing NexaCloud's database".into(),
+        "== dual run: ledger reconcile".into(),
+    ];
+    let mut from = 0;
+    for section in &sections {
+        let at = stdout[from..]
+            .find(section.as_str())
+            .unwrap_or_else(|| panic!("{section:?} missing or out of order in:\n{stdout}"));
+        from += at + section.len();
+    }
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("finished processing request"),
+        "the server's request log is in demo.log"
+    );
+    assert!(
+        !logged.contains("\u{1b}["),
+        "no terminal colours in the file"
+    );
+}
