@@ -93,13 +93,24 @@ impl Pricing {
         }
     }
 
-    /// Whether pricing needs each event's value (per-transaction bounds).
+    /// Whether pricing needs each event's value (per-transaction bounds,
+    /// free events or a free total: they count whole first events).
     pub fn needs_event_values(&self) -> bool {
-        matches!(
-            self,
-            Pricing::Percentage { per_transaction_min_amount, per_transaction_max_amount, .. }
-                if per_transaction_min_amount.is_some() || per_transaction_max_amount.is_some()
-        )
+        match self {
+            Pricing::Percentage {
+                free_units_per_events,
+                free_units_per_total_aggregation,
+                per_transaction_min_amount,
+                per_transaction_max_amount,
+                ..
+            } => {
+                free_units_per_events.is_some_and(|n| n > 0)
+                    || free_units_per_total_aggregation.is_some_and(|t| t > Decimal::ZERO)
+                    || per_transaction_min_amount.is_some()
+                    || per_transaction_max_amount.is_some()
+            }
+            _ => false,
+        }
     }
 
     /// The properties as Lago shows them (prices as decimal strings).

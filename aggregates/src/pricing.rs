@@ -123,49 +123,96 @@ pub fn charge_amount(pricing: &Pricing, usage: &ChargeUsage) -> Checked<Decimal>
             per_transaction_min_amount,
             per_transaction_max_amount,
         } => {
-            let per_transaction =
-                per_transaction_min_amount.is_some() || per_transaction_max_amount.is_some();
-            if per_transaction && !usage.event_values.is_empty() {
+            let fixed_amount = fixed_amount.unwrap_or_default();
+            let free_events = free_units_per_events.unwrap_or(0).max(0);
+            let free_total = free_units_per_total_aggregation.unwrap_or_default();
+            if per_transaction_min_amount.is_some() || per_transaction_max_amount.is_some() {
                 percentage_per_event(
                     *rate,
-                    fixed_amount.unwrap_or_default(),
-                    free_units_per_events.unwrap_or(0),
-                    free_units_per_total_aggregation.unwrap_or_default(),
+                    fixed_amount,
+                    free_events,
+                    free_total,
                     *per_transaction_min_amount,
                     *per_transaction_max_amount,
                     &usage.event_values,
                 )
             } else {
-                let paid_units = sub(
-                    units,
-                    free_units_per_total_aggregation.unwrap_or_default(),
-                    AMOUNT,
-                )?
-                .max(Decimal::ZERO);
-                let paid_events = usage
-                    .events_count
-                    .saturating_sub(free_units_per_events.unwrap_or(0))
-                    .max(0);
-                let share = div(
-                    mul(paid_units, *rate, AMOUNT)?,
-                    Decimal::ONE_HUNDRED,
-                    AMOUNT,
-                )?;
-                let fixed = mul(
-                    Decimal::from(paid_events),
-                    fixed_amount.unwrap_or_default(),
-                    AMOUNT,
-                )?;
-                add(share, fixed, AMOUNT)
+                percentage(*rate, fixed_amount, free_events, free_total, units, usage)
             }
         }
     }
 }
 
+/// Lago's `percentage` without per-transaction bounds. The free part is
+/// made of whole first events (in the order of their timestamps): the first
+/// `free_events` of them when set, else those whose running total stays
+/// within `free_total` plus the one that crosses it. Their summed value,
+/// capped at `free_total` when both are set, pays no rate; the events free
+/// of the fixed fee are the first `free_events`, or, with `free_total`,
+/// those whose running total stays below it (the fewer, when both are set).
+fn percentage(
+    rate: Decimal,
+    fixed_amount: Decimal,
+    free_events: i64,
+    free_total: Decimal,
+    units: Decimal,
+    usage: &ChargeUsage,
+) -> Checked<Decimal> {
+    let mut running_totals = Vec::new();
+    if free_events > 0 || free_total > Decimal::ZERO {
+        let mut total = Decimal::ZERO;
+        for value in &usage.event_values {
+            if free_events > 0 {
+                if running_totals.len() as i64 >= free_events {
+                    break;
+                }
+            } else if free_total < total {
+                break;
+            }
+            total = add(total, *value, AMOUNT)?;
+            running_totals.push(total);
+        }
+    }
+    let last = running_totals.last().copied().unwrap_or_default();
+    let free_value = if free_total.is_zero() || last <= free_total {
+        last
+    } else {
+        free_total
+    };
+    let share = if free_value > units {
+        Decimal::ZERO
+    } else {
+        div(
+            mul(sub(units, free_value, AMOUNT)?, rate, AMOUNT)?,
+            Decimal::ONE_HUNDRED,
+            AMOUNT,
+        )?
+    };
+    let below_total = running_totals.iter().filter(|t| **t < free_total).count() as i64;
+    let free_of_fee = [free_events, below_total]
+        .into_iter()
+        .filter(|n| *n > 0)
+        .min()
+        .unwrap_or(0);
+    let fixed = if units.is_zero() || free_of_fee >= usage.events_count {
+        Decimal::ZERO
+    } else {
+        mul(
+            Decimal::from(usage.events_count - free_of_fee),
+            fixed_amount,
+            AMOUNT,
+        )?
+    };
+    add(share, fixed, AMOUNT)
+}
+
 /// Each range prices the units above the previous range's `to_value` up to
-/// its own; the flat amount of every range reached is charged, the first
-/// range's even at zero units.
+/// its own; the flat amount of every range reached is charged. No usage
+/// costs nothing (Lago: "does not apply the flat amount for 0").
 fn graduated(ranges: &[PriceRange], units: Decimal) -> Checked<Decimal> {
+    if units.is_zero() {
+        return Ok(Decimal::ZERO);
+    }
     let mut total = Decimal::ZERO;
     let mut floor = Decimal::ZERO;
     for (index, range) in ranges.iter().enumerate() {
@@ -204,6 +251,10 @@ fn volume(ranges: &[PriceRange], units: Decimal) -> Checked<Decimal> {
     }
 }
 
+/// Lago's `percentage` with per-transaction bounds: each event pays its rate
+/// and the fixed fee, raised to the minimum or capped at the maximum; the
+/// first events are free while free events or a free total remain (the
+/// event that exhausts the free total pays on what exceeds it).
 fn percentage_per_event(
     rate: Decimal,
     fixed_amount: Decimal,
@@ -213,21 +264,33 @@ fn percentage_per_event(
     max: Option<Decimal>,
     values: &[Decimal],
 ) -> Checked<Decimal> {
+    let mut free_events_left = free_events;
     let mut free_left = free_total;
     let mut total = Decimal::ZERO;
-    for (index, value) in values.iter().enumerate() {
-        let free_part = free_left.min(*value).max(Decimal::ZERO);
-        free_left = sub(free_left, free_part, AMOUNT)?;
-        let paid = sub(*value, free_part, AMOUNT)?;
-        let mut amount = div(mul(paid, rate, AMOUNT)?, Decimal::ONE_HUNDRED, AMOUNT)?;
-        if index as i64 >= free_events {
-            amount = add(amount, fixed_amount, AMOUNT)?;
+    for value in values {
+        let mut value = *value;
+        if free_events_left > 0 || free_left > Decimal::ZERO {
+            free_events_left -= 1;
+            if free_left <= Decimal::ZERO {
+                continue;
+            }
+            if free_left > value {
+                free_left = sub(free_left, value, AMOUNT)?;
+                continue;
+            }
+            value = sub(value, free_left, AMOUNT)?;
+            free_left = Decimal::ZERO;
+            free_events_left = 0;
         }
-        if let Some(min) = min {
-            amount = amount.max(min);
-        }
-        if let Some(max) = max {
-            amount = amount.min(max);
+        let mut amount = add(
+            div(mul(value, rate, AMOUNT)?, Decimal::ONE_HUNDRED, AMOUNT)?,
+            fixed_amount,
+            AMOUNT,
+        )?;
+        if let Some(min) = min.filter(|min| amount < *min) {
+            amount = min;
+        } else if let Some(max) = max.filter(|max| amount > *max) {
+            amount = max;
         }
         total = add(total, amount, AMOUNT)?;
     }
@@ -363,8 +426,8 @@ mod tests {
         };
         assert_eq!(
             amount_of(&pricing, &usage("0", 0)),
-            d("2"),
-            "first flat fee even at 0"
+            d("0"),
+            "no flat fee without usage"
         );
         assert_eq!(
             amount_of(&pricing, &usage("10", 1)),
@@ -398,18 +461,136 @@ mod tests {
         assert_eq!(amount_of(&pricing, &usage("101", 1)), d("111"));
     }
 
+    /// Lago's `graduated_service_spec.rb`: 0–10 at 0.10 + 0.02 flat, 11 and
+    /// above at 0.05 + 0.03 flat; and decimal units across a bound.
     #[test]
-    fn percentage_takes_a_rate_and_a_fee_per_paid_event() {
-        let pricing = Pricing::Percentage {
-            rate: d("2.9"),
-            fixed_amount: Some(d("0.30")),
-            free_units_per_events: Some(2),
-            free_units_per_total_aggregation: Some(d("100")),
+    fn graduated_matches_lagos_spec_cases() {
+        let pricing = Pricing::Graduated {
+            ranges: ranges(&[(0, Some(10), "0.10", "0.02"), (11, None, "0.05", "0.03")]),
+        };
+        for (units, expected) in [
+            ("0", "0"),
+            ("1", "0.12"),
+            ("10", "1.02"),
+            ("11", "1.10"),
+            ("12", "1.15"),
+            // 10 × 0.10 + 0.02 + 0.5 × 0.05 + 0.03
+            ("10.5", "1.075"),
+        ] {
+            assert_eq!(
+                amount_of(&pricing, &usage(units, 1)),
+                d(expected),
+                "{units} units"
+            );
+        }
+    }
+
+    /// Lago's `volume_service_spec.rb`: 0–100 at 2 + 10 flat, 101–200 at 1,
+    /// 201 and above at 0.5 + 50 flat.
+    #[test]
+    fn volume_matches_lagos_spec_cases() {
+        let pricing = Pricing::Volume {
+            ranges: ranges(&[
+                (0, Some(100), "2", "10"),
+                (101, Some(200), "1", "0"),
+                (201, None, "0.5", "50"),
+            ]),
+        };
+        for (units, expected) in [
+            ("0", "0"),
+            ("1", "12"),
+            ("100", "210"),
+            ("100.5", "100.5"),
+            ("101", "101"),
+            ("200", "200"),
+            ("300", "200"),
+        ] {
+            assert_eq!(
+                amount_of(&pricing, &usage(units, 1)),
+                d(expected),
+                "{units} units"
+            );
+        }
+    }
+
+    fn events(values: &[&str]) -> ChargeUsage {
+        let event_values: Vec<Decimal> = values.iter().map(|v| d(v)).collect();
+        ChargeUsage {
+            units: event_values.iter().sum(),
+            events_count: event_values.len() as i64,
+            event_values,
+        }
+    }
+
+    fn percentage(
+        rate: &str,
+        fixed: Option<&str>,
+        free_events: Option<i64>,
+        free_total: Option<&str>,
+    ) -> Pricing {
+        Pricing::Percentage {
+            rate: d(rate),
+            fixed_amount: fixed.map(d),
+            free_units_per_events: free_events,
+            free_units_per_total_aggregation: free_total.map(d),
             per_transaction_min_amount: None,
             per_transaction_max_amount: None,
-        };
-        // (1000 - 100) × 2.9% + (5 - 2) × 0.30
-        assert_eq!(amount_of(&pricing, &usage("1000", 5)), d("27.0"));
+        }
+    }
+
+    /// Lago's `percentage_service_spec.rb`: 800 units over 4 events whose
+    /// running totals are 50, 150, 400 (events 50, 100, 250, 400), rate 1.3%,
+    /// fixed 2.0.
+    #[test]
+    fn percentage_matches_lagos_spec_cases() {
+        let four = events(&["50", "100", "250", "400"]);
+        let cases = [
+            // free events 3 and free total 250: (800 - 250) × 1.3% + (4 - 2) × 2
+            (Some(3), Some("250.0"), "11.15"),
+            // free total 250 only: the same
+            (None, Some("250.0"), "11.15"),
+            // 3 free events only: (800 - 400) × 1.3% + (4 - 3) × 2
+            (Some(3), None, "7.20"),
+            // nothing free: 800 × 1.3% + 4 × 2
+            (None, None, "18.40"),
+            // a free total above the last running total: (800 - 400) × 1.3% + 1 × 2
+            (Some(3), Some("500.0"), "7.20"),
+        ];
+        for (free_events, free_total, expected) in cases {
+            let pricing = percentage("1.3", Some("2.0"), free_events, free_total);
+            assert_eq!(
+                amount_of(&pricing, &four),
+                d(expected),
+                "free events {free_events:?}, free total {free_total:?}"
+            );
+        }
+        // No units: nothing, not even the fixed fee.
+        let nothing = events(&["0", "0", "0", "0"]);
+        let pricing = percentage("1.3", Some("2.0"), Some(3), Some("250.0"));
+        assert_eq!(amount_of(&pricing, &nothing), d("0"));
+        // Rate 0: only the fixed fee of every event.
+        let pricing = percentage("0", Some("2.0"), None, None);
+        assert_eq!(amount_of(&pricing, &four), d("8.0"));
+        // More free events than events: 400 units over 4 events, all free.
+        let all_free = events(&["50", "100", "250", "0"]);
+        let pricing = percentage("1.3", Some("2.0"), Some(5), None);
+        assert_eq!(amount_of(&pricing, &all_free), d("0"));
+    }
+
+    /// The first free events pay neither the rate nor the fixed fee (the
+    /// old system billed 2.5% of every unit: $12.60 instead of $9.10).
+    #[test]
+    fn free_events_are_free_entirely() {
+        let pricing = percentage("2.5", Some("0.05"), Some(2), None);
+        // (500 - 140) × 2.5% + (4 - 2) × 0.05
+        let usage = events(&["100", "40", "60", "300"]);
+        assert_eq!(cents_of(amount_of(&pricing, &usage), "USD"), 910);
+        // 1.2% + $0.10, first 3 events or $500 free, events 200/100/100/50:
+        // free 400 (the running total of the 3 free events, within 500);
+        // 50 × 1.2% + 1 × 0.10
+        let pricing = percentage("1.2", Some("0.10"), Some(3), Some("500"));
+        let usage = events(&["200", "100", "100", "50"]);
+        assert_eq!(amount_of(&pricing, &usage), d("0.70"));
     }
 
     #[test]

@@ -276,6 +276,59 @@ class CatalogThroughTheOfficialClient(unittest.TestCase):
         self.assertEqual(usage.total_amount_cents, 85)
         self.assertEqual(usage.charges_usage[0].units, "396000")
 
+    def test_a_percentage_charge_bills_what_lago_bills(self):
+        # Lago's rule: the first free_units_per_events events are free
+        # entirely (rate and fixed fee): (500 - 140) × 2.5% + 2 × $0.05 = $9.10.
+        metric = self.create_metric(code="payments")
+        self.client.plans.create(
+            Plan(
+                name="Payments",
+                code="payments",
+                interval="monthly",
+                amount_cents=0,
+                amount_currency="USD",
+                pay_in_advance=False,
+                charges=Charges(
+                    __root__=[
+                        Charge(
+                            billable_metric_id=metric.lago_id,
+                            charge_model="percentage",
+                            properties={"rate": "2.5", "fixed_amount": "0.05", "free_units_per_events": 2},
+                        )
+                    ]
+                ),
+            )
+        )
+        self.client.customers.create(Customer(external_id="cus_pay", name="Pay", currency="USD"))
+        started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 10 * 86400))
+        self.client.subscriptions.create(
+            Subscription(external_customer_id="cus_pay", plan_code="payments", external_id="pay_1", subscription_at=started)
+        )
+        now = int(time.time()) - 600
+        self.client.events.batch_create(
+            BatchEvent(
+                events=[
+                    Event(
+                        transaction_id=f"pay_{i}",
+                        external_subscription_id="pay_1",
+                        code="payments",
+                        timestamp=now + i,
+                        properties={"value": str(value)},
+                    )
+                    for i, value in enumerate([100, 40, 60, 300])
+                ]
+            )
+        )
+        for _ in range(100):
+            usage = self.client.customers.current_usage("cus_pay", "pay_1")
+            if usage.charges_usage[0].events_count == 4:
+                break
+            time.sleep(0.05)
+        self.assertEqual(usage.charges_usage[0].events_count, 4)
+        self.assertEqual(usage.charges_usage[0].units, "500")
+        self.assertEqual(usage.amount_cents, 910)
+        self.assertEqual(usage.total_amount_cents, 910)
+
     def test_invoices_find_all_find_and_finalize(self):
         self.create_catalog()
         # A long grace period keeps every closed period a draft.
