@@ -1,7 +1,7 @@
 //! A plan's usage charges: which metric, which pricing model, and the model's
 //! properties, validated and held as exact decimals.
 //!
-//! The models are Lago's (standard, package, graduated, volume, percentage).
+//! The models are Lago's (standard, package, graduated, graduated percentage, volume, percentage).
 //! `standard` takes two optional extras that make the NexaCloud price exact:
 //! `free_units` (units included before anything is charged) and `unit_size`
 //! (the number of units the `amount` is for). CPU billed at $0.0075 per
@@ -32,6 +32,32 @@ pub struct PriceRange {
     pub flat_amount: Decimal,
 }
 
+/// One range of a graduated percentage charge: `rate` percent of the units
+/// that fall in it, plus `flat_amount` once it is reached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateRange {
+    /// Lower bound.
+    pub from_value: Decimal,
+    /// Upper bound; `None` = no limit.
+    pub to_value: Option<Decimal>,
+    /// Percent of the units in the range.
+    pub rate: Decimal,
+    /// Flat price of reaching the range.
+    pub flat_amount: Decimal,
+}
+
+impl RateRange {
+    /// The range as a graduated one: the rate as a price per unit.
+    pub fn as_price_range(&self) -> PriceRange {
+        PriceRange {
+            from_value: self.from_value,
+            to_value: self.to_value,
+            per_unit_amount: self.rate / Decimal::ONE_HUNDRED,
+            flat_amount: self.flat_amount,
+        }
+    }
+}
+
 /// A charge model with its validated properties.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "charge_model", rename_all = "snake_case")]
@@ -58,6 +84,12 @@ pub enum Pricing {
     Graduated {
         /// Contiguous ranges from 0, last open.
         ranges: Vec<PriceRange>,
+    },
+    /// Each range takes its rate (percent) of the units that fall in it
+    /// (Lago's tiered percentages).
+    GraduatedPercentage {
+        /// Contiguous ranges from 0, last open.
+        ranges: Vec<RateRange>,
     },
     /// The range holding the total prices every unit.
     Volume {
@@ -88,6 +120,7 @@ impl Pricing {
             Pricing::Standard { .. } => "standard",
             Pricing::Package { .. } => "package",
             Pricing::Graduated { .. } => "graduated",
+            Pricing::GraduatedPercentage { .. } => "graduated_percentage",
             Pricing::Volume { .. } => "volume",
             Pricing::Percentage { .. } => "percentage",
         }
@@ -149,6 +182,17 @@ impl Pricing {
             }),
             Pricing::Graduated { ranges } => json!({ "graduated_ranges": ranges_json(ranges) }),
             Pricing::Volume { ranges } => json!({ "volume_ranges": ranges_json(ranges) }),
+            Pricing::GraduatedPercentage { ranges } => json!({
+                "graduated_percentage_ranges": ranges
+                    .iter()
+                    .map(|r| json!({
+                        "from_value": number(r.from_value),
+                        "to_value": r.to_value.map(number),
+                        "rate": r.rate.to_string(),
+                        "flat_amount": r.flat_amount.to_string(),
+                    }))
+                    .collect::<Vec<_>>()
+            }),
             Pricing::Percentage {
                 rate,
                 fixed_amount,
@@ -286,8 +330,29 @@ pub fn validate_charge(
                 &prop("graduated_ranges"),
                 properties.get("graduated_ranges"),
                 "invalid_graduated_ranges",
+                "per_unit_amount",
             );
             Some(Pricing::Graduated { ranges: ranges? })
+        }
+        Some("graduated_percentage") => {
+            let ranges = ranges(
+                errors,
+                &prop("graduated_percentage_ranges"),
+                properties.get("graduated_percentage_ranges"),
+                "invalid_graduated_percentage_ranges",
+                "rate",
+            );
+            Some(Pricing::GraduatedPercentage {
+                ranges: ranges?
+                    .into_iter()
+                    .map(|r| RateRange {
+                        from_value: r.from_value,
+                        to_value: r.to_value,
+                        rate: r.per_unit_amount,
+                        flat_amount: r.flat_amount,
+                    })
+                    .collect(),
+            })
         }
         Some("volume") => {
             let ranges = ranges(
@@ -295,6 +360,7 @@ pub fn validate_charge(
                 &prop("volume_ranges"),
                 properties.get("volume_ranges"),
                 "invalid_volume_ranges",
+                "per_unit_amount",
             );
             Some(Pricing::Volume { ranges: ranges? })
         }
@@ -399,11 +465,14 @@ fn whole(
 /// Ranges must start at 0, follow each other without gap or overlap (the
 /// next `from_value` equals the previous `to_value`, or that plus one, as
 /// Lago accepts), have `to_value > from_value`, and only the last is open.
+/// `unit_field` names each range's price per unit (`per_unit_amount`, or a
+/// graduated percentage's `rate`).
 fn ranges(
     errors: &mut FieldErrors,
     field: &str,
     value: Option<&Value>,
     code: &str,
+    unit_field: &str,
 ) -> Option<Vec<PriceRange>> {
     let Some(items) = value
         .and_then(Value::as_array)
@@ -430,8 +499,8 @@ fn ranges(
         };
         let per_unit = price(
             errors,
-            &format!("{item_field}.per_unit_amount"),
-            item.get("per_unit_amount"),
+            &format!("{item_field}.{unit_field}"),
+            item.get(unit_field),
         );
         let flat = price(
             errors,
@@ -573,6 +642,48 @@ mod tests {
         assert_eq!(
             ok.pricing.properties(),
             json!({"amount": "5", "free_units": 10, "package_size": 100})
+        );
+    }
+
+    #[test]
+    fn graduated_percentage_ranges_carry_a_rate_each() {
+        let ranges = json!([
+            {"from_value": 0, "to_value": 10, "rate": "1", "flat_amount": "200"},
+            {"from_value": 11, "to_value": null, "rate": "2.5", "flat_amount": "0"},
+        ]);
+        let ok = charge(
+            "graduated_percentage",
+            json!({ "graduated_percentage_ranges": ranges.clone() }),
+        )
+        .unwrap();
+        assert_eq!(ok.pricing.model_name(), "graduated_percentage");
+        assert_eq!(
+            ok.pricing.properties(),
+            json!({ "graduated_percentage_ranges": ranges })
+        );
+        assert_eq!(
+            refused(
+                "graduated_percentage",
+                json!({"graduated_percentage_ranges": [
+                    {"from_value": 0, "to_value": null, "rate": 1, "flat_amount": "0"}
+                ]})
+            ),
+            error(
+                "charges[0].properties.graduated_percentage_ranges[0].rate",
+                "invalid_amount"
+            )
+        );
+        assert_eq!(
+            refused(
+                "graduated_percentage",
+                json!({"graduated_percentage_ranges": [
+                    {"from_value": 5, "to_value": null, "rate": "1", "flat_amount": "0"}
+                ]})
+            ),
+            error(
+                "charges[0].properties.graduated_percentage_ranges",
+                "invalid_graduated_percentage_ranges"
+            )
         );
     }
 

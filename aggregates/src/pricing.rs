@@ -114,6 +114,13 @@ pub fn charge_amount(pricing: &Pricing, usage: &ChargeUsage) -> Checked<Decimal>
             }
         }
         Pricing::Graduated { ranges } => graduated(ranges, units),
+        Pricing::GraduatedPercentage { ranges } => graduated(
+            &ranges
+                .iter()
+                .map(|r| r.as_price_range())
+                .collect::<Vec<_>>(),
+            units,
+        ),
         Pricing::Volume { ranges } => volume(ranges, units),
         Pricing::Percentage {
             rate,
@@ -504,6 +511,40 @@ mod tests {
             ("101", "101"),
             ("200", "200"),
             ("300", "200"),
+        ] {
+            assert_eq!(
+                amount_of(&pricing, &usage(units, 1)),
+                d(expected),
+                "{units} units"
+            );
+        }
+    }
+
+    /// Lago's `graduated_percentage_service_spec.rb`: 0–10 at 1% + 200 flat,
+    /// 11–20 at 2% + 300 flat, 21 and above at 3% + 400 flat.
+    #[test]
+    fn graduated_percentage_matches_lagos_spec_cases() {
+        let rate_range =
+            |from: i64, to: Option<i64>, rate: &str, flat: &str| crate::charge::RateRange {
+                from_value: Decimal::from(from),
+                to_value: to.map(Decimal::from),
+                rate: d(rate),
+                flat_amount: d(flat),
+            };
+        let pricing = Pricing::GraduatedPercentage {
+            ranges: vec![
+                rate_range(0, Some(10), "1", "200"),
+                rate_range(11, Some(20), "2", "300"),
+                rate_range(21, None, "3", "400"),
+            ],
+        };
+        for (units, expected) in [
+            ("0", "0"),
+            ("1", "200.01"),
+            ("10", "200.1"),
+            ("11", "500.12"),
+            ("12", "500.14"),
+            ("21", "900.33"),
         ] {
             assert_eq!(
                 amount_of(&pricing, &usage(units, 1)),

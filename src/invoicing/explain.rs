@@ -70,7 +70,12 @@ fn pricing_rule(pricing: &Pricing, units: Decimal, precise: Decimal) -> String {
             text(precise)
         ),
         Pricing::Graduated { .. } => format!(
-            "graduated: each range prices the units falling in it at its per_unit_amount, plus the flat_amount of every range reached (the first always); with {} units = {}",
+            "graduated: each range prices the units falling in it at its per_unit_amount, plus the flat_amount of every range reached (none without units); with {} units = {}",
+            text(units),
+            text(precise)
+        ),
+        Pricing::GraduatedPercentage { .. } => format!(
+            "graduated_percentage: each range takes its rate (percent) of the units falling in it, plus the flat_amount of every range reached (none without units); with {} units = {}",
             text(units),
             text(precise)
         ),
@@ -80,7 +85,7 @@ fn pricing_rule(pricing: &Pricing, units: Decimal, precise: Decimal) -> String {
             text(precise)
         ),
         Pricing::Percentage { .. } => format!(
-            "percentage: (units − free amount) × rate ÷ 100 + (events − free events) × fixed_amount; with {} units = {}",
+            "percentage: (units − free value of the first events) × rate ÷ 100 + (events − events free of the fee) × fixed_amount, or per event within min/max; with {} units = {}",
             text(units),
             text(precise)
         ),

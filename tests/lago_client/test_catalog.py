@@ -156,19 +156,32 @@ class CatalogThroughTheOfficialClient(unittest.TestCase):
                             },
                         ),
                         charge("percentage", {"rate": "2.9", "fixed_amount": "0.30"}),
+                        charge(
+                            "graduated_percentage",
+                            {
+                                "graduated_percentage_ranges": [
+                                    {"from_value": 0, "to_value": 10, "rate": "1", "flat_amount": "200"},
+                                    {"from_value": 11, "to_value": None, "rate": "2", "flat_amount": "300"},
+                                ]
+                            },
+                        ),
                     ]
                 ),
             )
         )
         models = [c.charge_model for c in plan.charges.__root__]
-        self.assertEqual(models, ["standard", "package", "graduated", "volume", "percentage"])
+        self.assertEqual(models, ["standard", "package", "graduated", "volume", "percentage", "graduated_percentage"])
+        self.assertEqual(
+            plan.charges.__root__[5].properties["graduated_percentage_ranges"][1],
+            {"from_value": 11, "to_value": None, "rate": "2", "flat_amount": "300"},
+        )
         self.assertEqual(plan.charges.__root__[0].properties["amount"], "0.0075")
         found = self.client.plans.find("every_model")
         self.assertEqual(found.amount_cents, 12000)
         self.assertEqual(found.interval, "yearly")
         updated = self.client.plans.update(Plan(amount_cents=15000), "every_model")
         self.assertEqual(updated.amount_cents, 15000)
-        self.assertEqual(len(updated.charges.__root__), 5)
+        self.assertEqual(len(updated.charges.__root__), 6)
         self.assertEqual(self.client.plans.find_all()["meta"]["total_count"], 1)
 
     def test_an_unknown_interval_is_a_422_naming_the_field(self):
