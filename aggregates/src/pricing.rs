@@ -468,6 +468,26 @@ mod tests {
         assert_eq!(amount_of(&pricing, &usage("101", 1)), d("111"));
     }
 
+    /// Lago's `standard_service_spec.rb` (10 units at 5.00) and
+    /// `package_service_spec.rb` (packages of 10 at 1.00, 121 units, with and
+    /// without 10 free units).
+    #[test]
+    fn standard_and_package_match_lagos_spec_cases() {
+        let standard = Pricing::Standard {
+            amount: d("5"),
+            free_units: d("0"),
+            unit_size: d("1"),
+        };
+        assert_eq!(amount_of(&standard, &usage("10", 1)), d("50"));
+        let package = |free: &str| Pricing::Package {
+            amount: d("1"),
+            free_units: d(free),
+            package_size: d("10"),
+        };
+        assert_eq!(amount_of(&package("0"), &usage("121", 1)), d("13"));
+        assert_eq!(amount_of(&package("10"), &usage("121", 1)), d("12"));
+    }
+
     /// Lago's `graduated_service_spec.rb`: 0–10 at 0.10 + 0.02 flat, 11 and
     /// above at 0.05 + 0.03 flat; and decimal units across a bound.
     #[test]
