@@ -477,6 +477,13 @@ fn line_up(period: &str, ledger: (NaiveDate, NaiveDate), source: (NaiveDate, Nai
     })
 }
 
+/// A row's invoices in one order, whatever order they were met or read in:
+/// the ledger's by issue (then id), the source's by their id.
+pub fn put_in_row_order(ledger: &mut [LedgerInvoice], source: &mut [SourceInvoice]) {
+    ledger.sort_by_key(|a| (a.issued_at, a.lago_id));
+    source.sort_by(|a, b| a.source_id.cmp(&b.source_id));
+}
+
 /// Compare a row's sides (the source's uncounted invoices are ignored);
 /// `None` when neither side has anything counted.
 pub fn compare(

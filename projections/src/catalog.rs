@@ -223,7 +223,8 @@ pub fn subscription_changes(event: &SubscriptionEvent) -> Option<Value> {
 }
 
 fn decode<E: DeserializeOwned>(event: &LogEvent) -> Result<E, ProjectionError> {
-    serde::Deserialize::deserialize(&event.payload)
+    event
+        .decode()
         .map_err(|error| ProjectionError::unreadable(event, error))
 }
 

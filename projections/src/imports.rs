@@ -47,7 +47,8 @@ impl Projection for Imports {
                 "stream is not {service}/{source}/{type}/{source_id}",
             ));
         };
-        let fact: ImportedRecordEvent = serde::Deserialize::deserialize(&event.payload)
+        let fact: ImportedRecordEvent = event
+            .decode()
             .map_err(|error| ProjectionError::unreadable(event, error))?;
         match fact {
             ImportedRecordEvent::RecordImported { run_id, record } => {

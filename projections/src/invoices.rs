@@ -43,7 +43,8 @@ impl Projection for Invoices {
         if event.aggregate_type != INVOICE_STREAM_TYPE {
             return Ok(());
         }
-        let invoice_event: InvoiceEvent = serde::Deserialize::deserialize(&event.payload)
+        let invoice_event: InvoiceEvent = event
+            .decode()
             .map_err(|e| ProjectionError::unreadable(event, e))?;
         match invoice_event {
             InvoiceEvent::InvoiceDrafted(header) => {

@@ -37,10 +37,12 @@ pub struct LogEvent {
     pub event_type: String,
     /// The payload's schema version.
     pub event_version: String,
-    /// The event as serialized by its aggregate.
-    pub payload: serde_json::Value,
-    /// Who recorded it and in which request.
-    pub metadata: serde_json::Value,
+    /// The event as serialized by its aggregate: the log's JSON text, decoded
+    /// by the reader that needs it ([`LogEvent::decode`]) straight into its
+    /// type (a rebuild reads a million of them).
+    pub payload: String,
+    /// Who recorded it and in which request (the log's JSON text).
+    pub metadata: String,
     /// When the database recorded it.
     pub recorded_at: DateTime<Utc>,
     /// A usage event's facts, from the log row's usage columns (only for
@@ -106,8 +108,11 @@ impl<'r> sqlx::FromRow<'r, PgRow> for LogEvent {
 /// What a reader of the log asks for beyond each event's place and type.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Reads<'a> {
-    /// The aggregate types whose payload and metadata it decodes (`None`:
-    /// all); other events come with null payload and metadata.
+    /// The aggregate types whose events it reads, with their payload and
+    /// metadata (`None`: all). Events of other types stay in the database
+    /// (but usage events for a reader of their facts, and a window's last
+    /// event, which comes with null payload and metadata to move the
+    /// cursor).
     pub payloads: Option<&'a [&'a str]>,
     /// Whether it reads usage events' facts (the log row's usage columns).
     pub usage_facts: bool,
@@ -125,6 +130,11 @@ impl Reads<'_> {
 }
 
 impl LogEvent {
+    /// The payload, decoded as the event type `T`.
+    pub fn decode<T: serde::de::DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        serde_json::from_str(&self.payload)
+    }
+
     /// The cursor just after this event.
     pub fn cursor(&self) -> LogPosition {
         LogPosition {
@@ -140,8 +150,8 @@ impl LogEvent {
 /// projections skip, and the usage projection reads only the facts).
 const SELECT_EVENTS: &str = "SELECT position, transaction_id::text::bigint AS transaction_id, \
      aggregate_type, aggregate_id, sequence, event_type, event_version, \
-     CASE WHEN $4::text[] IS NULL OR aggregate_type = ANY($4) THEN payload ELSE 'null'::json END AS payload, \
-     CASE WHEN $4::text[] IS NULL OR aggregate_type = ANY($4) THEN metadata ELSE 'null'::json END AS metadata, \
+     CASE WHEN $4::text[] IS NULL OR aggregate_type = ANY($4) THEN payload::text ELSE 'null' END AS payload, \
+     CASE WHEN $4::text[] IS NULL OR aggregate_type = ANY($4) THEN metadata::text ELSE 'null' END AS metadata, \
      recorded_at, \
      CASE WHEN $5 THEN usage_subscription END AS usage_subscription, \
      CASE WHEN $5 THEN usage_metric END AS usage_metric, \
@@ -149,12 +159,31 @@ const SELECT_EVENTS: &str = "SELECT position, transaction_id::text::bigint AS tr
      CASE WHEN $5 THEN usage_value END AS usage_value, \
      CASE WHEN $5 THEN usage_unique_key END AS usage_unique_key, \
      CASE WHEN $5 THEN usage_period_start END AS usage_period_start, \
-     CASE WHEN $5 THEN usage_period_end END AS usage_period_end \
-     FROM events";
+     CASE WHEN $5 THEN usage_period_end END AS usage_period_end";
 
-/// The next `limit` events after `cursor` in log order, never returning an
-/// event while an older transaction that could still write below it runs.
-/// `reads` says which payloads and facts to ship.
+/// A window of the log as one reader reads it.
+#[derive(Debug, Default)]
+pub struct LogBatch {
+    /// The window's events the reader reads (see [`Reads::shipped`]), in
+    /// log order; the window's last event always among them.
+    pub events: Vec<LogEvent>,
+    /// How many events the window holds (shipped or not).
+    pub walked: usize,
+}
+
+impl LogBatch {
+    /// The cursor just after the window (`None`: nothing readable).
+    pub fn end(&self) -> Option<LogPosition> {
+        self.events.last().map(LogEvent::cursor)
+    }
+}
+
+/// The next window of `limit` events after `cursor` in log order, never
+/// returning an event while an older transaction that could still write
+/// below it runs. `reads` says which events, payloads and facts to ship:
+/// the database walks the whole window (an index-only scan finds its end)
+/// and ships only what the reader reads, plus the window's last event so
+/// that the cursor moves past the rest.
 /// (The ORDER BY names the table's columns: the select list aliases
 /// `transaction_id` to an integer, and ordering by that alias would sort the
 /// whole remaining log instead of walking the `(transaction_id, position)`
@@ -164,21 +193,91 @@ pub async fn read_after(
     cursor: LogPosition,
     limit: i64,
     reads: Reads<'_>,
-) -> Result<Vec<LogEvent>, sqlx::Error> {
-    sqlx::query_as::<_, LogEvent>(&format!(
-        "{SELECT_EVENTS} \
+) -> Result<LogBatch, sqlx::Error> {
+    if reads.payloads.is_none() {
+        let events = sqlx::query_as::<_, LogEvent>(&format!(
+            "{SELECT_EVENTS} FROM events \
+             WHERE (transaction_id, position) > ($1::text::xid8, $2) \
+               AND transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
+             ORDER BY events.transaction_id, events.position \
+             LIMIT $3"
+        ))
+        .bind(cursor.transaction_id.to_string())
+        .bind(cursor.position)
+        .bind(limit)
+        .bind(reads.payloads)
+        .bind(reads.usage_facts)
+        .fetch_all(conn)
+        .await?;
+        return Ok(LogBatch {
+            walked: events.len(),
+            events,
+        });
+    }
+    // The window's end: its `limit`-th event, else (the log's tail, or the
+    // horizon moved since) its last readable one among the next `limit`;
+    // both walk the log index only.
+    let full: Option<(String, i64)> = sqlx::query_as(
+        "SELECT transaction_id::text, position FROM events \
          WHERE (transaction_id, position) > ($1::text::xid8, $2) \
            AND transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
-         ORDER BY events.transaction_id, events.position \
-         LIMIT $3"
+         ORDER BY events.transaction_id, events.position OFFSET $3 - 1 LIMIT 1",
+    )
+    .bind(cursor.transaction_id.to_string())
+    .bind(cursor.position)
+    .bind(limit)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let window = match full {
+        Some((transaction, position)) => Some((limit, transaction, position)),
+        None => {
+            sqlx::query_as(
+                "WITH walked AS (SELECT transaction_id, position FROM events \
+                   WHERE (transaction_id, position) > ($1::text::xid8, $2) \
+                     AND transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
+                   ORDER BY transaction_id, position LIMIT $3) \
+                 SELECT (SELECT count(*) FROM walked), transaction_id::text, position FROM walked \
+                 ORDER BY walked.transaction_id DESC, walked.position DESC LIMIT 1",
+            )
+            .bind(cursor.transaction_id.to_string())
+            .bind(cursor.position)
+            .bind(limit)
+            .fetch_optional(&mut *conn)
+            .await?
+        }
+    };
+    let Some((walked, end_transaction, end_position)) = window else {
+        return Ok(LogBatch::default());
+    };
+    // Everything in the window committed before the first statement looked
+    // (it lies below that statement's horizon), so this one sees the same.
+    // (The window's last event is shipped, with a null payload if the reader
+    // does not read it, only to move the cursor.)
+    // The window walked in log order (the log index, as the reads without a
+    // filter), its events filtered before they leave the database.
+    let events = sqlx::query_as::<_, LogEvent>(&format!(
+        "{SELECT_EVENTS} FROM (SELECT * FROM events \
+           WHERE (transaction_id, position) > ($1::text::xid8, $2) \
+             AND (transaction_id, position) <= ($6::text::xid8, $7) \
+           ORDER BY events.transaction_id, events.position LIMIT $3) AS events \
+         WHERE aggregate_type = ANY($4) OR ($5 AND aggregate_type = '{usage}') \
+            OR (transaction_id, position) = ($6::text::xid8, $7) \
+         ORDER BY events.transaction_id, events.position",
+        usage = aggregates::usage::USAGE_STREAM_TYPE
     ))
     .bind(cursor.transaction_id.to_string())
     .bind(cursor.position)
     .bind(limit)
     .bind(reads.payloads)
     .bind(reads.usage_facts)
+    .bind(&end_transaction)
+    .bind(end_position)
     .fetch_all(conn)
-    .await
+    .await?;
+    Ok(LogBatch {
+        events,
+        walked: walked as usize,
+    })
 }
 
 /// The most events [`count_after`] counts: a status report stays cheap
@@ -197,6 +296,25 @@ pub async fn count_after(conn: &mut PgConnection, cursor: LogPosition) -> Result
     .bind(cursor.transaction_id.to_string())
     .bind(cursor.position)
     .bind(LAG_COUNT_LIMIT)
+    .fetch_one(conn)
+    .await
+}
+
+/// How many events lie after `after` and at or before `upto` (an index-only
+/// count).
+pub async fn count_between(
+    conn: &mut PgConnection,
+    after: LogPosition,
+    upto: LogPosition,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE (transaction_id, position) > ($1::text::xid8, $2) \
+           AND (transaction_id, position) <= ($3::text::xid8, $4)",
+    )
+    .bind(after.transaction_id.to_string())
+    .bind(after.position)
+    .bind(upto.transaction_id.to_string())
+    .bind(upto.position)
     .fetch_one(conn)
     .await
 }

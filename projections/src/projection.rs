@@ -48,10 +48,11 @@ pub trait Projection: Send + Sync {
     /// The tables this projection owns; a rebuild empties exactly these.
     fn tables(&self) -> &'static [&'static str];
 
-    /// What the fold reads: the aggregate types whose payloads it decodes
-    /// (by default all; events of other types reach it with null payloads,
-    /// which saves decoding every usage event for projections that skip
-    /// them) and whether it reads usage facts (by default not).
+    /// What the fold reads: the aggregate types whose events it decodes (by
+    /// default all; events of other types are not shipped to it at all,
+    /// which spares projections that skip usage the bulk of the log) and
+    /// whether it reads usage facts (by default not). A fold must still skip
+    /// what it does not read: a window's last event always reaches it.
     fn reads(&self) -> Reads<'static> {
         Reads::default()
     }

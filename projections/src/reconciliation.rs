@@ -17,13 +17,12 @@ use aggregates::import::{
 };
 use aggregates::invoice::{InvoiceEvent, InvoiceHeader, INVOICE_STREAM_TYPE};
 use aggregates::reconciliation::{
-    compare, ledger_invoice, ledger_period, source_invoice, source_period, LedgerInvoice,
-    ReconciliationEvent, SourceInvoice, RECONCILIATION_STREAM_TYPE,
+    compare, ledger_invoice, ledger_period, put_in_row_order, source_invoice, source_period,
+    LedgerInvoice, ReconciliationEvent, SourceInvoice, RECONCILIATION_STREAM_TYPE,
 };
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use sqlx::PgConnection;
 
 use crate::log::{LogEvent, Reads};
@@ -209,14 +208,15 @@ impl Fold {
                 INVOICE_STREAM_TYPE => {
                     let service = invoice_service(event)?;
                     if event.event_type == "InvoiceDrafted" {
-                        if let Some(customer) = event
-                            .payload
-                            .get("InvoiceDrafted")
-                            .and_then(|h| h.get("external_customer_id"))
-                            .and_then(Value::as_str)
-                        {
-                            customers.insert((service.to_string(), customer.to_string()));
+                        /// What the preload needs of a draft: its customer.
+                        #[derive(Deserialize)]
+                        enum Drafted {
+                            InvoiceDrafted { external_customer_id: String },
                         }
+                        let Drafted::InvoiceDrafted {
+                            external_customer_id,
+                        } = event.decode().map_err(|e| unreadable(event, e))?;
+                        customers.insert((service.to_string(), external_customer_id));
                     } else {
                         keys.insert((service.to_string(), "ledger", event.aggregate_id.clone()));
                     }
@@ -271,7 +271,7 @@ impl Fold {
             );
             let rows: Vec<Loaded> = sqlx::query_as(
                 "SELECT i.service_code, i.side, i.key, i.external_customer_id, \
-                 i.external_subscription_id, i.period, i.counted, i.invoice::text \
+                 i.external_subscription_id, i.period, i.counted, i.invoice \
                  FROM reconciliation_invoices i \
                  JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(s, d, x) \
                    ON i.service_code = k.s AND i.side = k.d AND i.key = k.x",
@@ -306,26 +306,18 @@ impl Fold {
     fn put_invoice(&mut self, row: InvoiceRow) {
         let id = (row.service.clone(), row.side, row.key.clone());
         if let Some(old) = self.invoices.get(&id) {
-            self.touch(old.clone());
+            touch(&mut self.touched, old);
         }
-        self.touch(row.clone());
+        touch(&mut self.touched, &row);
         self.changed_invoices.insert(id.clone());
         self.invoices.insert(id, row);
-    }
-
-    fn touch(&mut self, row: InvoiceRow) {
-        if let (Some(subscription), Some(period)) = (row.external_subscription_id, row.period) {
-            self.touched.insert((row.service, subscription, period));
-        }
     }
 
     fn apply(&mut self, event: &LogEvent) -> Result<(), ProjectionError> {
         match event.aggregate_type.as_str() {
             CUSTOMER_TYPE => {
                 let (service, customer) = split_scope(event)?;
-                let profile = match serde::Deserialize::deserialize(&event.payload)
-                    .map_err(|e| unreadable(event, e))?
-                {
+                let profile = match event.decode().map_err(|e| unreadable(event, e))? {
                     CustomerEvent::CustomerCreated { profile, .. }
                     | CustomerEvent::CustomerUpdated { profile } => profile,
                 };
@@ -350,8 +342,8 @@ impl Fold {
                         "stream is not {service}/{subscription}/{period}",
                     ));
                 };
-                let decision: ReconciliationEvent = serde::Deserialize::deserialize(&event.payload)
-                    .map_err(|e| unreadable(event, e))?;
+                let decision: ReconciliationEvent =
+                    event.decode().map_err(|e| unreadable(event, e))?;
                 self.acceptances.insert(
                     (
                         service.to_string(),
@@ -368,8 +360,7 @@ impl Fold {
 
     fn apply_invoice(&mut self, event: &LogEvent) -> Result<(), ProjectionError> {
         let service = invoice_service(event)?.to_string();
-        let invoice_event: InvoiceEvent =
-            serde::Deserialize::deserialize(&event.payload).map_err(|e| unreadable(event, e))?;
+        let invoice_event: InvoiceEvent = event.decode().map_err(|e| unreadable(event, e))?;
         match invoice_event {
             InvoiceEvent::InvoiceDrafted(header) => {
                 let timezone = self
@@ -395,7 +386,7 @@ impl Fold {
             }
             InvoiceEvent::InvoiceFinalized(finalization) => {
                 let id = (service, "ledger", event.aggregate_id.clone());
-                let Some(row) = self.invoices.get(&id).cloned() else {
+                let Some(row) = self.invoices.get(&id) else {
                     return Err(unreadable(event, "finalized before it was drafted"));
                 };
                 let Stored::Draft(draft) = &row.invoice else {
@@ -403,11 +394,17 @@ impl Fold {
                 };
                 let tz = draft.timezone.parse().unwrap_or(chrono_tz::UTC);
                 let invoice = ledger_invoice(&draft.draft, &finalization, tz);
-                self.put_invoice(InvoiceRow {
+                let row = InvoiceRow {
+                    service: row.service.clone(),
+                    key: row.key.clone(),
+                    external_customer_id: row.external_customer_id.clone(),
+                    external_subscription_id: row.external_subscription_id.clone(),
+                    period: row.period.clone(),
                     counted: true,
                     invoice: Stored::Ledger(Box::new(invoice)),
-                    ..row
-                });
+                    ..*row
+                };
+                self.put_invoice(row);
             }
             // Payments do not change what was billed.
             _ => {}
@@ -420,8 +417,7 @@ impl Fold {
         if kind != RecordType::ExternalInvoice.as_str() {
             return Ok(());
         }
-        let fact: ImportedRecordEvent =
-            serde::Deserialize::deserialize(&event.payload).map_err(|e| unreadable(event, e))?;
+        let fact: ImportedRecordEvent = event.decode().map_err(|e| unreadable(event, e))?;
         let record = SourceRecord::from_value(fact.record().clone())
             .map_err(|e| unreadable(event, format!("{e:?}")))?;
         let external = validate_external_invoice(&record.fields)
@@ -472,7 +468,7 @@ impl Fold {
                 "INSERT INTO reconciliation_invoices (service_code, side, key, external_customer_id, \
                  external_subscription_id, period, counted, invoice) \
                  SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
-                                      $6::text[], $7::bool[], $8::text[]::jsonb[]) \
+                                      $6::text[], $7::bool[], $8::text[]) \
                  ON CONFLICT (service_code, side, key) DO UPDATE SET \
                    external_customer_id = EXCLUDED.external_customer_id, \
                    external_subscription_id = EXCLUDED.external_subscription_id, \
@@ -548,7 +544,7 @@ impl Fold {
             type Counted = (String, String, String, String, String, String, String);
             let others: Vec<Counted> = sqlx::query_as(
                 "SELECT i.service_code, i.external_subscription_id, i.period, i.side, i.key, \
-                 i.external_customer_id, i.invoice::text FROM reconciliation_invoices i \
+                 i.external_customer_id, i.invoice FROM reconciliation_invoices i \
                  JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(s, e, p) \
                    ON i.service_code = k.s AND i.external_subscription_id = k.e AND i.period = k.p \
                  WHERE i.counted",
@@ -587,23 +583,19 @@ impl Fold {
                 let compared = sides
                     .remove(key)
                     .and_then(|(customer, mut ledger, mut source)| {
-                        // One order whatever order the batch met them in.
-                        ledger.sort_by(|a, b| {
-                            (a.issued_at, a.lago_id).cmp(&(b.issued_at, b.lago_id))
-                        });
-                        source.sort_by(|a, b| a.source_id.cmp(&b.source_id));
-                        compare(&key.2, &ledger, &source).map(|c| {
-                            (
-                                customer,
-                                c,
-                                serde_json::to_string(&ledger).expect("serializable"),
-                                serde_json::to_string(&source).expect("serializable"),
-                            )
-                        })
+                        put_in_row_order(&mut ledger, &mut source);
+                        compare(&key.2, &ledger, &source).map(|c| (customer, c))
                     });
                 (key.clone(), compared)
             })
             .collect())
+    }
+}
+
+/// Mark the row an invoice belongs to for recomputing.
+fn touch(touched: &mut BTreeSet<RowKey>, row: &InvoiceRow) {
+    if let (Some(subscription), Some(period)) = (&row.external_subscription_id, &row.period) {
+        touched.insert((row.service.clone(), subscription.clone(), period.clone()));
     }
 }
 
@@ -618,12 +610,7 @@ fn stored(key: &str, error: serde_json::Error) -> ProjectionError {
 /// A touched row: its comparison, or `None` when nothing is left to compare.
 type RowState = (
     RowKey,
-    Option<(
-        String,
-        aggregates::reconciliation::Comparison,
-        String,
-        String,
-    )>,
+    Option<(String, aggregates::reconciliation::Comparison)>,
 );
 
 /// Write the recomputed rows: upsert those with a comparison, delete the rest.
@@ -632,7 +619,7 @@ async fn write_rows(conn: &mut PgConnection, states: Vec<RowState>) -> Result<()
     let mut rows = Vec::new();
     for (key, state) in &states {
         match state {
-            Some((customer, c, ledger, source)) => rows.push((key, customer, c, ledger, source)),
+            Some((customer, c)) => rows.push((key, customer, c)),
             None => {
                 gone[0].push(&key.0);
                 gone[1].push(&key.1);
@@ -658,16 +645,16 @@ async fn write_rows(conn: &mut PgConnection, states: Vec<RowState>) -> Result<()
     sqlx::query(
         "INSERT INTO reconciliation_rows (service_code, external_subscription_id, period, \
          external_customer_id, status, ledger_fees_cents, ledger_taxes_cents, ledger_total_cents, \
-         source_fees_cents, source_taxes_cents, source_total_cents, delta_cents, ledger, source) \
+         source_fees_cents, source_taxes_cents, source_total_cents, delta_cents) \
          SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
            $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], \
-           $12::bigint[], $13::text[]::jsonb[], $14::text[]::jsonb[]) \
+           $12::bigint[]) \
          ON CONFLICT (service_code, external_subscription_id, period) DO UPDATE SET \
            external_customer_id = EXCLUDED.external_customer_id, status = EXCLUDED.status, \
            ledger_fees_cents = EXCLUDED.ledger_fees_cents, ledger_taxes_cents = EXCLUDED.ledger_taxes_cents, \
            ledger_total_cents = EXCLUDED.ledger_total_cents, source_fees_cents = EXCLUDED.source_fees_cents, \
            source_taxes_cents = EXCLUDED.source_taxes_cents, source_total_cents = EXCLUDED.source_total_cents, \
-           delta_cents = EXCLUDED.delta_cents, ledger = EXCLUDED.ledger, source = EXCLUDED.source",
+           delta_cents = EXCLUDED.delta_cents",
     )
     .bind(rows.iter().map(|r| r.0 .0.as_str()).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.0 .1.as_str()).collect::<Vec<_>>())
@@ -681,8 +668,6 @@ async fn write_rows(conn: &mut PgConnection, states: Vec<RowState>) -> Result<()
     .bind(rows.iter().map(|r| r.2.source.taxes_cents).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.2.source.total_cents).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.2.delta_cents).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| &r.3).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| &r.4).collect::<Vec<_>>())
     .execute(&mut *conn)
     .await?;
     Ok(())

@@ -54,7 +54,8 @@ pub fn directory_change(event: &LogEvent) -> Result<Option<DirectoryChange>, Pro
     if event.aggregate_type != Service::TYPE {
         return Ok(None);
     }
-    let service_event: ServiceEvent = serde::Deserialize::deserialize(&event.payload)
+    let service_event: ServiceEvent = event
+        .decode()
         .map_err(|error| ProjectionError::unreadable(event, error))?;
     let code = event.aggregate_id.clone();
     Ok(Some(match service_event {
@@ -175,8 +176,8 @@ mod tests {
             sequence: 1,
             event_type: "ServiceRegistered".into(),
             event_version: "1.0".into(),
-            payload,
-            metadata: json!({}),
+            payload: payload.to_string(),
+            metadata: "{}".into(),
             recorded_at: Utc::now(),
             usage: None,
         }

@@ -86,7 +86,8 @@ async fn apply_import_run(
     conn: &mut PgConnection,
     event: &LogEvent,
 ) -> Result<(), ProjectionError> {
-    let run: ImportRunEvent = serde::Deserialize::deserialize(&event.payload)
+    let run: ImportRunEvent = event
+        .decode()
         .map_err(|error| ProjectionError::unreadable(event, error))?;
     match run {
         ImportRunEvent::ImportRunStarted {

@@ -170,7 +170,8 @@ fn receives(wants: &Option<Vec<String>>, webhook_type: &str) -> bool {
 }
 
 fn decode<E: serde::de::DeserializeOwned>(event: &LogEvent) -> Result<E, ProjectionError> {
-    serde::Deserialize::deserialize(&event.payload)
+    event
+        .decode()
         .map_err(|error| ProjectionError::unreadable(event, error))
 }
 

@@ -42,7 +42,8 @@ const HELD_BACK_RETRY: Duration = Duration::from_millis(20);
 /// What one batch did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BatchOutcome {
-    /// Applied this many events.
+    /// Applied this many events (walked: including those the projection
+    /// does not read, which the log never ships to it).
     Applied(usize),
     /// Nothing after the checkpoint: the projection is current.
     CaughtUp,
@@ -73,8 +74,9 @@ pub struct ProjectionStatus {
 pub struct ProjectionRunner {
     pool: PgPool,
     projections: Vec<Box<dyn Projection>>,
-    /// Rebuilding: bigger batches (far behind, nobody waiting).
-    rebuilding: bool,
+    /// Events per batch: bigger when rebuilding (far behind, nobody
+    /// waiting).
+    batch_size: i64,
 }
 
 impl ProjectionRunner {
@@ -90,13 +92,19 @@ impl ProjectionRunner {
         Ok(Self {
             pool,
             projections,
-            rebuilding: false,
+            batch_size: BATCH_SIZE,
         })
     }
 
     /// The same runner in rebuild mode (see `rebuilding`).
     pub fn rebuilding(mut self) -> Self {
-        self.rebuilding = true;
+        self.batch_size = REBUILD_BATCH_SIZE;
+        self
+    }
+
+    /// The same runner with batches of `events` (at least one).
+    pub fn with_batch_size(mut self, events: i64) -> Self {
+        self.batch_size = events.max(1);
         self
     }
 
@@ -111,11 +119,7 @@ impl ProjectionRunner {
     }
 
     fn batch_size(&self) -> i64 {
-        if self.rebuilding {
-            REBUILD_BATCH_SIZE
-        } else {
-            BATCH_SIZE
-        }
+        self.batch_size
     }
 
     /// Apply the next batch of events to one projection.
@@ -144,15 +148,14 @@ impl ProjectionRunner {
             transaction_id,
             position,
         };
-        let events =
-            log::read_after(&mut tx, cursor, self.batch_size(), projection.reads()).await?;
-        let Some(last) = events.last().map(|event| event.cursor()) else {
+        let batch = log::read_after(&mut tx, cursor, self.batch_size(), projection.reads()).await?;
+        let Some(last) = batch.end() else {
             return Ok(match log::any_after(&mut tx, cursor).await? {
                 false => BatchOutcome::CaughtUp,
                 true => BatchOutcome::HeldBack,
             });
         };
-        projection.apply_batch(&mut tx, &events).await?;
+        projection.apply_batch(&mut tx, &batch.events).await?;
         sqlx::query(
             "UPDATE projection_checkpoints SET last_transaction_id = $2::text::xid8, \
              last_position = $3, events_applied = events_applied + $4, updated_at = now() \
@@ -161,11 +164,11 @@ impl ProjectionRunner {
         .bind(projection.name())
         .bind(last.transaction_id.to_string())
         .bind(last.position)
-        .bind(events.len() as i64)
+        .bind(batch.walked as i64)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(BatchOutcome::Applied(events.len()))
+        Ok(BatchOutcome::Applied(batch.walked))
     }
 
     /// Apply batches to every projection until none has anything readable
@@ -606,22 +609,24 @@ async fn fold_batch(
         payloads: payloads.as_deref(),
         usage_facts: projections.iter().any(|p| p.reads().usage_facts),
     };
-    let mut events = log::read_after(&mut *conn, cursor, REBUILD_BATCH_SIZE, reads).await?;
-    // The end is reached once a batch holds it or reads past it (an empty
-    // batch may only mean the horizon holds events back).
-    let reached_end = upto.is_some_and(|end| {
-        let past = events.iter().any(|e| e.cursor() >= end);
-        events.retain(|e| e.cursor() <= end);
-        past
-    });
-    let Some(last) = events.last().map(|e| e.cursor()) else {
-        if reached_end || !log::any_after(&mut *conn, cursor).await? {
+    let mut batch = log::read_after(&mut *conn, cursor, REBUILD_BATCH_SIZE, reads).await?;
+    let Some(mut last) = batch.end() else {
+        if !log::any_after(&mut *conn, cursor).await? {
             return Ok(FoldStep::Done);
         }
         return Ok(FoldStep::HeldBack);
     };
-    for projection in projections {
-        projection.apply_batch(&mut *conn, &events).await?;
+    // The end is reached once a window holds it or reads past it (an empty
+    // window may only mean the horizon holds events back).
+    let mut walked = batch.walked;
+    let reached_end = upto.is_some_and(|end| end <= last);
+    if let Some(end) = upto.filter(|_| reached_end) {
+        batch.events.retain(|e| e.cursor() <= end);
+        walked = walked.saturating_sub(log::count_between(&mut *conn, end, last).await? as usize);
+        last = end;
     }
-    Ok(FoldStep::Applied(events.len(), last, reached_end))
+    for projection in projections {
+        projection.apply_batch(&mut *conn, &batch.events).await?;
+    }
+    Ok(FoldStep::Applied(walked, last, reached_end))
 }

@@ -11,9 +11,9 @@ use std::collections::{BTreeMap, HashMap};
 use aggregates::charge::Pricing;
 use aggregates::plan::PlanDefinition;
 use aggregates::reconciliation::{
-    causes, compare, format_cents, ledger_invoice_of, parse_period, reconciliation_stream, Amounts,
-    Cause, CauseKind, LedgerInvoice, LedgerLine, LineClass, ReconciliationEvent, RowStatus,
-    SourceInvoice, UnitPrice, RECONCILIATION_STREAM_TYPE,
+    causes, compare, format_cents, ledger_invoice_of, parse_period, put_in_row_order,
+    reconciliation_stream, Amounts, Cause, CauseKind, LedgerInvoice, LedgerLine, LineClass,
+    ReconciliationEvent, RowStatus, SourceInvoice, UnitPrice, RECONCILIATION_STREAM_TYPE,
 };
 use chrono::{DateTime, NaiveDate, Utc};
 use cqrs_es::DomainEvent;
@@ -303,7 +303,13 @@ struct StoredRow {
 const ROWS_SELECT: &str = "SELECT r.service_code, r.external_subscription_id, r.period, \
     r.external_customer_id, r.status, r.delta_cents, r.ledger_fees_cents, r.ledger_taxes_cents, \
     r.ledger_total_cents, r.source_fees_cents, r.source_taxes_cents, r.source_total_cents, \
-    r.ledger, r.source, a.reason AS accepted_reason, a.accepted_by, a.accepted_at, \
+    (SELECT coalesce(json_agg(i.invoice::json), '[]') FROM reconciliation_invoices i \
+      WHERE i.service_code = r.service_code AND i.external_subscription_id = r.external_subscription_id \
+        AND i.period = r.period AND i.side = 'ledger' AND i.counted) AS ledger, \
+    (SELECT coalesce(json_agg(i.invoice::json), '[]') FROM reconciliation_invoices i \
+      WHERE i.service_code = r.service_code AND i.external_subscription_id = r.external_subscription_id \
+        AND i.period = r.period AND i.side = 'source' AND i.counted) AS source, \
+    a.reason AS accepted_reason, a.accepted_by, a.accepted_at, \
     a.delta_cents AS accepted_delta_cents, a.status AS accepted_status \
     FROM reconciliation_rows r LEFT JOIN reconciliation_acceptances a \
       ON a.service_code = r.service_code AND a.external_subscription_id = r.external_subscription_id \
@@ -406,8 +412,9 @@ fn side_view(
 fn row_view(stored: StoredRow, tolerance: i64, plans: &Plans) -> Result<RowView, ReconcileError> {
     let recorded = RowStatus::parse(&stored.status)
         .ok_or_else(|| anyhow::anyhow!("stored status {}", stored.status))?;
-    let ledger_invoices: Vec<LedgerInvoice> = serde_json::from_value(stored.ledger)?;
-    let source_invoices: Vec<SourceInvoice> = serde_json::from_value(stored.source)?;
+    let mut ledger_invoices: Vec<LedgerInvoice> = serde_json::from_value(stored.ledger)?;
+    let mut source_invoices: Vec<SourceInvoice> = serde_json::from_value(stored.source)?;
+    put_in_row_order(&mut ledger_invoices, &mut source_invoices);
     let accepted = match (
         stored.accepted_reason,
         stored.accepted_by,
@@ -593,7 +600,7 @@ async fn unattributed(
     service: Option<&str>,
 ) -> Result<Vec<Unattributed>, ReconcileError> {
     let rows: Vec<(String, String, Option<String>, String, Value)> = sqlx::query_as(
-        "SELECT service_code, external_customer_id, period, side, invoice FROM reconciliation_invoices \
+        "SELECT service_code, external_customer_id, period, side, invoice::json FROM reconciliation_invoices \
          WHERE external_subscription_id IS NULL AND counted AND (period = $1 OR period IS NULL) \
            AND ($2::text IS NULL OR service_code = $2) \
          ORDER BY service_code, external_customer_id, side, key",
