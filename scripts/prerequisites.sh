@@ -1,7 +1,7 @@
 # Sourced by scripts/demo and scripts/test: make sure what they need is
 # installed — PostgreSQL's server binaries (initdb, pg_ctl) and, for the
-# tests, Python with venv — installing it with apt-get when it is missing and
-# that is possible, explaining what to do when it is not.
+# tests, Python with venv and promtool — installing it with apt-get when it
+# is missing and that is possible, explaining what to do when it is not.
 
 # apt_install PACKAGE...: install Debian packages, as root or through sudo.
 apt_install() {
@@ -40,6 +40,17 @@ ensure_postgres_binaries() {
     fi
     postgres_binaries_present || {
         echo "error: postgresql was installed but initdb/pg_ctl are still not found." >&2
+        return 1
+    }
+}
+
+# ensure_promtool: Prometheus' promtool, which checks the ledger's /metrics
+# in the tests (Debian's prometheus package; its service is not started).
+ensure_promtool() {
+    command -v promtool >/dev/null 2>&1 && return 0
+    echo "promtool is missing; installing Debian's prometheus package with apt-get..." >&2
+    apt_install prometheus || {
+        echo "error: could not install promtool (Debian: apt-get install prometheus)." >&2
         return 1
     }
 }

@@ -119,6 +119,14 @@ pub struct Reads<'a> {
 }
 
 impl Reads<'_> {
+    /// Whether `event` is one this reader reads (not only shipped to move
+    /// its cursor).
+    pub fn ships(&self, event: &LogEvent) -> bool {
+        self.payloads
+            .is_none_or(|types| types.contains(&event.aggregate_type.as_str()))
+            || (self.usage_facts && event.aggregate_type == aggregates::usage::USAGE_STREAM_TYPE)
+    }
+
     /// Whether usage events mean anything to this reader (their facts or
     /// their payloads).
     pub fn usage(&self) -> bool {
@@ -161,14 +169,33 @@ const SELECT_EVENTS: &str = "SELECT position, transaction_id::text::bigint AS tr
      CASE WHEN $5 THEN usage_period_start END AS usage_period_start, \
      CASE WHEN $5 THEN usage_period_end END AS usage_period_end";
 
+/// How much of the log one read covers: it ends at its `walk`-th event or
+/// at its `ship`-th shipped one, whichever comes first. A reader that reads
+/// every event is shipped all it walks; one that reads a few types passes
+/// over long stretches of others in one read, its memory bounded by `ship`,
+/// walking at most `step` events per statement (a statement that walks a
+/// small part of the log keeps to the log index, in order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// The most events walked.
+    pub walk: i64,
+    /// The most events shipped.
+    pub ship: i64,
+    /// The most events one statement walks.
+    pub step: i64,
+}
+
 /// A window of the log as one reader reads it.
 #[derive(Debug, Default)]
 pub struct LogBatch {
-    /// The window's events the reader reads (see [`Reads::shipped`]), in
+    /// The window's events the reader reads (see [`Reads::ships`]), in
     /// log order; the window's last event always among them.
     pub events: Vec<LogEvent>,
     /// How many events the window holds (shipped or not).
     pub walked: usize,
+    /// Whether the window stopped at a limit (more may be readable at once)
+    /// rather than at the end of what its snapshot could read.
+    pub full: bool,
 }
 
 impl LogBatch {
@@ -178,12 +205,12 @@ impl LogBatch {
     }
 }
 
-/// The next window of `limit` events after `cursor` in log order, never
-/// returning an event while an older transaction that could still write
-/// below it runs. `reads` says which events, payloads and facts to ship:
-/// the database walks the whole window (an index-only scan finds its end)
-/// and ships only what the reader reads, plus the window's last event so
-/// that the cursor moves past the rest.
+/// The next window after `cursor` in log order, never returning an event
+/// while an older transaction that could still write below it runs.
+/// `reads` says which events, payloads and facts to ship: the database
+/// walks the window (an index-only scan finds its end) and ships only what
+/// the reader reads, plus the window's last event so that the cursor moves
+/// past the rest.
 /// (The ORDER BY names the table's columns: the select list aliases
 /// `transaction_id` to an integer, and ordering by that alias would sort the
 /// whole remaining log instead of walking the `(transaction_id, position)`
@@ -191,10 +218,11 @@ impl LogBatch {
 pub async fn read_after(
     conn: &mut PgConnection,
     cursor: LogPosition,
-    limit: i64,
+    window: Window,
     reads: Reads<'_>,
 ) -> Result<LogBatch, sqlx::Error> {
     if reads.payloads.is_none() {
+        let limit = window.walk.min(window.ship);
         let events = sqlx::query_as::<_, LogEvent>(&format!(
             "{SELECT_EVENTS} FROM events \
              WHERE (transaction_id, position) > ($1::text::xid8, $2) \
@@ -211,14 +239,47 @@ pub async fn read_after(
         .await?;
         return Ok(LogBatch {
             walked: events.len(),
+            full: events.len() as i64 == limit,
             events,
         });
     }
-    // The window's end: its `limit`-th event, else (the log's tail, or the
+    let mut batch = LogBatch::default();
+    let mut at = cursor;
+    let mut read = 0;
+    loop {
+        let walk = (window.walk - batch.walked as i64).min(window.step.max(1));
+        let part = read_part(&mut *conn, at, walk, (window.ship - read).max(1), reads).await?;
+        let Some(end) = part.end() else { break };
+        // A part's last event only moves the cursor: the next part's does.
+        if batch.events.last().is_some_and(|e| !reads.ships(e)) {
+            batch.events.pop();
+        }
+        at = end;
+        read += part.events.iter().filter(|e| reads.ships(e)).count() as i64;
+        batch.walked += part.walked;
+        batch.events.extend(part.events);
+        batch.full = part.full;
+        if !part.full || batch.walked as i64 >= window.walk || read >= window.ship {
+            break;
+        }
+    }
+    Ok(batch)
+}
+
+/// One statement's part of a filtered window: at most `limit` events
+/// walked, at most `ship` shipped.
+async fn read_part(
+    conn: &mut PgConnection,
+    cursor: LogPosition,
+    limit: i64,
+    ship: i64,
+    reads: Reads<'_>,
+) -> Result<LogBatch, sqlx::Error> {
+    // The part's end: its `limit`-th event, else (the log's tail, or the
     // horizon moved since) its last readable one among the next `limit`;
     // both walk the log index only.
-    let full: Option<(String, i64)> = sqlx::query_as(
-        "SELECT transaction_id::text, position FROM events \
+    let at_limit: Option<(i64, i64)> = sqlx::query_as(
+        "SELECT transaction_id::text::bigint, position FROM events \
          WHERE (transaction_id, position) > ($1::text::xid8, $2) \
            AND transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
          ORDER BY events.transaction_id, events.position OFFSET $3 - 1 LIMIT 1",
@@ -228,7 +289,7 @@ pub async fn read_after(
     .bind(limit)
     .fetch_optional(&mut *conn)
     .await?;
-    let window = match full {
+    let found = match at_limit {
         Some((transaction, position)) => Some((limit, transaction, position)),
         None => {
             sqlx::query_as(
@@ -236,7 +297,8 @@ pub async fn read_after(
                    WHERE (transaction_id, position) > ($1::text::xid8, $2) \
                      AND transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
                    ORDER BY transaction_id, position LIMIT $3) \
-                 SELECT (SELECT count(*) FROM walked), transaction_id::text, position FROM walked \
+                 SELECT (SELECT count(*) FROM walked), transaction_id::text::bigint, position \
+                 FROM walked \
                  ORDER BY walked.transaction_id DESC, walked.position DESC LIMIT 1",
             )
             .bind(cursor.transaction_id.to_string())
@@ -246,15 +308,20 @@ pub async fn read_after(
             .await?
         }
     };
-    let Some((walked, end_transaction, end_position)) = window else {
+    let Some((walked, transaction_id, position)) = found else {
         return Ok(LogBatch::default());
+    };
+    let window_end = LogPosition {
+        transaction_id,
+        position,
     };
     // Everything in the window committed before the first statement looked
     // (it lies below that statement's horizon), so this one sees the same.
     // (The window's last event is shipped, with a null payload if the reader
     // does not read it, only to move the cursor.)
     // The window walked in log order (the log index, as the reads without a
-    // filter), its events filtered before they leave the database.
+    // filter), its events filtered before they leave the database; cut
+    // short at its `ship`-th (the walk then ends there: counted).
     let events = sqlx::query_as::<_, LogEvent>(&format!(
         "{SELECT_EVENTS} FROM (SELECT * FROM events \
            WHERE (transaction_id, position) > ($1::text::xid8, $2) \
@@ -262,7 +329,7 @@ pub async fn read_after(
            ORDER BY events.transaction_id, events.position LIMIT $3) AS events \
          WHERE aggregate_type = ANY($4) OR ($5 AND aggregate_type = '{usage}') \
             OR (transaction_id, position) = ($6::text::xid8, $7) \
-         ORDER BY events.transaction_id, events.position",
+         ORDER BY events.transaction_id, events.position LIMIT $8",
         usage = aggregates::usage::USAGE_STREAM_TYPE
     ))
     .bind(cursor.transaction_id.to_string())
@@ -270,14 +337,23 @@ pub async fn read_after(
     .bind(limit)
     .bind(reads.payloads)
     .bind(reads.usage_facts)
-    .bind(&end_transaction)
-    .bind(end_position)
-    .fetch_all(conn)
+    .bind(window_end.transaction_id.to_string())
+    .bind(window_end.position)
+    .bind(ship)
+    .fetch_all(&mut *conn)
     .await?;
-    Ok(LogBatch {
-        events,
-        walked: walked as usize,
-    })
+    match events.last().map(LogEvent::cursor) {
+        Some(last) if last != window_end => Ok(LogBatch {
+            walked: count_between(conn, cursor, last).await? as usize,
+            full: true,
+            events,
+        }),
+        _ => Ok(LogBatch {
+            events,
+            walked: walked as usize,
+            full: walked == limit,
+        }),
+    }
 }
 
 /// The most events [`count_after`] counts: a status report stays cheap

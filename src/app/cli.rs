@@ -105,6 +105,11 @@ pub enum Command {
         /// (CIDRs, comma-separated; e.g. the private network of a receiver).
         #[arg(long, env = "LEDGER_WEBHOOK_ALLOW", value_delimiter = ',', num_args = 1..)]
         webhook_allow: Vec<String>,
+        /// Also serve `/metrics` on this address, without a key (a private
+        /// address Prometheus reaches; `/metrics` on --listen needs the
+        /// operator key).
+        #[arg(long, env = "LEDGER_METRICS_LISTEN")]
+        metrics_listen: Option<SocketAddr>,
     },
     /// Outgoing webhook deliveries: list, redeliver, recover.
     Webhooks {
@@ -547,6 +552,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             stripe_webhook_secret,
             stripe_tolerance_seconds,
             webhook_allow,
+            metrics_listen,
         } => {
             let providers = crate::http::Providers {
                 stripe: StripeSettings::from_list(
@@ -567,6 +573,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 usage_appenders,
                 close_interval: std::time::Duration::from_secs(close_interval_seconds.max(1)),
                 providers,
+                metrics_listen,
             };
             serve(&config, settings).await?;
         }
@@ -951,10 +958,14 @@ async fn serve(config: &DatabaseConfig, settings: ServeSettings) -> anyhow::Resu
             connections: crate::app::server::ConnectionLimits::default(),
             providers: settings.providers,
             dispatch_interval: std::time::Duration::from_millis(100),
+            metrics_listen: settings.metrics_listen,
         },
     )
     .await?;
     let stop = shutdown_signal();
+    if let Some(address) = app.metrics_addr() {
+        tracing::info!(address = %address?, "metrics are served at /metrics");
+    }
     tracing::info!(address = %app.local_addr()?, "ledger is serving");
     let served = app.run_until_stopped(stop).await;
     database.close().await;
@@ -1023,6 +1034,7 @@ struct ServeSettings {
     usage_appenders: usize,
     close_interval: std::time::Duration,
     providers: crate::http::Providers,
+    metrics_listen: Option<SocketAddr>,
 }
 
 async fn services(database: &Database, command: ServicesCommand) -> anyhow::Result<()> {

@@ -3,6 +3,7 @@
 //! (tests, the demo) can start it on port 0 and read the real address.
 
 pub mod cli;
+pub mod metrics;
 pub mod server;
 pub mod supervisor;
 pub mod telemetry;
@@ -86,6 +87,8 @@ pub struct Settings {
     pub providers: http::Providers,
     /// How often the webhook dispatcher looks for due messages when idle.
     pub dispatch_interval: Duration,
+    /// A second listen address serving `/metrics` alone, without a key.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Settings {
@@ -102,6 +105,7 @@ impl Settings {
             connections: server::ConnectionLimits::default(),
             providers: http::Providers::default(),
             dispatch_interval: Duration::from_millis(100),
+            metrics_listen: None,
         }
     }
 }
@@ -110,6 +114,7 @@ impl Settings {
 /// benchmarks and the tests run.
 pub struct Application {
     listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
     state: AppState,
     settings: Settings,
 }
@@ -130,11 +135,25 @@ impl Application {
         let listener = TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("cannot listen on {}", settings.listen))?;
+        let metrics_listener = match settings.metrics_listen {
+            Some(address) => Some(
+                TcpListener::bind(address)
+                    .await
+                    .with_context(|| format!("cannot listen on {address} for metrics"))?,
+            ),
+            None => None,
+        };
         Ok(Self {
             listener,
+            metrics_listener,
             state,
             settings,
         })
+    }
+
+    /// The address the metrics listener is bound to, if there is one.
+    pub fn metrics_addr(&self) -> Option<std::io::Result<SocketAddr>> {
+        self.metrics_listener.as_ref().map(|l| l.local_addr())
     }
 
     /// The address the listener is bound to (the real port when asked for 0).
@@ -151,6 +170,7 @@ impl Application {
     ) -> anyhow::Result<()> {
         let Self {
             listener,
+            metrics_listener,
             state,
             settings,
         } = self;
@@ -228,6 +248,17 @@ impl Application {
             tasks.push(supervise(health, tasks_stopped.clone(), move |health| {
                 let dispatcher = Dispatcher::new(pool.clone(), policy.clone());
                 dispatcher.run(stopped.clone(), health, idle)
+            }));
+        }
+        if let Some(listener) = metrics_listener {
+            let mut stopped = tasks_stopped.clone();
+            let router = metrics::router(pool.clone());
+            let connections = settings.connections;
+            tasks.push(tokio::spawn(async move {
+                server::serve(listener, router, connections, async move {
+                    let _ = stopped.changed().await;
+                })
+                .await
             }));
         }
         server::serve(

@@ -14,17 +14,29 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use projections::log::{self, LogPosition};
+use projections::log::{self, LogPosition, Window};
 use projections::{Projection, ProjectionError};
 use serde::Serialize;
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use tokio::sync::{watch, Notify};
 
-/// Events folded per transaction.
-const BATCH_SIZE: i64 = 1000;
-/// Events folded per transaction by a rebuild (far behind, nobody waiting).
-const REBUILD_BATCH_SIZE: i64 = 50_000;
+/// The log read per transaction: a thousand events shipped, ten thousand
+/// walked for a projection that reads a few types.
+const WINDOW: Window = Window {
+    walk: 10_000,
+    ship: 1_000,
+    step: 10_000,
+};
+/// The log read per transaction by a rebuild (far behind, nobody waiting):
+/// a projection that reads a few types folds them in a few big batches
+/// (each batch reads back what the previous one wrote), with at most
+/// 100,000 events in memory.
+const REBUILD_WINDOW: Window = Window {
+    walk: 1_000_000,
+    ship: 100_000,
+    step: 50_000,
+};
 /// The channel the `events_appended` trigger notifies.
 const APPENDED_CHANNEL: &str = "ledger_events_appended";
 /// The longest a runner waits without a notification.
@@ -42,9 +54,14 @@ const HELD_BACK_RETRY: Duration = Duration::from_millis(20);
 /// What one batch did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BatchOutcome {
-    /// Applied this many events (walked: including those the projection
-    /// does not read, which the log never ships to it).
-    Applied(usize),
+    /// Applied a window of the log.
+    Applied {
+        /// Its events (walked: including those the projection does not
+        /// read, which the log never ships to it).
+        events: usize,
+        /// Whether it stopped at its limit: more may be readable at once.
+        full: bool,
+    },
     /// Nothing after the checkpoint: the projection is current.
     CaughtUp,
     /// Committed events lie after the checkpoint, but an older transaction
@@ -74,9 +91,9 @@ pub struct ProjectionStatus {
 pub struct ProjectionRunner {
     pool: PgPool,
     projections: Vec<Box<dyn Projection>>,
-    /// Events per batch: bigger when rebuilding (far behind, nobody
+    /// The log read per batch: bigger when rebuilding (far behind, nobody
     /// waiting).
-    batch_size: i64,
+    window: Window,
 }
 
 impl ProjectionRunner {
@@ -92,19 +109,23 @@ impl ProjectionRunner {
         Ok(Self {
             pool,
             projections,
-            batch_size: BATCH_SIZE,
+            window: WINDOW,
         })
     }
 
     /// The same runner in rebuild mode (see `rebuilding`).
     pub fn rebuilding(mut self) -> Self {
-        self.batch_size = REBUILD_BATCH_SIZE;
+        self.window = REBUILD_WINDOW;
         self
     }
 
-    /// The same runner with batches of `events` (at least one).
-    pub fn with_batch_size(mut self, events: i64) -> Self {
-        self.batch_size = events.max(1);
+    /// The same runner reading `window`s of the log.
+    pub fn with_window(mut self, window: Window) -> Self {
+        self.window = Window {
+            walk: window.walk.max(1),
+            ship: window.ship.max(1),
+            step: window.step.max(1),
+        };
         self
     }
 
@@ -116,10 +137,6 @@ impl ProjectionRunner {
     /// The projections this runner serves.
     pub fn projections(&self) -> impl Iterator<Item = &dyn Projection> {
         self.projections.iter().map(|p| p.as_ref())
-    }
-
-    fn batch_size(&self) -> i64 {
-        self.batch_size
     }
 
     /// Apply the next batch of events to one projection.
@@ -148,7 +165,7 @@ impl ProjectionRunner {
             transaction_id,
             position,
         };
-        let batch = log::read_after(&mut tx, cursor, self.batch_size(), projection.reads()).await?;
+        let batch = log::read_after(&mut tx, cursor, self.window, projection.reads()).await?;
         let Some(last) = batch.end() else {
             return Ok(match log::any_after(&mut tx, cursor).await? {
                 false => BatchOutcome::CaughtUp,
@@ -168,7 +185,11 @@ impl ProjectionRunner {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(BatchOutcome::Applied(batch.walked))
+        crate::app::metrics::projection_applied(projection.name(), batch.walked);
+        Ok(BatchOutcome::Applied {
+            events: batch.walked,
+            full: batch.full,
+        })
     }
 
     /// Apply batches to every projection until none has anything readable
@@ -178,9 +199,9 @@ impl ProjectionRunner {
         self.apply_readable_of(|_| true).await
     }
 
-    /// [`Self::apply_readable`] for the projections `wanted` picks. A batch
-    /// shorter than a full one read everything readable at its snapshot, so
-    /// it ends the projection's turn.
+    /// [`Self::apply_readable`] for the projections `wanted` picks. A window
+    /// short of its limits read everything readable at its snapshot, so it
+    /// ends the projection's turn.
     pub async fn apply_readable_of(
         &self,
         wanted: impl Fn(&dyn Projection) -> bool,
@@ -190,9 +211,9 @@ impl ProjectionRunner {
         for projection in self.projections.iter().filter(|p| wanted(p.as_ref())) {
             loop {
                 match self.run_batch(projection.as_ref()).await? {
-                    BatchOutcome::Applied(count) => {
-                        applied += count;
-                        if (count as i64) < self.batch_size() {
+                    BatchOutcome::Applied { events, full } => {
+                        applied += events;
+                        if !full {
                             break;
                         }
                     }
@@ -258,7 +279,7 @@ impl ProjectionRunner {
         let mut applied = 0;
         loop {
             match self.run_batch(projection).await? {
-                BatchOutcome::Applied(count) => applied += count,
+                BatchOutcome::Applied { events, .. } => applied += events,
                 BatchOutcome::HeldBack => tokio::time::sleep(HELD_BACK_RETRY).await,
                 BatchOutcome::CaughtUp | BatchOutcome::Busy => return Ok(applied),
             }
@@ -609,7 +630,7 @@ async fn fold_batch(
         payloads: payloads.as_deref(),
         usage_facts: projections.iter().any(|p| p.reads().usage_facts),
     };
-    let mut batch = log::read_after(&mut *conn, cursor, REBUILD_BATCH_SIZE, reads).await?;
+    let mut batch = log::read_after(&mut *conn, cursor, REBUILD_WINDOW, reads).await?;
     let Some(mut last) = batch.end() else {
         if !log::any_after(&mut *conn, cursor).await? {
             return Ok(FoldStep::Done);

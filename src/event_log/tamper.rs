@@ -55,6 +55,18 @@ enum SealEvent {
     LogSealed(LogSeal),
 }
 
+/// The log position of the latest seal's own event (0: no seal yet).
+pub async fn sealed_position(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT coalesce((SELECT position FROM events WHERE aggregate_type = $1 AND aggregate_id = $2 \
+                          ORDER BY sequence DESC LIMIT 1), 0)",
+    )
+    .bind(SEAL_STREAM_TYPE)
+    .bind(SEAL_STREAM_ID)
+    .fetch_one(pool)
+    .await
+}
+
 /// The seals recorded so far, in order.
 pub async fn seals(pool: &PgPool) -> Result<Vec<(i64, i64, LogSeal)>, anyhow::Error> {
     let rows: Vec<(i64, i64, serde_json::Value)> = sqlx::query_as(
@@ -309,6 +321,7 @@ pub async fn verify(pool: &PgPool, from_position: i64) -> anyhow::Result<Verific
     .bind(sealed_to.1)
     .fetch_one(pool)
     .await?;
+    crate::app::metrics::verified(first_break.is_none());
     Ok(Verification {
         events_checked,
         seals_checked,
@@ -327,7 +340,10 @@ pub async fn run_sealer(
 ) {
     loop {
         match seal(&pool).await {
-            Ok(_) => health.succeeded(),
+            Ok(written) => {
+                crate::app::metrics::sealed(written);
+                health.succeeded()
+            }
             Err(error) => health.failed(&format!("sealing the log failed: {error}")),
         }
         tokio::select! {

@@ -87,6 +87,7 @@ pub fn router() -> Router<AppState> {
         .route("/invoices/{lago_id}/explain", get(explain_invoice))
         .route("/replay", get(replay_period))
         .route("/quarantine", get(list_quarantine))
+        .route("/log/verify", post(verify_log))
         .route("/reconciliation", get(reconciliation))
         .route(
             "/reconciliation/{service}/{subscription}/{period}",
@@ -100,6 +101,43 @@ async fn list_quarantine(_: Operator, State(state): State<AppState>) -> ApiResul
     Ok(Json(
         serde_json::json!({ "quarantined_subscriptions": quarantined }),
     ))
+}
+
+/// `POST /admin/v1/log/verify[?from_position=N]`: what `ledger verify`
+/// checks, answered as JSON (200 whether the log is intact or not; `intact`
+/// says which).
+async fn verify_log(
+    _: Operator,
+    State(state): State<AppState>,
+    LagoQuery(query): LagoQuery<VerifyQuery>,
+) -> ApiResult<Json<Value>> {
+    let from = query.from_position.unwrap_or(0);
+    if from < 0 {
+        return Err(ApiError::invalid("from_position", "value_is_out_of_range"));
+    }
+    let verified = crate::event_log::tamper::verify(&state.pool, from)
+        .await
+        .map_err(ApiError::Unexpected)?;
+    let first_break = verified.first_break.as_ref().map(|broken| {
+        let reason = match broken {
+            crate::event_log::tamper::Break::Chain { reason, .. }
+            | crate::event_log::tamper::Break::Seal { reason, .. } => reason.clone(),
+        };
+        json!({"position": broken.position(), "reason": reason})
+    });
+    Ok(Json(json!({"verification": {
+        "intact": first_break.is_none(),
+        "events_checked": verified.events_checked,
+        "seals_checked": verified.seals_checked,
+        "unsealed": verified.unsealed,
+        "latest_digest": verified.latest_digest,
+        "first_break": first_break,
+    }})))
+}
+
+#[derive(Debug, Deserialize)]
+struct VerifyQuery {
+    from_position: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -168,9 +168,12 @@ fn panicked(payload: Box<dyn std::any::Any + Send + 'static>) -> axum::response:
 
 /// The whole API with its middleware.
 pub fn router(state: AppState) -> Router {
+    // Installed before the first request is counted.
+    crate::app::metrics::recorder();
     with_middleware(
         Router::new()
             .merge(health::router())
+            .route("/metrics", axum::routing::get(metrics))
             .merge(stripe::router())
             .nest("/admin/v1", admin::router().merge(admin_webhooks::router()))
             .nest("/api/v1", api::router())
@@ -180,13 +183,24 @@ pub fn router(state: AppState) -> Router {
     )
 }
 
+/// `GET /metrics` (the operator key): Prometheus' text format.
+async fn metrics(
+    _: admin::Operator,
+    axum::extract::State(state): axum::extract::State<AppState>,
+) -> axum::response::Response {
+    crate::app::metrics::serve_metrics(axum::extract::State(state.pool.clone())).await
+}
+
 /// What every request passes through: NUL refusal, panic catching,
-/// request ids and tracing.
+/// metrics, request ids and tracing.
 fn with_middleware(routes: Router) -> Router {
     let request_id = HeaderName::from_static(REQUEST_ID_HEADER);
     routes
         .layer(axum::middleware::from_fn(extract::refuse_nul))
         .layer(CatchPanicLayer::custom(panicked))
+        .layer(axum::middleware::from_fn(
+            crate::app::metrics::track_requests,
+        ))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(
             TraceLayer::new_for_http()

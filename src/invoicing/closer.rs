@@ -742,7 +742,9 @@ impl PeriodCloser {
         health: crate::app::supervisor::TaskHealth,
     ) {
         loop {
-            match self.close_once(Utc::now()).await {
+            let pass = self.close_once(Utc::now()).await;
+            crate::app::metrics::closer_pass(pass.as_ref().ok());
+            match pass {
                 Ok(report) => {
                     health.succeeded();
                     if report != CloseReport::default() {

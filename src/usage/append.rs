@@ -226,8 +226,19 @@ fn stream_id(record: &UsageRecord) -> String {
     )
 }
 
+/// The code a retry with different content is refused with.
+const CONFLICT: &str = "value_already_exist";
+
 fn conflict() -> FieldErrors {
     let mut errors = FieldErrors::default();
-    errors.add("transaction_id", "value_already_exist");
+    errors.add("transaction_id", CONFLICT);
     errors
+}
+
+/// Whether an event was refused as a retry with different content.
+pub fn is_conflict(errors: &FieldErrors) -> bool {
+    errors
+        .fields()
+        .get("transaction_id")
+        .is_some_and(|codes| codes.iter().any(|c| c == CONFLICT))
 }

@@ -234,6 +234,7 @@ async fn append_all(pool: &PgPool, appends: &[&Append]) -> Result<Vec<Appended>,
     if !rows.first().is_some_and(|(holds, _, _)| *holds) {
         return Ok(appends.iter().map(|_| Appended::DirectoryChanged).collect());
     }
+    crate::app::metrics::group_append(appends.len(), events().count());
     let recorded_at: HashMap<String, DateTime<Utc>> = rows
         .into_iter()
         .filter_map(|(_, stream_id, at)| Some((stream_id?, at?)))

@@ -19,6 +19,7 @@ use aggregates::FieldErrors;
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
+use crate::app::metrics::{self, UsageResult};
 use crate::event_log::store::{Actor, CommandMetadata};
 use directory::{authorized_directory, DirectoryCache};
 use group_append::GroupAppender;
@@ -139,12 +140,24 @@ impl Ingest {
             };
             let attempt =
                 append::append_batch(self, &directory, batch.clone(), metadata, limits, now);
+            let service = directory.caller.service.as_str();
             match attempt.await {
-                Ok(Some(recorded)) => return Ok(recorded),
+                Ok(Some(recorded)) => {
+                    let new = recorded.iter().filter(|r| r.new).count();
+                    metrics::usage_events(service, UsageResult::Recorded, new);
+                    metrics::usage_events(service, UsageResult::Retry, recorded.len() - new);
+                    return Ok(recorded);
+                }
                 // The catalog changed since the directory was read: read it afresh.
                 Ok(None) => {}
                 // A refusal found with remembered entries is confirmed afresh.
                 Err(IngestError::Invalid(_)) if from_memory => {}
+                Err(IngestError::Invalid(errors)) => {
+                    let conflicts = errors.values().filter(|e| append::is_conflict(e)).count();
+                    metrics::usage_events(service, UsageResult::Conflict, conflicts);
+                    metrics::usage_events(service, UsageResult::Refused, batch.len() - conflicts);
+                    return Err(IngestError::Invalid(errors));
+                }
                 Err(error) => return Err(error),
             }
         }

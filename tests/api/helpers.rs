@@ -310,3 +310,105 @@ pub async fn live_invoice(svc: &ServiceClient<'_>) -> Value {
     assert_eq!(invoice["total_amount_cents"], 2147, "{invoice}");
     invoice
 }
+
+/// `ledger serve` as its own process on the test's database (its metrics
+/// and logs its own): the API on a free port, `args` added. Killed when
+/// dropped.
+pub struct LedgerProcess {
+    pub app: TestApp,
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    /// What it logged so far (see [`LedgerProcess::log`]).
+    log: String,
+}
+
+impl LedgerProcess {
+    pub async fn start(pool: &PgPool, args: &[&str]) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ledger"))
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("DATABASE_URL", database_url(&pool.connect_options()))
+            .env("LEDGER_ADMIN_KEY", ADMIN_KEY)
+            .env("RUST_LOG", "info")
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start ledger serve");
+        let (sender, lines) = std::sync::mpsc::channel();
+        let reader = std::io::BufReader::new(child.stderr.take().unwrap());
+        std::thread::spawn(move || {
+            for line in reader.lines().map_while(Result::ok) {
+                let _ = sender.send(line);
+            }
+        });
+        let mut process = Self {
+            app: TestApp {
+                address: String::new(),
+                pool: pool.clone(),
+                client: reqwest::Client::new(),
+            },
+            child,
+            lines,
+            log: String::new(),
+        };
+        let line = process.wait_for_line("ledger is serving").await;
+        process.app.address = format!("http://{}", address_in(&line));
+        process
+    }
+
+    /// Wait (up to a minute) for a logged line containing `text`.
+    pub async fn wait_for_line(&mut self, text: &str) -> String {
+        if let Some(line) = self.log.lines().find(|l| l.contains(text)) {
+            return line.to_string();
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            match self.lines.try_recv() {
+                Ok(line) => {
+                    self.log.push_str(&line);
+                    self.log.push('\n');
+                    if line.contains(text) {
+                        return line;
+                    }
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "no line with {text:?} in:\n{}",
+                        self.log
+                    );
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    panic!("ledger serve exited; it logged:\n{}", self.log)
+                }
+            }
+        }
+    }
+
+    /// Everything logged so far.
+    pub fn log(&mut self) -> &str {
+        while let Ok(line) = self.lines.try_recv() {
+            self.log.push_str(&line);
+            self.log.push('\n');
+        }
+        &self.log
+    }
+}
+
+impl Drop for LedgerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `127.0.0.1:port` a log line names.
+pub fn address_in(line: &str) -> String {
+    let start = line.find("127.0.0.1:").expect("an address in the line");
+    line[start..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+        .collect()
+}

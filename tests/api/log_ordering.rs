@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use ledger::event_log::projection_runner::{BatchOutcome, ProjectionRunner};
+use projections::log::Window;
 use projections::{LogEvent, Projection, ProjectionError};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgConnection, PgPool};
@@ -194,7 +195,7 @@ fn consume_with(
         let mut applied = 0;
         while !writers_done.load(Ordering::Relaxed) {
             match runner.run_batch(probe).await.expect("batch") {
-                BatchOutcome::Applied(count) => applied += count,
+                BatchOutcome::Applied { events, .. } => applied += events,
                 BatchOutcome::CaughtUp | BatchOutcome::HeldBack | BatchOutcome::Busy => {
                     tokio::time::sleep(Duration::from_millis(3)).await
                 }
@@ -298,13 +299,38 @@ async fn a_projection_reading_some_types_sees_exactly_those_once_in_log_order(
     _: PgPoolOptions,
     connect: PgConnectOptions,
 ) {
-    let pool = probe_setup(connect).await;
     // Windows of a few events: most end on an event the probe does not read.
+    let window = Window {
+        walk: 4,
+        ship: 4,
+        step: 4,
+    };
+    selective_reads_under_concurrent_writes(connect, window).await;
+}
+
+#[sqlx::test]
+async fn a_window_cut_short_by_what_it_ships_loses_and_repeats_nothing(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    // Two thirds of the events are read: most windows stop at their third
+    // shipped event, long before their ninth walked one, each read in
+    // statements of two.
+    let window = Window {
+        walk: 9,
+        ship: 3,
+        step: 2,
+    };
+    selective_reads_under_concurrent_writes(connect, window).await;
+}
+
+async fn selective_reads_under_concurrent_writes(connect: PgConnectOptions, window: Window) {
+    let pool = probe_setup(connect).await;
     let runner = Arc::new(
         ProjectionRunner::new(pool.clone(), vec![Box::new(SelectiveProbe)])
             .await
             .unwrap()
-            .with_batch_size(4),
+            .with_window(window),
     );
     let stats = Arc::new(WriteStats::default());
     let writers_done = Arc::new(AtomicBool::new(false));
@@ -341,4 +367,73 @@ async fn a_projection_reading_some_types_sees_exactly_those_once_in_log_order(
     .await
     .unwrap();
     assert_eq!(events_applied, committed as i64);
+}
+
+#[sqlx::test]
+async fn a_window_ends_at_its_walk_or_at_its_last_shipped_event_whichever_comes_first(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    use projections::log::{read_after, LogPosition, Reads};
+    let pool = probe_setup(connect).await;
+    // Positions 1..=9: P N P P N N N P N (P read, N not).
+    for (sequence, kind) in "PNPPNNNPN".chars().enumerate() {
+        let kind = if kind == 'P' { "Probe" } else { "Noise" };
+        sqlx::query(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, \
+             event_version, payload, metadata) \
+             VALUES ($1, 'window', $2, 'ProbeWritten', '1.0', '{\"probe\":true}', '{}')",
+        )
+        .bind(kind)
+        .bind(sequence as i64 + 1)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let reads = Reads {
+        payloads: Some(&["Probe"]),
+        usage_facts: false,
+    };
+    // Other tests' transactions in the cluster may hold the horizon below
+    // these events for a moment; the windows are exact once it passed them.
+    while !sqlx::query_scalar::<_, bool>(
+        "SELECT bool_and(transaction_id < pg_snapshot_xmin(pg_current_snapshot())) FROM events",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap()
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut conn = pool.acquire().await.unwrap();
+    let mut cursor = LogPosition::START;
+    let mut windows = Vec::new();
+    loop {
+        // Two events per statement: the same windows as one statement reads.
+        let window = Window {
+            walk: 5,
+            ship: 2,
+            step: 2,
+        };
+        let batch = read_after(&mut conn, cursor, window, reads).await.unwrap();
+        let Some(end) = batch.end() else { break };
+        let shipped: Vec<(i64, bool)> = batch
+            .events
+            .iter()
+            .map(|e| (e.position, e.payload != "null"))
+            .collect();
+        windows.push((shipped, batch.walked, batch.full));
+        cursor = end;
+    }
+    assert_eq!(
+        windows,
+        vec![
+            // Cut at its second shipped event (position 3): 3 walked.
+            (vec![(1, true), (3, true)], 3, true),
+            // Position 4, then walked to its fifth (8, read).
+            (vec![(4, true), (8, true)], 5, true),
+            // The tail: position 9 only moves the cursor.
+            (vec![(9, false)], 1, false),
+        ]
+    );
 }

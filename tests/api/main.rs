@@ -13,6 +13,7 @@ mod hostile;
 mod imports;
 mod invoicing;
 mod log_ordering;
+mod metrics;
 mod payments;
 mod projection_runner;
 mod rebuild;
