@@ -15,7 +15,7 @@ use aggregates::customer::CustomerEvent;
 use aggregates::import::{
     validate_external_invoice, ImportedRecordEvent, RecordType, SourceRecord, IMPORTED_RECORD_TYPE,
 };
-use aggregates::invoice::{InvoiceEvent, InvoiceHeader, INVOICE_STREAM_TYPE};
+use aggregates::invoice::{InvoiceEvent, InvoiceFinalization, InvoiceHeader, INVOICE_STREAM_TYPE};
 use aggregates::reconciliation::{
     compare, ledger_invoice, ledger_period, put_in_row_order, source_invoice, source_period,
     LedgerInvoice, ReconciliationEvent, SourceInvoice, RECONCILIATION_STREAM_TYPE,
@@ -146,12 +146,101 @@ impl Projection for Reconciliation {
             return Ok(());
         }
         let mut fold = Fold::default();
-        fold.preload(conn, &relevant).await?;
-        for event in relevant {
-            fold.apply(event)?;
+        let decoded = relevant
+            .iter()
+            .map(|event| decode(event))
+            .collect::<Result<Vec<_>, _>>()?;
+        fold.preload(conn, &decoded).await?;
+        for (event, decoded) in relevant.iter().zip(decoded) {
+            fold.apply(event, decoded)?;
         }
         fold.write(conn).await
     }
+}
+
+/// What folding an event needs of it, decoded.
+enum Decoded {
+    /// A customer's time zone.
+    Timezone((String, String), String),
+    /// A ledger invoice drafted: its service and stream.
+    Drafted(String, String, Box<InvoiceHeader>),
+    /// A ledger invoice finalized.
+    Finalized(String, String, Box<InvoiceFinalization>),
+    /// A source invoice imported, as its row.
+    Source(Box<InvoiceRow>),
+    /// An operator's decision on a row.
+    Decision(RowKey, ReconciliationEvent),
+    /// Nothing for the reconciliation (a payment, another record type).
+    Nothing,
+}
+
+/// Decode one event (pure).
+fn decode(event: &LogEvent) -> Result<Decoded, ProjectionError> {
+    Ok(match event.aggregate_type.as_str() {
+        CUSTOMER_TYPE => {
+            let (service, customer) = split_scope(event)?;
+            let profile = match event.decode().map_err(|e| unreadable(event, e))? {
+                CustomerEvent::CustomerCreated { profile, .. }
+                | CustomerEvent::CustomerUpdated { profile } => profile,
+            };
+            Decoded::Timezone(
+                (service.to_string(), customer.to_string()),
+                profile.timezone.unwrap_or_else(|| "UTC".to_string()),
+            )
+        }
+        INVOICE_STREAM_TYPE => {
+            let service = invoice_service(event)?.to_string();
+            match event.decode().map_err(|e| unreadable(event, e))? {
+                InvoiceEvent::InvoiceDrafted(header) => {
+                    Decoded::Drafted(service, event.aggregate_id.clone(), Box::new(header))
+                }
+                InvoiceEvent::InvoiceFinalized(finalization) => {
+                    Decoded::Finalized(service, event.aggregate_id.clone(), Box::new(finalization))
+                }
+                // Payments do not change what was billed.
+                _ => Decoded::Nothing,
+            }
+        }
+        IMPORTED_RECORD_TYPE => {
+            let (service, source, kind, source_id) = imported_scope(event)?;
+            if kind != RecordType::ExternalInvoice.as_str() {
+                return Ok(Decoded::Nothing);
+            }
+            let fact: ImportedRecordEvent = event.decode().map_err(|e| unreadable(event, e))?;
+            let record = SourceRecord::from_value(fact.record().clone())
+                .map_err(|e| unreadable(event, format!("{e:?}")))?;
+            let external = validate_external_invoice(&record.fields)
+                .map_err(|e| unreadable(event, format!("{e:?}")))?;
+            let compared = source_invoice(source_id, &external);
+            Decoded::Source(Box::new(InvoiceRow {
+                service: service.to_string(),
+                side: "source",
+                key: format!("{source}/{source_id}"),
+                external_customer_id: external.external_customer_id.clone(),
+                external_subscription_id: external.external_subscription_id.clone(),
+                period: source_period(&external),
+                counted: compared.counted,
+                invoice: Stored::Source(Box::new(compared)),
+            }))
+        }
+        RECONCILIATION_STREAM_TYPE => {
+            let stream = "stream is not {service}/{subscription}/{period}";
+            let (service, rest) = split_scope(event).map_err(|_| unreadable(event, stream))?;
+            let Some((subscription, period)) = rest.rsplit_once('/') else {
+                return Err(unreadable(event, stream));
+            };
+            let decision: ReconciliationEvent = event.decode().map_err(|e| unreadable(event, e))?;
+            Decoded::Decision(
+                (
+                    service.to_string(),
+                    subscription.to_string(),
+                    period.to_string(),
+                ),
+                decision,
+            )
+        }
+        _ => Decoded::Nothing,
+    })
 }
 
 #[derive(Default)]
@@ -199,37 +288,20 @@ impl Fold {
     async fn preload(
         &mut self,
         conn: &mut PgConnection,
-        events: &[&LogEvent],
+        events: &[Decoded],
     ) -> Result<(), ProjectionError> {
         let mut customers: BTreeSet<(String, String)> = BTreeSet::new();
         let mut keys: BTreeSet<(String, &'static str, String)> = BTreeSet::new();
         for event in events {
-            match event.aggregate_type.as_str() {
-                INVOICE_STREAM_TYPE => {
-                    let service = invoice_service(event)?;
-                    if event.event_type == "InvoiceDrafted" {
-                        /// What the preload needs of a draft: its customer.
-                        #[derive(Deserialize)]
-                        enum Drafted {
-                            InvoiceDrafted { external_customer_id: String },
-                        }
-                        let Drafted::InvoiceDrafted {
-                            external_customer_id,
-                        } = event.decode().map_err(|e| unreadable(event, e))?;
-                        customers.insert((service.to_string(), external_customer_id));
-                    } else {
-                        keys.insert((service.to_string(), "ledger", event.aggregate_id.clone()));
-                    }
+            match event {
+                Decoded::Drafted(service, _, header) => {
+                    customers.insert((service.clone(), header.external_customer_id.clone()));
                 }
-                IMPORTED_RECORD_TYPE => {
-                    let (service, source, kind, source_id) = imported_scope(event)?;
-                    if kind == RecordType::ExternalInvoice.as_str() {
-                        keys.insert((
-                            service.to_string(),
-                            "source",
-                            format!("{source}/{source_id}"),
-                        ));
-                    }
+                Decoded::Finalized(service, stream, _) => {
+                    keys.insert((service.clone(), "ledger", stream.clone()));
+                }
+                Decoded::Source(row) => {
+                    keys.insert((row.service.clone(), "source", row.key.clone()));
                 }
                 _ => {}
             }
@@ -313,56 +385,13 @@ impl Fold {
         self.invoices.insert(id, row);
     }
 
-    fn apply(&mut self, event: &LogEvent) -> Result<(), ProjectionError> {
-        match event.aggregate_type.as_str() {
-            CUSTOMER_TYPE => {
-                let (service, customer) = split_scope(event)?;
-                let profile = match event.decode().map_err(|e| unreadable(event, e))? {
-                    CustomerEvent::CustomerCreated { profile, .. }
-                    | CustomerEvent::CustomerUpdated { profile } => profile,
-                };
-                let timezone = profile.timezone.unwrap_or_else(|| "UTC".to_string());
-                let key = (service.to_string(), customer.to_string());
+    fn apply(&mut self, event: &LogEvent, decoded: Decoded) -> Result<(), ProjectionError> {
+        match decoded {
+            Decoded::Timezone(key, timezone) => {
                 self.timezones.insert(key.clone(), timezone.clone());
                 self.changed_timezones.insert(key, timezone);
             }
-            INVOICE_STREAM_TYPE => self.apply_invoice(event)?,
-            IMPORTED_RECORD_TYPE => self.apply_imported(event)?,
-            RECONCILIATION_STREAM_TYPE => {
-                let mut parts = event.aggregate_id.splitn(2, '/');
-                let (Some(service), Some(rest)) = (parts.next(), parts.next()) else {
-                    return Err(unreadable(
-                        event,
-                        "stream is not {service}/{subscription}/{period}",
-                    ));
-                };
-                let Some((subscription, period)) = rest.rsplit_once('/') else {
-                    return Err(unreadable(
-                        event,
-                        "stream is not {service}/{subscription}/{period}",
-                    ));
-                };
-                let decision: ReconciliationEvent =
-                    event.decode().map_err(|e| unreadable(event, e))?;
-                self.acceptances.insert(
-                    (
-                        service.to_string(),
-                        subscription.to_string(),
-                        period.to_string(),
-                    ),
-                    decision,
-                );
-            }
-            _ => {}
-        }
-        Ok(())
-    }
-
-    fn apply_invoice(&mut self, event: &LogEvent) -> Result<(), ProjectionError> {
-        let service = invoice_service(event)?.to_string();
-        let invoice_event: InvoiceEvent = event.decode().map_err(|e| unreadable(event, e))?;
-        match invoice_event {
-            InvoiceEvent::InvoiceDrafted(header) => {
+            Decoded::Drafted(service, stream, header) => {
                 let timezone = self
                     .timezones
                     .get(&(service.clone(), header.external_customer_id.clone()))
@@ -372,20 +401,20 @@ impl Fold {
                 let row = InvoiceRow {
                     service,
                     side: "ledger",
-                    key: event.aggregate_id.clone(),
+                    key: stream,
                     external_customer_id: header.external_customer_id.clone(),
                     external_subscription_id: Some(header.external_subscription_id.clone()),
                     period: Some(ledger_period(&header, tz)),
                     counted: false,
                     invoice: Stored::Draft(Box::new(Draft {
-                        draft: header,
+                        draft: *header,
                         timezone,
                     })),
                 };
                 self.put_invoice(row);
             }
-            InvoiceEvent::InvoiceFinalized(finalization) => {
-                let id = (service, "ledger", event.aggregate_id.clone());
+            Decoded::Finalized(service, stream, finalization) => {
+                let id = (service, "ledger", stream);
                 let Some(row) = self.invoices.get(&id) else {
                     return Err(unreadable(event, "finalized before it was drafted"));
                 };
@@ -406,36 +435,14 @@ impl Fold {
                 };
                 self.put_invoice(row);
             }
-            // Payments do not change what was billed.
-            _ => {}
+            Decoded::Source(row) => self.put_invoice(*row),
+            Decoded::Decision(key, decision) => {
+                self.acceptances.insert(key, decision);
+            }
+            Decoded::Nothing => {}
         }
         Ok(())
     }
-
-    fn apply_imported(&mut self, event: &LogEvent) -> Result<(), ProjectionError> {
-        let (service, source, kind, source_id) = imported_scope(event)?;
-        if kind != RecordType::ExternalInvoice.as_str() {
-            return Ok(());
-        }
-        let fact: ImportedRecordEvent = event.decode().map_err(|e| unreadable(event, e))?;
-        let record = SourceRecord::from_value(fact.record().clone())
-            .map_err(|e| unreadable(event, format!("{e:?}")))?;
-        let external = validate_external_invoice(&record.fields)
-            .map_err(|e| unreadable(event, format!("{e:?}")))?;
-        let compared = source_invoice(source_id, &external);
-        self.put_invoice(InvoiceRow {
-            service: service.to_string(),
-            side: "source",
-            key: format!("{source}/{source_id}"),
-            external_customer_id: external.external_customer_id.clone(),
-            external_subscription_id: external.external_subscription_id.clone(),
-            period: source_period(&external),
-            counted: compared.counted,
-            invoice: Stored::Source(Box::new(compared)),
-        });
-        Ok(())
-    }
-
     /// Write the batch: time zones, invoices, acceptances, then every
     /// touched row recomputed from all of its invoices.
     async fn write(self, conn: &mut PgConnection) -> Result<(), ProjectionError> {

@@ -23,6 +23,7 @@ use crate::http::admin::AdminKey;
 use crate::payments::stripe::StripeSettings;
 use crate::postgres::embedded::{ClusterSettings, EmbeddedPostgres};
 use crate::postgres::{ClusterAccess, Database, DatabaseConfig};
+use crate::tools::progress::Progress;
 use crate::webhooks::address::AddressPolicy;
 
 #[derive(Debug, Parser)]
@@ -788,7 +789,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 as_of,
                 pricing,
             };
-            let report = crate::invoicing::replay::replay(&database.pool, &request).await;
+            let progress = Progress::spinner("reading the log's invoices");
+            let report =
+                crate::invoicing::replay::replay_showing(&database.pool, &request, &progress).await;
             database.close().await;
             let report = report?;
             if format == "json" {
@@ -803,14 +806,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Seal => {
             let database = Database::open(&config, ClusterAccess::ShareIfRunning).await?;
-            let sealed = crate::event_log::tamper::seal(&database.pool).await;
+            let started = std::time::Instant::now();
+            let unsealed = crate::event_log::tamper::unsealed_events(&database.pool).await?;
+            let progress = Progress::events("sealing", unsealed.max(0) as u64);
+            let sealed = crate::event_log::tamper::seal_showing(&database.pool, &progress).await;
+            progress.finish();
             database.close().await;
-            println!("{} seal(s) written", sealed?);
+            println!(
+                "{} seal(s) written over {unsealed} events in {:.2?}",
+                sealed?,
+                started.elapsed()
+            );
         }
         Command::Verify { from } => {
             let database = Database::open(&config, ClusterAccess::ShareIfRunning).await?;
             let started = std::time::Instant::now();
-            let verified = crate::event_log::tamper::verify(&database.pool, from).await;
+            let progress = Progress::spinner("checking every stream's hash chain");
+            let verified =
+                crate::event_log::tamper::verify_showing(&database.pool, from, &progress).await;
             database.close().await;
             let verified = verified?;
             let seconds = started.elapsed().as_secs_f64();
@@ -1166,10 +1179,21 @@ async fn projections(database: &Database, command: ProjectionsCommand) -> anyhow
             };
             let names: Vec<&str> = chosen.iter().map(|p| p.name()).collect();
             let started = std::time::Instant::now();
+            let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+                .fetch_one(&database.pool)
+                .await?;
+            let events = events.max(0) as u64;
             match into {
                 Some(schema) => {
-                    let (read, cursor) =
-                        projection_runner::rebuild_into(&database.pool, &chosen, &schema).await?;
+                    let progress = Progress::events(&format!("into {schema}"), events);
+                    let (read, cursor) = projection_runner::rebuild_into_showing(
+                        &database.pool,
+                        &chosen,
+                        &schema,
+                        &progress,
+                    )
+                    .await?;
+                    progress.finish();
                     println!(
                         "rebuilt {} into schema {schema}: {read} events read up to position {} in {:.2?}; live tables untouched",
                         names.join(", "),
@@ -1187,8 +1211,10 @@ async fn projections(database: &Database, command: ProjectionsCommand) -> anyhow
                         .collect();
                     let mut applied = 0;
                     for projection in chosen {
+                        let progress = Progress::events(projection.name(), events);
                         projection_runner::reset(&database.pool, projection).await?;
-                        applied += runner.catch_up_one(projection).await?;
+                        applied += runner.catch_up_one_showing(projection, &progress).await?;
+                        progress.finish();
                     }
                     println!(
                         "rebuilt {}: {applied} events replayed in {:.2?}",

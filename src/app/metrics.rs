@@ -90,7 +90,7 @@ fn describe() {
     );
     describe_counter!(
         "ledger_invoices_total",
-        "Invoices by what the closer did (drafted, finalized, refused)"
+        "Invoices by what the closer did (drafted: left for a grace period; finalized; refused)"
     );
     describe_gauge!(
         "ledger_quarantined_subscriptions",

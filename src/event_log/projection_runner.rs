@@ -16,6 +16,8 @@ use std::time::Duration;
 
 use projections::log::{self, LogPosition, Window};
 use projections::{Projection, ProjectionError};
+
+use crate::tools::progress::Progress;
 use serde::Serialize;
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
@@ -159,6 +161,7 @@ impl ProjectionRunner {
         .fetch_optional(&mut *tx)
         .await?;
         let Some((transaction_id, position, _)) = checkpoint else {
+            tx.rollback().await?;
             return Ok(BatchOutcome::Busy);
         };
         let cursor = LogPosition {
@@ -167,10 +170,15 @@ impl ProjectionRunner {
         };
         let batch = log::read_after(&mut tx, cursor, self.window, projection.reads()).await?;
         let Some(last) = batch.end() else {
-            return Ok(match log::any_after(&mut tx, cursor).await? {
+            let outcome = match log::any_after(&mut tx, cursor).await? {
                 false => BatchOutcome::CaughtUp,
                 true => BatchOutcome::HeldBack,
-            });
+            };
+            // Ended now, not when the pooled connection is next used: a
+            // dropped transaction keeps the checkpoint row locked until then
+            // (and a rebuild, which locks it, would wait).
+            tx.rollback().await?;
+            return Ok(outcome);
         };
         projection.apply_batch(&mut tx, &batch.events).await?;
         sqlx::query(
@@ -276,10 +284,23 @@ impl ProjectionRunner {
         &self,
         projection: &dyn Projection,
     ) -> Result<usize, ProjectionError> {
+        self.catch_up_one_showing(projection, &Progress::hidden())
+            .await
+    }
+
+    /// [`Self::catch_up_one`], each batch's events shown on `progress`.
+    pub async fn catch_up_one_showing(
+        &self,
+        projection: &dyn Projection,
+        progress: &Progress,
+    ) -> Result<usize, ProjectionError> {
         let mut applied = 0;
         loop {
             match self.run_batch(projection).await? {
-                BatchOutcome::Applied { events, .. } => applied += events,
+                BatchOutcome::Applied { events, .. } => {
+                    applied += events;
+                    progress.advance(events as u64);
+                }
                 BatchOutcome::HeldBack => tokio::time::sleep(HELD_BACK_RETRY).await,
                 BatchOutcome::CaughtUp | BatchOutcome::Busy => return Ok(applied),
             }
@@ -499,7 +520,17 @@ pub async fn rebuild_into(
     projections: &[&dyn Projection],
     schema: &str,
 ) -> Result<(usize, LogPosition), RebuildError> {
-    rebuild_into_upto(pool, projections, schema, None).await
+    rebuild_into_showing(pool, projections, schema, &Progress::hidden()).await
+}
+
+/// [`rebuild_into`], the events read shown on `progress`.
+pub async fn rebuild_into_showing(
+    pool: &PgPool,
+    projections: &[&dyn Projection],
+    schema: &str,
+    progress: &Progress,
+) -> Result<(usize, LogPosition), RebuildError> {
+    rebuild_into_upto(pool, projections, schema, None, progress).await
 }
 
 /// Refuse a schema a rebuild must not write to: anything but lower-case
@@ -549,6 +580,7 @@ pub async fn rebuild_into_upto(
     projections: &[&dyn Projection],
     schema: &str,
     upto: Option<LogPosition>,
+    progress: &Progress,
 ) -> Result<(usize, LogPosition), RebuildError> {
     let mut conn = pool.acquire().await?;
     check_schema_name(&mut conn, schema).await?;
@@ -565,7 +597,7 @@ pub async fn rebuild_into_upto(
     sqlx::query(&format!("SET search_path TO {schema}, public"))
         .execute(&mut *conn)
         .await?;
-    let result = fold_log(&mut conn, projections, upto).await;
+    let result = fold_log(&mut conn, projections, upto, progress).await;
     // The connection goes back to the pool: give it back its own path.
     sqlx::query("RESET search_path").execute(&mut *conn).await?;
     result
@@ -578,6 +610,7 @@ async fn fold_log(
     conn: &mut sqlx::PgConnection,
     projections: &[&dyn Projection],
     upto: Option<LogPosition>,
+    progress: &Progress,
 ) -> Result<(usize, LogPosition), RebuildError> {
     let mut cursor = LogPosition::START;
     let mut read = 0;
@@ -597,6 +630,7 @@ async fn fold_log(
         match step {
             FoldStep::Applied(count, last, done) => {
                 read += count;
+                progress.advance(count as u64);
                 cursor = last;
                 if done {
                     return Ok((read, cursor));

@@ -26,6 +26,7 @@ use sqlx::PgPool;
 
 use crate::event_log::append::{append_events, NewEvent, OnConflict};
 use crate::event_log::store::{Actor, CommandMetadata};
+use crate::tools::progress::Progress;
 use projections::LogPosition;
 
 /// The seal stream.
@@ -53,6 +54,26 @@ pub struct LogSeal {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 enum SealEvent {
     LogSealed(LogSeal),
+}
+
+/// Events after the latest seal's range (what the next seal covers).
+pub async fn unsealed_events(pool: &PgPool) -> anyhow::Result<i64> {
+    let sealed_to = seals(pool)
+        .await?
+        .last()
+        .map(|(_, _, s)| s.to)
+        .unwrap_or((0, 0));
+    Ok(events_after(pool, sealed_to).await?)
+}
+
+async fn events_after(pool: &PgPool, after: (i64, i64)) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE (transaction_id, position) > ($1::text::xid8, $2)",
+    )
+    .bind(after.0.to_string())
+    .bind(after.1)
+    .fetch_one(pool)
+    .await
 }
 
 /// The log position of the latest seal's own event (0: no seal yet).
@@ -110,6 +131,11 @@ fn hashes_between<'a>(
 /// `SEAL_MAX_EVENTS` per seal). Returns the seals written (none when there
 /// was nothing new, or another sealer won the race).
 pub async fn seal(pool: &PgPool) -> anyhow::Result<usize> {
+    seal_showing(pool, &Progress::hidden()).await
+}
+
+/// [`seal`], the events hashed shown on `progress`.
+pub async fn seal_showing(pool: &PgPool, progress: &Progress) -> anyhow::Result<usize> {
     let mut written = 0;
     loop {
         let existing = seals(pool).await?;
@@ -127,6 +153,7 @@ pub async fn seal(pool: &PgPool) -> anyhow::Result<usize> {
             while let Some((transaction_id, position, hash, is_seal)) = hashes.try_next().await? {
                 hasher.update(&hash);
                 count += 1;
+                progress.advance(1);
                 news += i64::from(!is_seal);
                 to = (transaction_id, position);
                 if count == SEAL_MAX_EVENTS {
@@ -230,6 +257,16 @@ pub struct Verification {
 
 /// Verify the log from `from_position` on (0: everything).
 pub async fn verify(pool: &PgPool, from_position: i64) -> anyhow::Result<Verification> {
+    verify_showing(pool, from_position, &Progress::hidden()).await
+}
+
+/// [`verify`], shown on `progress`: the chains (one statement), then each
+/// seal's events.
+pub async fn verify_showing(
+    pool: &PgPool,
+    from_position: i64,
+    progress: &Progress,
+) -> anyhow::Result<Verification> {
     // Stream chains: recompute every event's hash from its content and its
     // stream's previous event, and check sequences step by one; a usage
     // event's columns must say what its (hashed) payload says.
@@ -267,6 +304,12 @@ pub async fn verify(pool: &PgPool, from_position: i64) -> anyhow::Result<Verific
 
     // Seals: recompute each sealed range's digest in log order.
     let all_seals = seals(pool).await?;
+    let sealed_events: i64 = all_seals
+        .iter()
+        .filter(|(_, position, seal)| seal.to.1 >= from_position || *position >= from_position)
+        .map(|(_, _, seal)| seal.events)
+        .sum();
+    progress.next_events("seals", sealed_events.max(0) as u64);
     let mut seals_checked = 0;
     let mut expected_from = (0, 0);
     let mut expected_previous = String::new();
@@ -292,6 +335,7 @@ pub async fn verify(pool: &PgPool, from_position: i64) -> anyhow::Result<Verific
             while let Some((_, _, hash, _)) = hashes.try_next().await? {
                 hasher.update(&hash);
                 count += 1;
+                progress.advance(1);
             }
             if hex(&hasher.finalize()) != seal.digest {
                 found = Some(broken(format!(
@@ -314,13 +358,8 @@ pub async fn verify(pool: &PgPool, from_position: i64) -> anyhow::Result<Verific
         expected_previous = seal.digest.clone();
     }
     let sealed_to = all_seals.last().map(|(_, _, s)| s.to).unwrap_or((0, 0));
-    let unsealed: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM events WHERE (transaction_id, position) > ($1::text::xid8, $2)",
-    )
-    .bind(sealed_to.0.to_string())
-    .bind(sealed_to.1)
-    .fetch_one(pool)
-    .await?;
+    let unsealed = events_after(pool, sealed_to).await?;
+    progress.finish();
     crate::app::metrics::verified(first_break.is_none());
     Ok(Verification {
         events_checked,

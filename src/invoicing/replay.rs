@@ -29,6 +29,7 @@ use aggregates::closing::{compute_invoice, BilledWindow};
 
 use crate::event_log::usage_windows::usage_as_of;
 use crate::invoicing::closer::subscription_billing;
+use crate::tools::progress::Progress;
 use projections::catalog::timestamp;
 use projections::{Catalog, Projection};
 
@@ -339,6 +340,15 @@ async fn price_book(
 
 /// Replay a period (see the module documentation).
 pub async fn replay(pool: &PgPool, request: &ReplayRequest) -> Result<ReplayReport, ReplayError> {
+    replay_showing(pool, request, &Progress::hidden()).await
+}
+
+/// [`replay`], the catalog's rebuild as of the period shown on `progress`.
+pub async fn replay_showing(
+    pool: &PgPool,
+    request: &ReplayRequest,
+    progress: &Progress,
+) -> Result<ReplayReport, ReplayError> {
     let (year, month) = parse_period(&request.period)?;
     // Every invoice in the log, in log order.
     let rows: Vec<(String, Value)> = sqlx::query_as(
@@ -407,7 +417,12 @@ pub async fn replay(pool: &PgPool, request: &ReplayRequest) -> Result<ReplayRepo
     };
     let schema = format!("replay_{}", &Uuid::new_v4().simple().to_string()[..12]);
     let scratch: [&dyn Projection; 1] = [&Catalog];
-    rebuild_into_upto(pool, &scratch, &schema, Some(upto)).await?;
+    let events =
+        projections::log::count_between(&mut *pool.acquire().await?, LogPosition::START, upto)
+            .await?;
+    progress.next_events("catalog as of the period", events.max(0) as u64);
+    rebuild_into_upto(pool, &scratch, &schema, Some(upto), progress).await?;
+    progress.finish();
     let scope = Scope {
         selected: &selected,
         finalized: &finalized,

@@ -200,6 +200,18 @@ impl ServiceClient<'_> {
         response
     }
 
+    /// A Starter subscription of `cus_ada` (see [`Self::nexacloud_catalog`])
+    /// that started `days_ago` days ago.
+    pub async fn subscribe(&self, external_id: &str, days_ago: i64) -> Value {
+        let started = chrono::Utc::now() - Duration::days(days_ago);
+        self.created(
+            "/subscriptions",
+            serde_json::json!({"subscription": {"external_customer_id": "cus_ada", "plan_code": "starter",
+                   "external_id": external_id, "subscription_at": started.to_rfc3339()}}),
+        )
+        .await
+    }
+
     /// The NexaCloud catalog: a CPU metric, 13% HST, a monthly plan with an
     /// included quota and the per-core-hour price, and a customer.
     pub async fn nexacloud_catalog(&self) -> Value {

@@ -15,6 +15,7 @@ mod invoicing;
 mod log_ordering;
 mod metrics;
 mod payments;
+mod progress;
 mod projection_runner;
 mod rebuild;
 mod reconciliation;

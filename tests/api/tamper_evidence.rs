@@ -14,12 +14,7 @@ use crate::helpers::{spawn_app, TestApp};
 async fn traffic(app: &TestApp) -> Vec<i64> {
     let svc = app.service("nexacloud").await;
     svc.nexacloud_catalog().await;
-    svc.created(
-        "/subscriptions",
-        json!({"subscription": {"external_customer_id": "cus_ada", "plan_code": "starter",
-               "external_id": "dep_1", "subscription_at": (Utc::now() - Duration::days(3)).to_rfc3339()}}),
-    )
-    .await;
+    svc.subscribe("dep_1", 3).await;
     let record = |n: usize| {
         json!({"event": {"transaction_id": format!("t{n}"), "external_subscription_id": "dep_1",
                "code": "cpu_seconds", "timestamp": (Utc::now() - Duration::hours(1)).timestamp(),

@@ -23,6 +23,7 @@ use crate::http::admin::AdminKey;
 use crate::postgres::embedded::EmbeddedPostgres;
 use crate::postgres::{pool_options, MIGRATOR};
 use crate::tools::bench::{peak_rss_mib, Throwaway};
+use crate::tools::progress::Progress;
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -272,14 +273,17 @@ pub(crate) async fn setup_catalog(
         json!({"customer": {"external_id": "c", "currency": "CAD", "tax_codes": ["hst"]}}),
     )
     .await?;
+    let progress = Progress::requests("subscriptions", subscriptions as u64);
     let tasks: Vec<_> = (0..CLIENTS)
         .map(|client| {
             let (http, base, key) = (http.clone(), base.to_string(), key.clone());
+            let progress = progress.clone();
             tokio::spawn(async move {
                 for i in (client..subscriptions).step_by(CLIENTS) {
                     post(&http, format!("{base}/api/v1/subscriptions"), &key,
                         json!({"subscription": {"external_customer_id": "c", "plan_code": "p",
                                "external_id": format!("dep_{i}"), "subscription_at": started.to_rfc3339()}})).await?;
+                    progress.advance(1);
                 }
                 Ok::<(), anyhow::Error>(())
             })
@@ -288,6 +292,7 @@ pub(crate) async fn setup_catalog(
     for task in tasks {
         task.await??;
     }
+    progress.finish();
     Ok(key)
 }
 
@@ -300,9 +305,11 @@ async fn record_usage(
     period_start: chrono::DateTime<Utc>,
 ) -> anyhow::Result<()> {
     let total = subscriptions * per_subscription;
+    let progress = Progress::events("usage over HTTP", total as u64);
     let tasks: Vec<_> = (0..CLIENTS)
         .map(|client| {
             let (http, base, key) = (http.clone(), base.to_string(), key.to_string());
+            let progress = progress.clone();
             tokio::spawn(async move {
                 let mine: Vec<usize> = (client..total).step_by(CLIENTS).collect();
                 for chunk in mine.chunks(100) {
@@ -317,6 +324,7 @@ async fn record_usage(
                         })
                         .collect();
                     post(&http, format!("{base}/api/v1/events/batch"), &key, json!({ "events": events })).await?;
+                    progress.advance(chunk.len() as u64);
                 }
                 Ok::<(), anyhow::Error>(())
             })
@@ -325,5 +333,6 @@ async fn record_usage(
     for task in tasks {
         task.await??;
     }
+    progress.finish();
     Ok(())
 }

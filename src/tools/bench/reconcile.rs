@@ -30,6 +30,7 @@ use crate::postgres::{pool_options, MIGRATOR};
 use crate::reconciliation::{reconcile, ReconcileRequest};
 use crate::tools::bench::close::{post, setup_catalog, CLIENTS};
 use crate::tools::bench::{peak_rss_mib, Throwaway};
+use crate::tools::progress::Progress;
 use aggregates::import::{RecordType, SourceRecord};
 
 /// What to measure.
@@ -152,12 +153,14 @@ async fn measure(cluster: &EmbeddedPostgres, options: &ReconcileBench) -> anyhow
     let key = setup_catalog(&http, &ledger.base_url, &admin_key, n, months[0]).await?;
     // A day's CPU at a time: 420,000 CPU-s a month in all.
     let per_event = rust_decimal::Decimal::from(420_000) / rust_decimal::Decimal::from(m as u64);
+    let progress = Progress::events("usage over HTTP", (3 * n * m) as u64);
     for (month, start) in months.iter().take(3).enumerate() {
         let all: Vec<(usize, usize)> = (0..n).flat_map(|i| (0..m).map(move |e| (i, e))).collect();
         let tasks: Vec<_> = all
             .chunks(all.len().div_ceil(CLIENTS).max(1))
             .map(|mine| {
                 let (http, base, key) = (http.clone(), ledger.base_url.clone(), key.clone());
+                let progress = progress.clone();
                 let mine = mine.to_vec();
                 let start = *start;
                 tokio::spawn(async move {
@@ -179,6 +182,7 @@ async fn measure(cluster: &EmbeddedPostgres, options: &ReconcileBench) -> anyhow
                             json!({ "events": events }),
                         )
                         .await?;
+                        progress.advance(chunk.len() as u64);
                     }
                     Ok::<(), anyhow::Error>(())
                 })
@@ -188,6 +192,7 @@ async fn measure(cluster: &EmbeddedPostgres, options: &ReconcileBench) -> anyhow
             task.await??;
         }
     }
+    progress.finish();
     ProjectionRunner::for_all(pool.clone())
         .await?
         .catch_up()
