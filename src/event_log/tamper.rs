@@ -383,7 +383,7 @@ pub async fn run_sealer(
                 crate::app::metrics::sealed(written);
                 health.succeeded()
             }
-            Err(error) => health.failed(&format!("sealing the log failed: {error}")),
+            Err(error) => health.failed(&format!("sealing the log failed: {error:#}")),
         }
         tokio::select! {
             _ = tokio::time::sleep(health.next_wait(interval)) => {}

@@ -210,11 +210,18 @@ fn with_middleware(routes: Router) -> Router {
                         .get(REQUEST_ID_HEADER)
                         .and_then(|value| value.to_str().ok())
                         .unwrap_or("-");
+                    let route = request
+                        .extensions()
+                        .get::<axum::extract::MatchedPath>()
+                        .map_or("unmatched", |path| path.as_str());
+                    // `service` is filled in once the caller's key is known.
                     tracing::info_span!(
                         "request",
                         method = %request.method(),
                         path = %request.uri().path(),
+                        route = %route,
                         request_id = %request_id,
+                        service = tracing::field::Empty,
                     )
                 })
                 .on_response(DefaultOnResponse::new().level(Level::INFO)),

@@ -141,6 +141,7 @@ impl Ingest {
             let attempt =
                 append::append_batch(self, &directory, batch.clone(), metadata, limits, now);
             let service = directory.caller.service.as_str();
+            tracing::Span::current().record("service", service);
             match attempt.await {
                 Ok(Some(recorded)) => {
                     let new = recorded.iter().filter(|r| r.new).count();

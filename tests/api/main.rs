@@ -13,6 +13,7 @@ mod hostile;
 mod imports;
 mod invoicing;
 mod log_ordering;
+mod logging;
 mod metrics;
 mod payments;
 mod progress;

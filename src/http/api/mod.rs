@@ -94,7 +94,10 @@ impl FromRequestParts<AppState> for Tenant {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let PresentedKey(digest) = PresentedKey::from_request_parts(parts, state).await?;
         match access::authenticate(&state.pool, &digest).await? {
-            Some(Caller { service, key_id }) => Ok(Tenant { service, key_id }),
+            Some(Caller { service, key_id }) => {
+                tracing::Span::current().record("service", service.as_str());
+                Ok(Tenant { service, key_id })
+            }
             None => Err(ApiError::Unauthorized),
         }
     }
