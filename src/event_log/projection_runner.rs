@@ -174,9 +174,10 @@ impl ProjectionRunner {
                 false => BatchOutcome::CaughtUp,
                 true => BatchOutcome::HeldBack,
             };
-            // Ended now, not when the pooled connection is next used: a
-            // dropped transaction keeps the checkpoint row locked until then
-            // (and a rebuild, which locks it, would wait).
+            // Ended now, not whenever the pool gets round to rolling back a
+            // dropped transaction (a task of the caller's runtime, which may
+            // be blocked): the checkpoint row stays locked until then, and a
+            // rebuild, which locks it, would wait.
             tx.rollback().await?;
             return Ok(outcome);
         };

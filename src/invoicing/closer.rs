@@ -243,20 +243,33 @@ pub async fn finalize_early(
     now: DateTime<Utc>,
 ) -> Result<(), InvoicingError> {
     let mut tx = pool.begin().await?;
-    lock_sequences(&mut tx, service).await?;
-    let billing = subscription_billing(&mut tx, service, subscription_lago_id)
-        .await?
-        .ok_or(InvoiceError::NotFound)?;
-    let existing = load_invoices(&mut tx, &[stream_id.to_string()]).await?;
-    let invoice = existing.get(stream_id).ok_or(InvoiceError::NotFound)?;
-    if invoice.finalization().is_some() {
-        return Err(InvoiceError::AlreadyFinalized.into());
+    let finalized = async {
+        lock_sequences(&mut tx, service).await?;
+        let billing = subscription_billing(&mut tx, service, subscription_lago_id)
+            .await?
+            .ok_or(InvoiceError::NotFound)?;
+        let existing = load_invoices(&mut tx, &[stream_id.to_string()]).await?;
+        let invoice = existing.get(stream_id).ok_or(InvoiceError::NotFound)?;
+        if invoice.finalization().is_some() {
+            return Err(InvoiceError::AlreadyFinalized.into());
+        }
+        let report = close_chunk(&mut tx, service, &[&billing], now, Some(stream_id)).await?;
+        if report.finalized == 0 {
+            return Err(InvoiceError::NotFound.into());
+        }
+        Ok::<(), InvoicingError>(())
     }
-    let report = close_chunk(&mut tx, service, &[&billing], now, Some(stream_id)).await?;
-    if report.finalized == 0 {
-        return Err(InvoiceError::NotFound.into());
+    .await;
+    match finalized {
+        Ok(()) => tx.commit().await?,
+        // Ended before answering, not whenever the pool gets round to
+        // rolling back a dropped transaction: the service's invoice numbers
+        // are locked until then.
+        Err(error) => {
+            tx.rollback().await?;
+            return Err(error);
+        }
     }
-    tx.commit().await?;
     Ok(())
 }
 
