@@ -1,7 +1,7 @@
 # Sourced by scripts/demo and scripts/test: make sure what they need is
 # installed — PostgreSQL's server binaries (initdb, pg_ctl) and, for the
-# tests, Python with venv and promtool — installing it with apt-get when it
-# is missing and that is possible, explaining what to do when it is not.
+# tests, Python with venv and promtool — getting it with apt-get when it is
+# missing and that is possible, explaining what to do when it is not.
 
 # apt_install PACKAGE...: install Debian packages, as root or through sudo.
 apt_install() {
@@ -45,14 +45,26 @@ ensure_postgres_binaries() {
 }
 
 # ensure_promtool: Prometheus' promtool, which checks the ledger's /metrics
-# in the tests (Debian's prometheus package; its service is not started).
+# in the tests. When it is missing, it is taken out of Debian's prometheus
+# package into target/promtool (nothing is installed, no service started)
+# and put on PATH.
 ensure_promtool() {
     command -v promtool >/dev/null 2>&1 && return 0
-    echo "promtool is missing; installing Debian's prometheus package with apt-get..." >&2
-    apt_install prometheus || {
-        echo "error: could not install promtool (Debian: apt-get install prometheus)." >&2
-        return 1
-    }
+    local dir="$PWD/target/promtool"
+    if [ ! -x "$dir/usr/bin/promtool" ]; then
+        echo "promtool is missing; taking it out of Debian's prometheus package into $dir..." >&2
+        local sudo=""
+        if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then sudo="sudo"; fi
+        rm -rf "$dir" && mkdir -p "$dir/deb" &&
+            $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null &&
+            (cd "$dir/deb" && apt-get download -q prometheus 2>/dev/null) &&
+            dpkg-deb -x "$dir"/deb/prometheus_*.deb "$dir" &&
+            rm -rf "$dir/deb" || {
+            echo "error: could not get promtool (Debian: apt-get install prometheus)." >&2
+            return 1
+        }
+    fi
+    export PATH="$dir/usr/bin:$PATH"
 }
 
 # ensure_python_venv DIR REQUIREMENTS: a virtual environment in DIR holding

@@ -47,7 +47,7 @@ fn promtool_check(exposition: &str) -> (bool, String) {
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .expect("promtool (Debian's prometheus package; scripts/test installs it)");
+        .expect("promtool (from Debian's prometheus package; scripts/test provides it)");
     promtool
         .stdin
         .take()
