@@ -168,7 +168,8 @@ impl ProjectionRunner {
             transaction_id,
             position,
         };
-        let batch = log::read_after(&mut tx, cursor, self.window, projection.reads()).await?;
+        let reads = projection.reads();
+        let batch = log::read_after(&mut tx, cursor, self.window.for_reads(reads), reads).await?;
         let Some(last) = batch.end() else {
             let outcome = match log::any_after(&mut tx, cursor).await? {
                 false => BatchOutcome::CaughtUp,
@@ -665,7 +666,8 @@ async fn fold_batch(
         payloads: payloads.as_deref(),
         usage_facts: projections.iter().any(|p| p.reads().usage_facts),
     };
-    let mut batch = log::read_after(&mut *conn, cursor, REBUILD_WINDOW, reads).await?;
+    let mut batch =
+        log::read_after(&mut *conn, cursor, REBUILD_WINDOW.for_reads(reads), reads).await?;
     let Some(mut last) = batch.end() else {
         if !log::any_after(&mut *conn, cursor).await? {
             return Ok(FoldStep::Done);
