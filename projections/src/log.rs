@@ -118,23 +118,6 @@ pub struct Reads<'a> {
     pub usage_facts: bool,
 }
 
-impl Window {
-    /// The window for `reads`: a reader of usage reads most of the log, so
-    /// its window walks no further than it ships (walking ahead of what it
-    /// can take would only walk the same events again next time).
-    pub fn for_reads(self, reads: Reads<'_>) -> Window {
-        if reads.usage() {
-            Window {
-                walk: self.ship,
-                ship: self.ship,
-                step: self.ship,
-            }
-        } else {
-            self
-        }
-    }
-}
-
 impl Reads<'_> {
     /// Whether `event` is one this reader reads (not only shipped to move
     /// its cursor).
@@ -200,6 +183,23 @@ pub struct Window {
     pub ship: i64,
     /// The most events one statement walks.
     pub step: i64,
+}
+
+impl Window {
+    /// The window for `reads`: a reader of usage reads most of the log, so
+    /// its window walks no further than it ships (walking ahead of what it
+    /// can take would only walk the same events again next time).
+    pub fn for_reads(self, reads: Reads<'_>) -> Window {
+        if reads.usage() {
+            Window {
+                walk: self.ship,
+                ship: self.ship,
+                step: self.ship,
+            }
+        } else {
+            self
+        }
+    }
 }
 
 /// A window of the log as one reader reads it.

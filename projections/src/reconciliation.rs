@@ -130,18 +130,8 @@ impl Projection for Reconciliation {
         conn: &mut PgConnection,
         events: &[LogEvent],
     ) -> Result<(), ProjectionError> {
-        let relevant: Vec<&LogEvent> = events
-            .iter()
-            .filter(|e| {
-                [
-                    CUSTOMER_TYPE,
-                    INVOICE_STREAM_TYPE,
-                    IMPORTED_RECORD_TYPE,
-                    RECONCILIATION_STREAM_TYPE,
-                ]
-                .contains(&e.aggregate_type.as_str())
-            })
-            .collect();
+        let reads = self.reads();
+        let relevant: Vec<&LogEvent> = events.iter().filter(|e| reads.ships(e)).collect();
         if relevant.is_empty() {
             return Ok(());
         }

@@ -16,12 +16,12 @@ use std::time::Duration;
 
 use projections::log::{self, LogPosition, Window};
 use projections::{Projection, ProjectionError};
-
-use crate::tools::progress::Progress;
 use serde::Serialize;
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use tokio::sync::{watch, Notify};
+
+use crate::tools::progress::Progress;
 
 /// The log read per transaction: a thousand events shipped, ten thousand
 /// walked for a projection that reads a few types.
